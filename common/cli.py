@@ -1,0 +1,49 @@
+"""The ``gdfed`` command: one entry point, a subcommand per job.
+
+Each subcommand lives in the package that owns it and is imported only when
+chosen, so ``gdfed status`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+# name -> (module, help). The module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "codec-demo": ("common.codec_demo", "encode and decode a generated delta, and show what travels"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gdfed", description="Federated fine-tuning by weight differences.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+        _load(module, "add_arguments")(sub_parser)
+    return parser
+
+
+def _load(module: str, attr: str) -> Callable[..., object]:
+    fn: Callable[..., object] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    code = _load(args._module, "run")(args)
+    return int(code) if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Per-block work shared by encoder and decoder: (un)shuffle, zstd, finiteness.
+
+A block is at most Codec.block_bytes of one piece and becomes one zstd frame.
+These functions run on a thread pool: zstd and numpy's copies release the GIL,
+so two cores work on two blocks at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import zstandard
+
+from common.codec.shuffle import U8Array, shuffle, unshuffle_into
+from common.dtypes import DType, is_float, itemsize, numpy_storage
+from common.errors import LimitExceeded, MalformedShard
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def codec_threads() -> int:
+    """Threads the codec uses: GDFED_CODEC_THREADS, else the number of cores."""
+    env = os.environ.get("GDFED_CODEC_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else max(1, os.cpu_count() or 1)
+
+
+def default_executor() -> ThreadPoolExecutor:
+    """A process-wide pool, so concurrent decodes share the cores instead of oversubscribing them."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=codec_threads(), thread_name_prefix="gdfed-codec")
+        return _pool
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # Contexts are not thread-safe; one per thread and level, reused across blocks.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if dctx is None:
+        dctx = _local.decompressor = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def all_finite(block: U8Array, dtype: DType) -> bool:
+    """True when no element of the (unshuffled) block is NaN or infinite; always True for integers."""
+    if not is_float(dtype) or block.size == 0:
+        return True
+    if dtype is DType.BF16:
+        # numpy has no bfloat16: an all-ones exponent (0x7F80 mask) is inf or NaN.
+        exponent = np.bitwise_and(block.view(np.uint16), 0x7F80)
+        return not bool((exponent == 0x7F80).any())
+    return bool(np.isfinite(block.view(numpy_storage(dtype))).all())
+
+
+def compress_block(block: U8Array, dtype: DType, shuffled: bool, level: int) -> tuple[bytes, bytes]:
+    """One block of a piece, shuffled if asked, as a zstd frame; with the frame's SHA-256."""
+    data = shuffle(block, itemsize(dtype)) if shuffled else block
+    frame = _compressor(level).compress(data.data)
+    return frame, hashlib.sha256(frame).digest()
+
+
+def compressed_size_hint(frame: bytes | memoryview) -> int:
+    """The decompressed size a zstd frame declares, or -1 when it declares none."""
+    try:
+        return int(zstandard.frame_content_size(frame))
+    except zstandard.ZstdError:
+        return -1
+
+
+def decompress_exact(frame: bytes | memoryview, size: int, where: str) -> bytes:
+    """Decompress a frame that must hold exactly ``size`` bytes; refuse before allocating otherwise.
+
+    The declared content size is read from the frame header first, so a frame
+    lying about its size (a zstd bomb) is refused without decompressing it.
+    """
+    declared = compressed_size_hint(frame)
+    if declared != size:
+        raise MalformedShard(
+            f"{where}: zstd frame declares {declared} decoded bytes; the layout says {size}",
+            field=where,
+            limit=size,
+        )
+    try:
+        out = _decompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise MalformedShard(f"{where}: zstd frame is corrupt: {exc}", field=where) from None
+    if len(out) != size:
+        raise LimitExceeded(
+            f"{where}: frame decoded to {len(out)} bytes, not {size}", field=where, limit=size
+        )
+    return out
+
+
+def decode_block(
+    frame: bytes | memoryview,
+    out: U8Array,
+    wire: DType,
+    target: DType,
+    shuffled: bool,
+    where: str,
+) -> tuple[bool, bytes]:
+    """Decompress one block into ``out`` (unshuffling, and upcasting a lossy cast, on the way).
+
+    ``out`` holds the block's elements in the ``target`` dtype; the frame holds
+    them in the ``wire`` dtype. Converting here, block by block on the pool,
+    keeps a cast payload from needing a second full pass and buffer.
+
+    Returns whether the block is all finite, and the frame's SHA-256 (taken
+    here so that hashing, too, spreads over the pool's threads).
+    """
+    digest = hashlib.sha256(frame).digest()
+    count = out.size // itemsize(target)
+    raw = decompress_exact(frame, count * itemsize(wire), where)
+    planes = np.frombuffer(raw, dtype=np.uint8)
+    staging = out if wire == target else np.empty(count * itemsize(wire), dtype=np.uint8)
+    if shuffled:
+        unshuffle_into(planes, staging, itemsize(wire))
+    else:
+        staging[:] = planes
+    if wire != target:
+        _upcast(staging, wire, out, target)
+    return all_finite(out, target), digest
+
+
+def _upcast(src: U8Array, wire: DType, out: U8Array, target: DType) -> None:
+    if wire is DType.BF16 and target is DType.F32:
+        # bf16 is the top half of an fp32: shifting the bits is the exact conversion.
+        np.left_shift(src.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif wire is DType.BF16:
+        f32 = np.empty(src.size // 2, dtype=np.uint32)
+        np.left_shift(src.view(np.uint16), 16, out=f32, dtype=np.uint32)
+        out.view(numpy_storage(target))[:] = f32.view(np.float32)
+    else:
+        out.view(numpy_storage(target))[:] = src.view(numpy_storage(wire))

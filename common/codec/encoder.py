@@ -1,0 +1,125 @@
+"""Encode a dict of tensors into a payload: safetensors shards, shuffled, zstd-framed.
+
+The payload goes to a file-like sink as it is produced (a spool file on a
+worker, so an interrupted upload can resume from disk); what comes back is the
+layout that the header of the upload carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from common.codec.blocks import all_finite, compress_block, default_executor
+from common.codec.layout import (
+    DEFAULT_SHARD_BYTES,
+    digest_of_digests,
+    plan_shards,
+    validate_codec,
+    wire_dtypes,
+)
+from common.codec.shuffle import U8Array
+from common.codec.stheader import build_header
+from common.delta import Codec, PayloadLayout, Piece, ShardSpec, TensorSpec
+from common.dtypes import DType, from_torch, itemsize, to_torch
+from common.errors import NonFiniteValues
+
+
+def manifest_of(tensors: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    """The manifest (names, dtypes, shapes) of a dict of tensors, in its order."""
+    return tuple(TensorSpec(name, from_torch(t.dtype), tuple(t.shape)) for name, t in tensors.items())
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor],
+    codec: Codec,
+    sink: BinaryIO,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    executor: Executor | None = None,
+) -> PayloadLayout:
+    """Write the payload of ``tensors`` to ``sink`` and return its layout.
+
+    Args:
+        tensors: name -> tensor, any device; the order is kept.
+        codec: cast, shuffle, block size and zstd level.
+        sink: where the payload bytes go, in order.
+        shard_bytes: upper bound of tensor bytes per shard.
+        executor: pool for per-block work; the process-wide codec pool by default.
+
+    Raises:
+        NonFiniteValues: a float tensor holds NaN/inf (after the cast: fp32 values
+            beyond fp16's range become inf and are refused here, not at the receiver).
+        ValueError: a dtype the wire cannot carry.
+    """
+    validate_codec(codec)
+    pool = executor or default_executor()
+    manifest = manifest_of(tensors)
+    wire = wire_dtypes(manifest, codec)
+    flats = [_flat_wire(t, w) for t, w in zip(tensors.values(), wire, strict=True)]
+    shards: list[ShardSpec] = []
+    for pieces in plan_shards(manifest, codec, shard_bytes):
+        header = build_header(pieces, manifest, wire)
+        encoded = [compress_block(np.frombuffer(header, dtype=np.uint8), DType.U8, False, codec.zstd_level)]
+        jobs = list(_blocks(pieces, flats, wire, codec.block_bytes))
+        encoded.extend(pool.map(lambda job: _encode_block(job, codec, manifest), jobs))
+        raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
+        frames = [frame for frame, _ in encoded]
+        for frame in frames:
+            sink.write(frame)
+        shards.append(
+            ShardSpec(
+                compressed_bytes=sum(len(f) for f in frames),
+                raw_bytes=raw,
+                sha256=digest_of_digests([digest for _, digest in encoded]),
+                pieces=pieces,
+                frame_bytes=tuple(len(f) for f in frames),
+            )
+        )
+    return PayloadLayout(
+        codec=codec,
+        manifest=manifest,
+        shards=tuple(shards),
+        total_bytes=sum(s.compressed_bytes for s in shards),
+        sha256=digest_of_digests([s.sha256 for s in shards]),
+    )
+
+
+_Job = tuple[int, U8Array, DType]
+
+
+def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> tuple[bytes, bytes]:
+    tensor, block, dtype = job
+    if not all_finite(block, dtype):
+        raise NonFiniteValues(
+            f"tensor {manifest[tensor].name!r} holds NaN or infinity as {dtype.name}; "
+            "a delta must be finite (with an fp16 cast, values beyond 65504 overflow)",
+            field=manifest[tensor].name,
+        )
+    return compress_block(block, dtype, codec.byte_shuffle, codec.zstd_level)
+
+
+def _blocks(
+    pieces: tuple[Piece, ...], flats: list[torch.Tensor], wire: list[DType], block_bytes: int
+) -> Iterator[_Job]:
+    for piece in pieces:
+        size = itemsize(wire[piece.tensor])
+        data = _as_u8_tensor(flats[piece.tensor][piece.start : piece.start + piece.count])
+        for offset in range(0, piece.count * size, block_bytes):
+            yield piece.tensor, data[offset : offset + block_bytes], wire[piece.tensor]
+
+
+def _flat_wire(tensor: torch.Tensor, wire: DType) -> torch.Tensor:
+    flat = tensor.detach().to("cpu").reshape(-1)
+    if flat.dtype != to_torch(wire):
+        flat = flat.to(to_torch(wire))
+    return flat.contiguous()
+
+
+def _as_u8_tensor(flat: torch.Tensor) -> U8Array:
+    array: U8Array = flat.view(torch.uint8).numpy()
+    return array

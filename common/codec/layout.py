@@ -1,0 +1,312 @@
+"""Shard planning (encoder side) and layout validation (decoder side).
+
+Validation runs on the header alone, before a single payload byte is read:
+every size the decoder will later trust (frame sizes, decompressed sizes,
+piece ranges) is checked here against the manifest and the limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from common.delta import (
+    GIB,
+    MAX_BLOCK_BYTES,
+    MIB,
+    MIN_BLOCK_BYTES,
+    Codec,
+    PayloadLayout,
+    Piece,
+    ShardSpec,
+    TensorSpec,
+)
+from common.dtypes import DType, itemsize
+from common.errors import DataLoss, InvalidArgument, LimitExceeded, MalformedShard, ManifestMismatch
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeLimits:
+    """Hard limits a receiver enforces before it allocates or decompresses anything."""
+
+    max_total_bytes: int = 64 * GIB
+    max_decoded_bytes: int = 256 * GIB
+    max_shard_raw_bytes: int = 256 * MIB
+    max_chunk_bytes: int = 1 * MIB
+    max_tensors: int = 1_000_000
+    max_name_bytes: int = 512
+    max_dims: int = 8
+    max_tensor_elements: int = 1 << 40
+
+
+DEFAULT_LIMITS = DecodeLimits()
+DEFAULT_SHARD_BYTES = 32 * MIB
+
+
+def digest_of_digests(digests: Sequence[bytes]) -> bytes:
+    """SHA-256 over concatenated SHA-256 digests: how a shard commits to its frames, and a payload to its shards.
+
+    A two-level hash tree rather than one hash over all bytes: each frame's
+    digest is taken by the pool task that (de)compresses it, so hashing runs
+    on every core instead of serializing the receive path, and the payload's
+    digest still commits to every byte.
+    """
+    return hashlib.sha256(b"".join(digests)).digest()
+
+
+def frame_bound(raw_size: int) -> int:
+    """Largest compressed size a zstd frame of ``raw_size`` bytes can have (ZSTD_compressBound, rounded up)."""
+    return raw_size + (raw_size >> 8) + 1024
+
+
+def header_bound(pieces: int, max_name_bytes: int) -> int:
+    """Largest safetensors header we accept for a shard of ``pieces`` entries."""
+    # JSON may escape a name byte into up to 6 characters; the rest of an entry is < 128.
+    return 8 + 64 + pieces * (6 * max_name_bytes + 128)
+
+
+def wire_dtypes(manifest: Sequence[TensorSpec], codec: Codec) -> list[DType]:
+    """The dtype each tensor of the manifest travels in."""
+    return [codec.wire_dtype(t.dtype) for t in manifest]
+
+
+def block_sizes(nbytes: int, block_bytes: int) -> list[int]:
+    """Sizes of the blocks (one zstd frame each) a piece of ``nbytes`` bytes is cut into."""
+    full, rest = divmod(nbytes, block_bytes)
+    return [block_bytes] * full + ([rest] if rest else [])
+
+
+def plan_shards(
+    manifest: Sequence[TensorSpec], codec: Codec, shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[tuple[Piece, ...]]:
+    """Cut the manifest's tensors into pieces and group them into shards of <= ``shard_bytes`` data.
+
+    Tensors keep their order; a tensor larger than what is left of a shard is
+    split, so a shard never exceeds the bound however large one tensor is.
+    """
+    if shard_bytes < 8:
+        raise ValueError(f"shard_bytes must be at least 8, got {shard_bytes}")
+    wire = wire_dtypes(manifest, codec)
+    shards: list[tuple[Piece, ...]] = []
+    current: list[Piece] = []
+    room = shard_bytes
+    for index, spec in enumerate(manifest):
+        size = itemsize(wire[index])
+        numel = spec.numel
+        if numel == 0:
+            current.append(Piece(index, 0, 0))
+            continue
+        start = 0
+        while start < numel:
+            take = min(numel - start, room // size)
+            if take == 0:
+                shards.append(tuple(current))
+                current, room = [], shard_bytes
+                continue
+            current.append(Piece(index, start, take))
+            start += take
+            room -= take * size
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def validate_codec(codec: Codec) -> None:
+    """Raise InvalidArgument for a codec this decoder cannot or will not run."""
+    if not (MIN_BLOCK_BYTES <= codec.block_bytes <= MAX_BLOCK_BYTES) or codec.block_bytes % 8:
+        raise InvalidArgument(
+            f"codec.block_bytes is {codec.block_bytes}; must be a multiple of 8 between "
+            f"{MIN_BLOCK_BYTES} and {MAX_BLOCK_BYTES}",
+            field="codec.block_bytes",
+            limit=MAX_BLOCK_BYTES,
+        )
+
+
+def validate_manifest(
+    manifest: Sequence[TensorSpec], limits: DecodeLimits, expected: Sequence[TensorSpec] | None
+) -> None:
+    """Raise unless the manifest is sane, within limits, and (if given) exactly ``expected``."""
+    if len(manifest) > limits.max_tensors:
+        raise LimitExceeded(
+            f"manifest has {len(manifest)} tensors; the limit is {limits.max_tensors}",
+            field="manifest",
+            limit=limits.max_tensors,
+        )
+    names: set[str] = set()
+    decoded = 0
+    for i, spec in enumerate(manifest):
+        field = f"manifest[{i}]"
+        if not spec.name or len(spec.name.encode()) > limits.max_name_bytes:
+            raise InvalidArgument(
+                f"{field}.name must be 1..{limits.max_name_bytes} bytes of UTF-8",
+                field=f"{field}.name",
+                limit=limits.max_name_bytes,
+            )
+        if spec.name == "__metadata__" or spec.name in names:
+            raise InvalidArgument(
+                f"{field}.name {spec.name!r} is reserved or repeated", field=f"{field}.name"
+            )
+        names.add(spec.name)
+        if len(spec.shape) > limits.max_dims:
+            raise LimitExceeded(
+                f"{field} ({spec.name!r}) has {len(spec.shape)} dimensions; the limit is {limits.max_dims}",
+                field=f"{field}.shape",
+                limit=limits.max_dims,
+            )
+        if any(d < 0 for d in spec.shape) or spec.numel > limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"{field} ({spec.name!r}) has shape {list(spec.shape)}; at most "
+                f"{limits.max_tensor_elements} elements are allowed",
+                field=f"{field}.shape",
+                limit=limits.max_tensor_elements,
+            )
+        decoded += spec.nbytes
+    if decoded > limits.max_decoded_bytes:
+        raise LimitExceeded(
+            f"manifest decodes to {decoded} bytes; the limit is {limits.max_decoded_bytes}",
+            field="manifest",
+            limit=limits.max_decoded_bytes,
+        )
+    if expected is not None and tuple(manifest) != tuple(expected):
+        raise ManifestMismatch(_describe_mismatch(manifest, expected), field="manifest")
+
+
+def _describe_mismatch(got: Sequence[TensorSpec], want: Sequence[TensorSpec]) -> str:
+    for i, (g, w) in enumerate(zip(got, want, strict=False)):
+        if g != w:
+            return (
+                f"manifest[{i}] is {g.name!r} {g.dtype.name} {list(g.shape)}; "
+                f"the round expects {w.name!r} {w.dtype.name} {list(w.shape)}"
+            )
+    return f"manifest has {len(got)} tensors; the round expects {len(want)}"
+
+
+def validate_layout(
+    layout: PayloadLayout,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expected: Sequence[TensorSpec] | None = None,
+) -> None:
+    """Raise a typed error unless every size and range in ``layout`` is consistent and within limits."""
+    validate_codec(layout.codec)
+    validate_manifest(layout.manifest, limits, expected)
+    if len(layout.sha256) != 32:
+        raise InvalidArgument(f"sha256 is {len(layout.sha256)} bytes; must be 32", field="sha256")
+    if layout.total_bytes > limits.max_total_bytes:
+        raise LimitExceeded(
+            f"total_bytes is {layout.total_bytes}; the limit is {limits.max_total_bytes}",
+            field="total_bytes",
+            limit=limits.max_total_bytes,
+        )
+    wire = wire_dtypes(layout.manifest, layout.codec)
+    covered = [0] * len(layout.manifest)
+    seen = [False] * len(layout.manifest)
+    for s, shard in enumerate(layout.shards):
+        _validate_shard(s, shard, layout, limits, wire, covered, seen)
+    for i, spec in enumerate(layout.manifest):
+        if covered[i] != spec.numel or not seen[i]:
+            raise MalformedShard(
+                f"pieces cover {covered[i]} of {spec.numel} elements of {spec.name!r}",
+                field=f"manifest[{i}]",
+            )
+    if digest_of_digests([shard.sha256 for shard in layout.shards]) != layout.sha256:
+        raise DataLoss("sha256 does not match the shards' sha256 digests", field="sha256")
+    total = sum(shard.compressed_bytes for shard in layout.shards)
+    if total != layout.total_bytes:
+        raise InvalidArgument(
+            f"total_bytes is {layout.total_bytes} but the shards add up to {total}", field="total_bytes"
+        )
+
+
+def _validate_shard(
+    s: int,
+    shard: ShardSpec,
+    layout: PayloadLayout,
+    limits: DecodeLimits,
+    wire: list[DType],
+    covered: list[int],
+    seen: list[bool],
+) -> None:
+    field = f"shards[{s}]"
+    if len(shard.sha256) != 32:
+        raise InvalidArgument(
+            f"{field}.sha256 is {len(shard.sha256)} bytes; must be 32", field=f"{field}.sha256"
+        )
+    if not shard.pieces:
+        raise MalformedShard(f"{field} has no pieces", field=f"{field}.pieces")
+    data = 0
+    frames_expected = [0]  # frame 0, the header; its size is checked below
+    names: set[int] = set()
+    for p, piece in enumerate(shard.pieces):
+        pf = f"{field}.pieces[{p}]"
+        if not 0 <= piece.tensor < len(layout.manifest):
+            raise MalformedShard(
+                f"{pf}.tensor is {piece.tensor}; the manifest has {len(layout.manifest)}", field=pf
+            )
+        spec = layout.manifest[piece.tensor]
+        if piece.tensor in names:
+            raise MalformedShard(f"{pf}: tensor {spec.name!r} appears twice in one shard", field=pf)
+        names.add(piece.tensor)
+        if piece.start != covered[piece.tensor] or piece.count < 0:
+            raise MalformedShard(
+                f"{pf} starts at element {piece.start} of {spec.name!r}; the next uncovered one is "
+                f"{covered[piece.tensor]} (pieces must be contiguous, in order, without overlap)",
+                field=pf,
+            )
+        if piece.start + piece.count > spec.numel or (piece.count == 0 and spec.numel != 0):
+            raise MalformedShard(
+                f"{pf} covers elements {piece.start}..{piece.start + piece.count} of {spec.name!r}, "
+                f"which has {spec.numel}",
+                field=pf,
+            )
+        covered[piece.tensor] += piece.count
+        seen[piece.tensor] = True
+        nbytes = piece.count * itemsize(wire[piece.tensor])
+        data += nbytes
+        frames_expected += block_sizes(nbytes, layout.codec.block_bytes)
+    if shard.raw_bytes > limits.max_shard_raw_bytes:
+        raise LimitExceeded(
+            f"{field}.raw_bytes is {shard.raw_bytes}; the limit is {limits.max_shard_raw_bytes}",
+            field=f"{field}.raw_bytes",
+            limit=limits.max_shard_raw_bytes,
+        )
+    header_size = shard.raw_bytes - data
+    hbound = header_bound(len(shard.pieces), limits.max_name_bytes)
+    if not 8 < header_size <= hbound:
+        raise MalformedShard(
+            f"{field}.raw_bytes is {shard.raw_bytes} with {data} bytes of tensor data, leaving "
+            f"{header_size} bytes of safetensors header; must be 9..{hbound}",
+            field=f"{field}.raw_bytes",
+            limit=hbound,
+        )
+    frames_expected[0] = header_size
+    if len(shard.frame_bytes) != len(frames_expected):
+        raise MalformedShard(
+            f"{field} lists {len(shard.frame_bytes)} frames; its pieces need {len(frames_expected)}",
+            field=f"{field}.frame_bytes",
+        )
+    for f, (size, raw) in enumerate(zip(shard.frame_bytes, frames_expected, strict=True)):
+        if not 0 < size <= frame_bound(raw):
+            raise MalformedShard(
+                f"{field}.frame_bytes[{f}] is {size} for {raw} decoded bytes; must be 1..{frame_bound(raw)}",
+                field=f"{field}.frame_bytes[{f}]",
+                limit=frame_bound(raw),
+            )
+    if sum(shard.frame_bytes) != shard.compressed_bytes:
+        raise MalformedShard(
+            f"{field}.compressed_bytes is {shard.compressed_bytes} but its frames add up to "
+            f"{sum(shard.frame_bytes)}",
+            field=f"{field}.compressed_bytes",
+        )
+
+
+def expected_frame_sizes(shard: ShardSpec, layout: PayloadLayout) -> list[int]:
+    """Decoded size of each frame of a (validated) shard: the header, then each block."""
+    wire = wire_dtypes(layout.manifest, layout.codec)
+    sizes: list[int] = []
+    data = 0
+    for piece in shard.pieces:
+        nbytes = piece.count * itemsize(wire[piece.tensor])
+        data += nbytes
+        sizes += block_sizes(nbytes, layout.codec.block_bytes)
+    return [shard.raw_bytes - data, *sizes]
