@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 
 # name -> (module, help). The module defines ``add_arguments(parser)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.cli", "run the aggregator daemon"),
+    "status": ("server.admin_cli", "show the run, its rounds and sites (--watch to follow)"),
+    "admin": ("server.admin_control", "steer a run: pause, resume, close-round, evict, policy"),
     "codec-demo": ("common.codec_demo", "encode and decode a generated delta, and show what travels"),
 }
 

@@ -7,7 +7,7 @@ layout that the header of the upload carries.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import BinaryIO
 
@@ -41,8 +41,14 @@ def encode(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     executor: Executor | None = None,
+    manifest: Sequence[TensorSpec] | None = None,
 ) -> PayloadLayout:
     """Write the payload of ``tensors`` to ``sink`` and return its layout.
+
+    Tensors are fetched from the mapping one at a time, as the shards reach
+    them, and dropped once written; with ``manifest`` given, a lazy mapping
+    (one that loads or computes a tensor on access) is encoded in memory of
+    the order of one tensor plus one shard.
 
     Args:
         tensors: name -> tensor, any device; the order is kept.
@@ -50,6 +56,7 @@ def encode(
         sink: where the payload bytes go, in order.
         shard_bytes: upper bound of tensor bytes per shard.
         executor: pool for per-block work; the process-wide codec pool by default.
+        manifest: the tensors' specs, when known without touching the mapping.
 
     Raises:
         NonFiniteValues: a float tensor holds NaN/inf (after the cast: fp32 values
@@ -58,15 +65,15 @@ def encode(
     """
     validate_codec(codec)
     pool = executor or default_executor()
-    manifest = manifest_of(tensors)
-    wire = wire_dtypes(manifest, codec)
-    flats = [_flat_wire(t, w) for t, w in zip(tensors.values(), wire, strict=True)]
+    specs = tuple(manifest) if manifest is not None else manifest_of(tensors)
+    wire = wire_dtypes(specs, codec)
+    flats = _FlatCache(tensors, specs, wire)
     shards: list[ShardSpec] = []
-    for pieces in plan_shards(manifest, codec, shard_bytes):
-        header = build_header(pieces, manifest, wire)
+    for pieces in plan_shards(specs, codec, shard_bytes):
+        header = build_header(pieces, specs, wire)
         encoded = [compress_block(np.frombuffer(header, dtype=np.uint8), DType.U8, False, codec.zstd_level)]
         jobs = list(_blocks(pieces, flats, wire, codec.block_bytes))
-        encoded.extend(pool.map(lambda job: _encode_block(job, codec, manifest), jobs))
+        encoded.extend(pool.map(lambda job: _encode_block(job, codec, specs), jobs))
         raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
         frames = [frame for frame, _ in encoded]
         for frame in frames:
@@ -82,7 +89,7 @@ def encode(
         )
     return PayloadLayout(
         codec=codec,
-        manifest=manifest,
+        manifest=specs,
         shards=tuple(shards),
         total_bytes=sum(s.compressed_bytes for s in shards),
         sha256=digest_of_digests([s.sha256 for s in shards]),
@@ -103,8 +110,33 @@ def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> 
     return compress_block(block, dtype, codec.byte_shuffle, codec.zstd_level)
 
 
+class _FlatCache:
+    """The flattened wire-dtype form of the tensor being encoded; one at a time."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], specs: tuple[TensorSpec, ...], wire: list[DType]
+    ) -> None:
+        self._tensors = tensors
+        self._specs = specs
+        self._wire = wire
+        self._index = -1
+        self._flat = torch.empty(0)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != self._index:
+            tensor = self._tensors[self._specs[index].name]
+            if tuple(tensor.shape) != self._specs[index].shape:
+                raise ValueError(
+                    f"tensor {self._specs[index].name!r} has shape {list(tensor.shape)}; "
+                    f"the manifest says {list(self._specs[index].shape)}"
+                )
+            self._flat = _flat_wire(tensor, self._wire[index])
+            self._index = index
+        return self._flat
+
+
 def _blocks(
-    pieces: tuple[Piece, ...], flats: list[torch.Tensor], wire: list[DType], block_bytes: int
+    pieces: tuple[Piece, ...], flats: _FlatCache, wire: list[DType], block_bytes: int
 ) -> Iterator[_Job]:
     for piece in pieces:
         size = itemsize(wire[piece.tensor])
@@ -117,7 +149,12 @@ def _flat_wire(tensor: torch.Tensor, wire: DType) -> torch.Tensor:
     flat = tensor.detach().to("cpu").reshape(-1)
     if flat.dtype != to_torch(wire):
         flat = flat.to(to_torch(wire))
-    return flat.contiguous()
+    flat = flat.contiguous()
+    if flat.numel() <= 1:
+        # contiguous() keeps any stride on 0 or 1 elements (numpy's empty arrays, a broadcast
+        # scalar), and view(torch.uint8) refuses a stride other than 1; with <= 1 element it is moot.
+        flat = flat.as_strided(flat.shape, (1,))
+    return flat
 
 
 def _as_u8_tensor(flat: torch.Tensor) -> U8Array:

@@ -168,18 +168,32 @@ def validate_manifest(
             field="manifest",
             limit=limits.max_decoded_bytes,
         )
-    if expected is not None and tuple(manifest) != tuple(expected):
+    # Order is the sender's business (safetensors files sort their keys); names, dtypes and shapes are not.
+    if expected is not None and sorted(manifest, key=_name) != sorted(expected, key=_name):
         raise ManifestMismatch(_describe_mismatch(manifest, expected), field="manifest")
 
 
+def _name(spec: TensorSpec) -> str:
+    return spec.name
+
+
 def _describe_mismatch(got: Sequence[TensorSpec], want: Sequence[TensorSpec]) -> str:
-    for i, (g, w) in enumerate(zip(got, want, strict=False)):
+    have = {t.name: t for t in got}
+    need = {t.name: t for t in want}
+    missing = [name for name in need if name not in have]
+    if missing:
+        return f"manifest lacks {len(missing)} tensor(s) the round trains, e.g. {missing[0]!r}"
+    extra = [name for name in have if name not in need]
+    if extra:
+        return f"manifest has {len(extra)} tensor(s) the round does not train, e.g. {extra[0]!r}"
+    for name, g in have.items():
+        w = need[name]
         if g != w:
             return (
-                f"manifest[{i}] is {g.name!r} {g.dtype.name} {list(g.shape)}; "
-                f"the round expects {w.name!r} {w.dtype.name} {list(w.shape)}"
+                f"tensor {name!r} is {g.dtype.name} {list(g.shape)} in the manifest; "
+                f"the round expects {w.dtype.name} {list(w.shape)}"
             )
-    return f"manifest has {len(got)} tensors; the round expects {len(want)}"
+    return "manifest differs from the round's"
 
 
 def validate_layout(

@@ -366,6 +366,7 @@ class RoundSpec(_message.Message):
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
     TRAINABLE_TENSORS_FIELD_NUMBER: _builtins.int
     ASSIGNED_LORA_RANK_FIELD_NUMBER: _builtins.int
+    BASE_ROUND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     round: _builtins.int
     """1-based; 0 in a reply means "no round yet" """
@@ -376,6 +377,8 @@ class RoundSpec(_message.Message):
     """the run is over: the worker should export/exit"""
     assigned_lora_rank: _builtins.int
     """FlexLoRA: the rank this site trains"""
+    base_round: _builtins.int
+    """the published round this round's deltas are taken against"""
     @_builtins.property
     def training(self) -> Global___TrainingSpec: ...
     @_builtins.property
@@ -396,10 +399,11 @@ class RoundSpec(_message.Message):
         run_finished: _builtins.bool = ...,
         trainable_tensors: _abc.Iterable[_builtins.str] | None = ...,
         assigned_lora_rank: _builtins.int = ...,
+        base_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "deadline_unix_ms", b"deadline_unix_ms", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "base_round", b"base_round", "deadline_unix_ms", b"deadline_unix_ms", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,18 +543,22 @@ class FetchDiffRequest(_message.Message):
 
     SITE_ID_FIELD_NUMBER: _builtins.int
     HAVE_ROUND_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     have_round: _builtins.int
-    """the global round the worker holds; 0 = nothing (snapshot)"""
+    """the published round the worker holds (0 = the initial state)"""
+    snapshot: _builtins.bool
+    """send the whole state at the latest round, whatever the chain would cost"""
     def __init__(
         self,
         *,
         site_id: _builtins.str = ...,
         have_round: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_round", b"have_round", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_round", b"have_round", "site_id", b"site_id", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

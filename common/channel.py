@@ -1,0 +1,47 @@
+"""Client side of a connection to the aggregator: channel (TLS or not) and credentials."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.delta import MIB
+
+# Chunks are 1 MiB; replies and headers stay far below gRPC's 4 MiB default, which we keep.
+_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 4 * MIB)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelConfig:
+    target: str
+    token: str = ""
+    ca: Path | None = None  # set: TLS, trusting this CA
+    cert: Path | None = None  # with key: mutual TLS
+    key: Path | None = None
+
+
+def open_channel(config: ChannelConfig) -> grpc.Channel:
+    """A channel to the aggregator; TLS when a CA is given."""
+    if config.ca is None:
+        return grpc.insecure_channel(config.target, options=_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=config.ca.read_bytes(),
+        private_key=config.key.read_bytes() if config.key else None,
+        certificate_chain=config.cert.read_bytes() if config.cert else None,
+    )
+    return grpc.secure_channel(config.target, credentials, options=_OPTIONS)
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def read_token(path: str | None, env: str) -> str:
+    """A token from a file, else from environment variable ``env``; "" when neither is set."""
+    if path:
+        return Path(path).read_text().strip().splitlines()[0].strip()
+    return os.environ.get(env, "")

@@ -1,0 +1,82 @@
+"""Content-addressed files: encoded payloads and state files, named by their digest.
+
+A payload is addressed by its layout's SHA-256 (the hash tree over its
+frames), which the encoder computes anyway; a state file by the SHA-256 of
+its bytes. Files are written under ``tmp/``, fsynced, then renamed into
+``blobs/ab/<digest>``: a crash never leaves a half-written blob under a
+valid name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+
+class BlobStore:
+    """Immutable files under ``root/blobs``, written through ``root/tmp``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs = root / "blobs"
+        self._tmp = root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for stale in self._tmp.iterdir():
+            # Leftovers of a write that crashed before its rename; never referenced.
+            stale.unlink()
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path to write a future blob to."""
+        return self._tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    def path(self, digest: str) -> Path:
+        """Where blob ``digest`` lives (it may not exist)."""
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return self._blobs / digest[:2] / digest
+
+    def exists(self, digest: str) -> bool:
+        return bool(digest) and self.path(digest).exists()
+
+    def adopt(self, temp: Path, digest: str | None = None) -> str:
+        """Move a finished temp file into the store under ``digest`` (computed if not given)."""
+        if digest is None:
+            digest = file_sha256(temp)
+        target = self.path(digest)
+        target.parent.mkdir(exist_ok=True)
+        _fsync(temp)
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+        return digest
+
+    def delete(self, digest: str) -> None:
+        path = self.path(digest)
+        if path.exists():
+            path.unlink()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

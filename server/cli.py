@@ -1,0 +1,42 @@
+"""``gdfed serve``: run the aggregator daemon."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with every setting; flags override it")
+    parser.add_argument("--listen", help="host:port to serve on (default 127.0.0.1:50051)")
+    parser.add_argument("--state-dir", type=Path, help="where the run's records and files live")
+    parser.add_argument("--init-state", type=Path, help="safetensors file: the trainable state at round 0")
+    parser.add_argument("--run-id", help="name of a new run (default: generated)")
+    parser.add_argument("--rounds", type=int, help="rounds to run; 0 = until stopped")
+    parser.add_argument(
+        "--min-sites", type=int, dest="round.min_sites", help="uploads a round needs (0 = all)"
+    )
+    parser.add_argument("--min-sample-fraction", type=float, dest="round.min_sample_fraction")
+    parser.add_argument("--deadline", type=int, dest="round.deadline_s", help="seconds a round stays open")
+    parser.add_argument("--tokens", dest="site_tokens_file", help="file of `site = token` lines")
+    parser.add_argument("--admin-token-file", help="file holding the admin token (or set GDFED_ADMIN_TOKEN)")
+    parser.add_argument("--heartbeat-interval", type=float, dest="heartbeat_interval_s")
+    parser.add_argument("--missed-beats", type=int)
+    parser.add_argument(
+        "--optimizer", dest="optimizer.name", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad"
+    )
+    parser.add_argument("--server-lr", type=float, dest="optimizer.lr")
+    parser.add_argument("--metrics-listen", help="host:port for the Prometheus endpoint")
+    parser.add_argument("--tls-cert", type=Path, dest="tls.cert")
+    parser.add_argument("--tls-key", type=Path, dest="tls.key")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, dest="tls.client_ca", help="require client certificates (mTLS)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve
+    from server.config import load_config
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "verbose", "_module")}
+    return serve(load_config(args.config, overrides))

@@ -1,0 +1,100 @@
+"""The fold worker: decodes complete shards from the upload spools and folds them into the round's sum.
+
+One thread serves every upload, in the order their shards complete, so the
+aggregator's memory stays flat however many sites upload at once: uploads
+wait on disk (the spool), not in RAM. While one shard's pieces are folded
+the next shard is already decoding on the codec pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.codec.decoder import PendingShard, ShardDecoder
+from common.errors import GdfedError
+from server.accumulation import Accumulation
+from server.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FoldJob:
+    """Shard ``shard`` of upload ``upload_id``, ready in the spool at ``[begin, begin + size)``."""
+
+    upload_id: str
+    round: int
+    shard: int
+    begin: int
+    size: int
+    weight: int
+    decoder: ShardDecoder
+    acc: Accumulation
+    done: Callable[[int, GdfedError | None], None]  # called with (shard, error) once folded or failed
+
+
+class FoldWorker:
+    """A single thread folding shards in arrival order."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._queue: queue.Queue[FoldJob | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="gdfed-fold", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: FoldJob) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        pending: tuple[FoldJob, PendingShard] | None = None
+        while True:
+            if pending is None:
+                job = self._queue.get()
+            else:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    self._finish(*pending)
+                    pending = None
+                    continue
+            if job is None:
+                if pending is not None:
+                    self._finish(*pending)
+                return
+            started = self._start(job)
+            if pending is not None:
+                self._finish(*pending)
+            pending = started
+
+    def _start(self, job: FoldJob) -> tuple[FoldJob, PendingShard] | None:
+        if job.acc.detached or job.shard in job.acc.folded_shards(job.upload_id):
+            job.done(job.shard, None)
+            return None
+        try:
+            data = self._spool.read(job.upload_id, job.begin, job.size)
+            return job, job.decoder.start(job.shard, data)
+        except GdfedError as exc:
+            job.done(job.shard, exc)
+        except Exception as exc:  # a bug or an I/O error must not kill the worker
+            logger.exception("[fold] round=%d upload=%s shard=%d failed", job.round, job.upload_id, job.shard)
+            job.done(job.shard, GdfedError(f"shard {job.shard} could not be read back: {exc}"))
+        return None
+
+    def _finish(self, job: FoldJob, pending: PendingShard) -> None:
+        try:
+            pieces = pending.result()
+            job.acc.fold(job.upload_id, job.shard, pieces, job.weight)
+            job.done(job.shard, None)
+        except GdfedError as exc:
+            job.done(job.shard, exc)
+        except Exception as exc:
+            logger.exception("[fold] round=%d upload=%s shard=%d failed", job.round, job.upload_id, job.shard)
+            job.done(job.shard, GdfedError(f"shard {job.shard} failed to fold: {exc}"))

@@ -1,0 +1,180 @@
+"""Turning a closed round's sum into the next global state: difference, state file, snapshot.
+
+    mean  = Σ n_i Δ_i / Σ n_i                      (server.aggregate.WeightedSum)
+    D_r   = optimizer(mean)                         (FedAvg: D_r = lr · mean)
+    θ_r   = θ_{r-1} + decode(encode(D_r))           (what every worker will compute, bit for bit)
+
+D_r is stored as an encoded payload (what FetchDiff streams), θ_r as a plain
+safetensors file (the base of the next round) and as an encoded snapshot
+(what a site without history fetches). Everything is done tensor by tensor;
+the accumulator is freed as the difference is formed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.codec import decode_file, encode, validate_layout
+from common.codec.decoder import ShardDecoder
+from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
+from common.dtypes import DType
+from common.serde import header_to_proto
+from server.accumulation import Accumulation
+from server.aggregate import ServerOptimizer
+from server.blobs import BlobStore
+from server.spool import Spool
+from server.statefile import StateReader, write_state
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPayload:
+    """An encoded payload in the blob store, with its serialized header."""
+
+    blob: str
+    header: bytes
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    diff: StoredPayload
+    state_blob: str
+    snapshot: StoredPayload
+    seconds: float
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """A state file seen as a mapping that reads each tensor only when asked."""
+
+    def __init__(self, reader: StateReader) -> None:
+        self._reader = reader
+        self._names = [t.name for t in reader.manifest]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._reader.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def store_payload(
+    blobs: BlobStore,
+    tensors: Mapping[str, torch.Tensor],
+    codec: Codec,
+    header: DeltaHeader,
+    manifest: Sequence[TensorSpec] | None = None,
+) -> tuple[StoredPayload, PayloadLayout]:
+    """Encode ``tensors`` into the blob store; ``header`` gives everything but the layout."""
+    temp = blobs.temp_path(".payload")
+    with temp.open("wb") as sink:
+        layout = encode(tensors, codec, sink, manifest=manifest)
+    blob = blobs.adopt(temp, layout.sha256.hex())
+    full = DeltaHeader(
+        layout=layout,
+        run_id=header.run_id,
+        round=header.round,
+        base_round=header.base_round,
+        kind=header.kind,
+    )
+    return StoredPayload(blob, header_to_proto(full).SerializeToString(), layout.total_bytes), layout
+
+
+def store_initial_state(
+    blobs: BlobStore, init: Path, run_id: str
+) -> tuple[str, StoredPayload, tuple[TensorSpec, ...]]:
+    """Round 0: copy the initial trainable state into the store and encode its snapshot."""
+    reader = StateReader(init)
+    temp = blobs.temp_path(".safetensors")
+    write_state(temp, reader.manifest, lambda spec: reader.read(spec.name))
+    state_blob = blobs.adopt(temp)
+    state = StateReader(blobs.path(state_blob))
+    snapshot, _ = store_payload(
+        blobs,
+        LazyState(state),
+        Codec(),
+        DeltaHeader(layout=_EMPTY, run_id=run_id, round=0, base_round=0, kind=DeltaKind.SNAPSHOT),
+        manifest=state.manifest,
+    )
+    return state_blob, snapshot, state.manifest
+
+
+def publish(
+    *,
+    acc: Accumulation,
+    optimizer: ServerOptimizer,
+    blobs: BlobStore,
+    previous_state: str,
+    run_id: str,
+    round_number: int,
+    base_round: int,
+    broadcast: Codec,
+) -> Published:
+    """Form D_r from the round's sum, store it, and store θ_r = θ_{r-1} + D_r."""
+    start = time.perf_counter()
+    previous = StateReader(blobs.path(previous_state))
+    diff: dict[str, torch.Tensor] = {}
+    for name, mean in acc.sum.mean():
+        diff[name] = optimizer.step(name, mean)
+    manifest = previous.manifest
+    stored_diff, layout = store_payload(
+        blobs,
+        diff,
+        broadcast,
+        DeltaHeader(
+            layout=_EMPTY, run_id=run_id, round=round_number, base_round=base_round, kind=DeltaKind.DIFF
+        ),
+        manifest=_fp32_manifest(manifest),
+    )
+    if layout.codec.cast is not layout.codec.cast.NONE:
+        # Workers apply the decoded (rounded) difference; so must the state here.
+        with blobs.path(stored_diff.blob).open("rb") as source:
+            diff = decode_file(layout, source)
+    temp = blobs.temp_path(".safetensors")
+    write_state(temp, manifest, lambda spec: _apply(previous.read(spec.name), diff[spec.name]))
+    state_blob = blobs.adopt(temp)
+    state = StateReader(blobs.path(state_blob))
+    snapshot, _ = store_payload(
+        blobs,
+        LazyState(state),
+        Codec(),
+        DeltaHeader(layout=_EMPTY, run_id=run_id, round=round_number, base_round=0, kind=DeltaKind.SNAPSHOT),
+        manifest=state.manifest,
+    )
+    return Published(stored_diff, state_blob, snapshot, time.perf_counter() - start)
+
+
+def _apply(previous: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    # In the state's own dtype, exactly as a worker's `param.add_(diff)` does it.
+    return previous.add_(diff.to(previous.dtype))
+
+
+def _fp32_manifest(manifest: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t.name, DType.F32, t.shape) for t in manifest)
+
+
+def rebuild(
+    acc: Accumulation,
+    uploads: Sequence[tuple[str, DeltaHeader]],
+    spool: Spool,
+) -> None:
+    """Fold accepted uploads into a fresh accumulation from their spools, in acceptance order."""
+    for upload_id, header in uploads:
+        layout = header.layout
+        validate_layout(layout)
+        decoder = ShardDecoder(layout)
+        offsets = layout.shard_offsets()
+        for index, shard in enumerate(layout.shards):
+            data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
+            acc.fold(upload_id, index, decoder.decode(index, data), header.sample_count)
+        acc.accept(upload_id, header.sample_count)
+
+
+_EMPTY = PayloadLayout(codec=Codec(), manifest=(), shards=(), total_bytes=0, sha256=b"")

@@ -1,0 +1,133 @@
+"""The aggregator's durable records: run, rounds, sites, uploads (plain dataclasses).
+
+These are what ``server.store`` keeps in SQLite and what the servicers turn
+into protobuf replies; nothing here knows about either.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class RoundState(enum.IntEnum):
+    """Lifecycle of a round (values equal the wire enum gradualdiff.v1.RoundState)."""
+
+    OPEN = 1
+    TRAINING = 2
+    COLLECTING = 3
+    AGGREGATING = 4
+    PUBLISHED = 5
+    FAILED = 6
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RoundState.PUBLISHED, RoundState.FAILED)
+
+    @property
+    def accepts_uploads(self) -> bool:
+        return self in (RoundState.OPEN, RoundState.TRAINING, RoundState.COLLECTING)
+
+
+class SiteState(enum.IntEnum):
+    """Liveness of a site (values equal the wire enum gradualdiff.v1.SiteState)."""
+
+    ALIVE = 1
+    SILENT = 2
+    EVICTED = 3
+
+
+class UploadState(enum.IntEnum):
+    """Where an upload stands."""
+
+    RECEIVING = 1
+    ACCEPTED = 2
+    REJECTED = 3
+    ABANDONED = 4
+
+
+@dataclass(slots=True, kw_only=True)
+class RunRecord:
+    run_id: str
+    created_ms: int
+    current_round: int = 0
+    paused: bool = False
+    finished: bool = False
+    min_sites: int = 0
+    min_sample_fraction: float = 0.0
+    round_deadline_s: int = 0
+    optimizer_blob: str = ""  # content address of the server optimizer's state file ("" = fresh)
+
+
+@dataclass(slots=True, kw_only=True)
+class RoundRecord:
+    round: int
+    state: RoundState
+    opened_ms: int
+    deadline_ms: int = 0
+    closed_ms: int = 0
+    published_ms: int = 0
+    close_reason: str = ""
+    failure_reason: str = ""
+    expected_samples: int = 0
+    samples: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    diff_blob: str = ""  # content address of the global difference D_r's payload
+    diff_header: bytes = b""  # its gradualdiff.v1.DeltaHeader, serialized
+    diff_bytes: int = 0
+    snapshot_blob: str = ""  # the trainable state after this round, encoded
+    snapshot_header: bytes = b""
+    snapshot_bytes: int = 0
+    state_blob: str = ""  # the same state as a plain safetensors file
+    aggregate_seconds: float = 0.0
+    mean_train_loss: float = 0.0
+    mean_eval_loss: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class SiteRecord:
+    site_id: str
+    state: SiteState = SiteState.ALIVE
+    joined_ms: int = 0
+    last_beat_ms: int = 0
+    rounds_joined: int = 0
+    held_round: int = 0
+    device: int = 0
+    memory_bytes: int = 0
+    lora_rank: int = 0
+    num_samples: int = 0
+    phase: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+    beat_round: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class ParticipantRecord:
+    """A site's part in one round."""
+
+    round: int
+    site_id: str
+    num_samples: int = 0
+    dropped: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class UploadRecord:
+    upload_id: str
+    round: int
+    site_id: str
+    state: UploadState = UploadState.RECEIVING
+    sample_count: int = 0
+    total_bytes: int = 0
+    committed_offset: int = 0
+    header: bytes = b""  # gradualdiff.v1.DeltaHeader, serialized
+    seq: int = 0  # acceptance order within the round (1-based; 0 = not accepted)
+    train_loss: float = 0.0
+    eval_loss: float = 0.0
+    started_ms: int = 0
+    accepted_ms: int = 0
+    upload_seconds: float = 0.0
+    reason: str = ""

@@ -1,0 +1,168 @@
+"""One upload being received: chunks checked and spooled, shards handed to the fold worker.
+
+The session is driven by the PushDelta handler thread: ``receive`` for each
+chunk, then ``complete`` (wait for the folds, then accept) or ``interrupt``
+(the stream broke: make what arrived durable so the worker can resume).
+Memory per session is one chunk: the spool on disk is the buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from common.codec.chunks import ChunkVerifier
+from common.codec.decoder import ShardDecoder
+from common.delta import MIB, Chunk, DeltaHeader
+from common.errors import GdfedError, RoundClosed, TruncatedStream
+from server.accumulation import Accumulation
+from server.folding import FoldJob, FoldWorker
+from server.records import UploadRecord
+from server.spool import Spool
+
+if TYPE_CHECKING:
+    from server.coordinator import Coordinator, Receipt
+
+COMMIT_EVERY = 8 * MIB  # fsync and record the resume offset this often
+
+
+class UploadSession:
+    """Receives one upload stream (or the resumed rest of one)."""
+
+    def __init__(
+        self,
+        *,
+        coordinator: Coordinator,
+        record: UploadRecord,
+        header: DeltaHeader,
+        acc: Accumulation,
+        spool: Spool,
+        folder: FoldWorker,
+        start: int,
+        max_chunk_bytes: int,
+    ) -> None:
+        self.upload_id = record.upload_id
+        self.site_id = record.site_id
+        self.round = record.round
+        self.acc = acc
+        self._coordinator = coordinator
+        self._header = header
+        self._layout = header.layout
+        self._spool = spool
+        self._folder = folder
+        self._decoder = ShardDecoder(header.layout)
+        self._verifier = ChunkVerifier(
+            header.layout.total_bytes, start=start, max_chunk_bytes=max_chunk_bytes
+        )
+        self._writer = spool.open_at(record.upload_id, start)
+        offsets = header.layout.shard_offsets()
+        self._begins, self._ends = offsets[:-1], offsets[1:]
+        self._next_shard = 0
+        self._cond = threading.Condition()
+        self._outstanding = 0
+        self._failure: GdfedError | None = None
+        self._cancelled = ""
+        self._started = time.monotonic()
+        self.bytes_received = 0
+        self._submit_ready()
+
+    def receive(self, chunk: Chunk) -> None:
+        """Check, spool and (when a shard completes) hand on one chunk; raise on any problem."""
+        self._raise_if_stopped()
+        self._verifier.check(chunk)
+        self._writer.write(chunk.data)
+        self.bytes_received += len(chunk.data)
+        if self._writer.offset - self._writer.synced >= COMMIT_EVERY:
+            self._commit()
+        self._submit_ready()
+
+    def complete(self) -> Receipt:
+        """The stream ended: wait for every shard to fold, then have the upload accepted."""
+        if not self._verifier.done:
+            self.interrupt()
+            raise TruncatedStream(
+                f"the stream ended at offset {self._verifier.offset} of {self._layout.total_bytes}; "
+                f"resume from {self._writer.synced}",
+                field="offset",
+            )
+        self._writer.sync()
+        self._writer.close()
+        with self._cond:
+            while self._outstanding and not self._failure and not self._cancelled:
+                self._cond.wait(0.5)
+                if not self._coordinator.round_accepts(self.round):
+                    break
+        try:
+            self._raise_if_stopped()
+        except GdfedError as exc:
+            self._coordinator.end_session(self)
+            if not isinstance(exc, RoundClosed):
+                self._coordinator.reject_upload(self, exc)
+            raise
+        return self._coordinator.accept_upload(self, time.monotonic() - self._started)
+
+    def interrupt(self) -> None:
+        """The stream broke off: make the received bytes durable and record where to resume."""
+        try:
+            self._commit()
+            self._writer.close()
+        finally:
+            self._coordinator.end_session(self)
+
+    def fail(self, error: GdfedError) -> None:
+        """A chunk was refused: the upload is rejected for good."""
+        self._writer.close()
+        self._coordinator.reject_upload(self, error)
+
+    @property
+    def failed(self) -> bool:
+        """Whether a shard failed to decode: the upload itself is bad, not just its stream."""
+        return self._failure is not None
+
+    def cancel(self, reason: str) -> None:
+        with self._cond:
+            self._cancelled = reason
+            self._cond.notify_all()
+
+    def _commit(self) -> None:
+        offset = self._writer.sync()
+        self._coordinator.commit_offset(self.upload_id, offset)
+
+    def _raise_if_stopped(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._cancelled:
+            raise RoundClosed(f"upload {self.upload_id!r} stopped: {self._cancelled}", field="upload_id")
+        if not self._coordinator.round_accepts(self.round):
+            raise RoundClosed(
+                f"round {self.round} closed before upload {self.upload_id!r} finished", field="round"
+            )
+
+    def _submit_ready(self) -> None:
+        while self._next_shard < len(self._ends) and self._writer.offset >= self._ends[self._next_shard]:
+            index = self._next_shard
+            self._next_shard += 1
+            self._writer.flush()
+            with self._cond:
+                self._outstanding += 1
+            self._folder.submit(
+                FoldJob(
+                    upload_id=self.upload_id,
+                    round=self.round,
+                    shard=index,
+                    begin=self._begins[index],
+                    size=self._ends[index] - self._begins[index],
+                    weight=self._header.sample_count,
+                    decoder=self._decoder,
+                    acc=self.acc,
+                    done=self._folded,
+                )
+            )
+
+    def _folded(self, shard: int, error: GdfedError | None) -> None:
+        with self._cond:
+            self._outstanding -= 1
+            if error is not None and self._failure is None:
+                self._failure = error
+            self._cond.notify_all()
