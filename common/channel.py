@@ -8,10 +8,11 @@ from pathlib import Path
 
 import grpc
 
-from common.delta import MIB
-
 # Chunks are 1 MiB; replies and headers stay far below gRPC's 4 MiB default, which we keep.
-_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 4 * MIB)]
+# (MIB is spelled out rather than imported from common.delta, which pulls in torch: `gdfed status`
+# and `gdfed admin` import this module and must start fast.)
+_MIB = 1024 * 1024
+_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 4 * _MIB)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

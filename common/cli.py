@@ -21,14 +21,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` given, only that subcommand's module is imported (its flags added)."""
     parser = argparse.ArgumentParser(prog="gdfed", description="Federated fine-tuning by weight differences.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module)
-        _load(module, "add_arguments")(sub_parser)
+        if command is None or command == name:
+            _load(module, "add_arguments")(sub_parser)
     return parser
 
 
@@ -38,8 +40,11 @@ def _load(module: str, attr: str) -> Callable[..., object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # The subcommand is the first word that is not an option (the top level has only -v).
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

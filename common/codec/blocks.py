@@ -57,8 +57,16 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def all_finite(block: U8Array, dtype: DType) -> bool:
-    """True when no element of the (unshuffled) block is NaN or infinite; always True for integers."""
-    if not is_float(dtype) or block.size == 0:
+    """True when every element of the (unshuffled) block is a valid value of its type.
+
+    Floats must be finite (no NaN, no infinity); bools must be 0 or 1 (safetensors
+    and torch assume so); other integers are always valid.
+    """
+    if block.size == 0:
+        return True
+    if dtype is DType.BOOL:
+        return not bool((block > 1).any())
+    if not is_float(dtype):
         return True
     if dtype is DType.BF16:
         # numpy has no bfloat16: an all-ones exponent (0x7F80 mask) is inf or NaN.

@@ -108,7 +108,10 @@ class PendingShard:
         for piece, ok in zip(spec.pieces, finite, strict=True):
             if not ok:
                 name = layout.manifest[piece.tensor].name
-                raise NonFiniteValues(f"tensor {name!r} holds NaN or infinity", field=name)
+                raise NonFiniteValues(
+                    f"tensor {name!r} holds NaN or infinity (or, for a bool tensor, a byte other than 0 or 1)",
+                    field=name,
+                )
         return [
             self._decoder.piece(piece.tensor, piece.start, buf)
             for piece, buf in zip(spec.pieces, self._outputs, strict=True)
@@ -142,6 +145,8 @@ class ShardDecoder:
         index: int,
         data: bytes | bytearray | memoryview,
         into: Mapping[str, torch.Tensor] | None = None,
+        *,
+        scratch: U8Array | None = None,
     ) -> PendingShard:
         """Check shard ``index``'s header frame, then queue its blocks on the pool.
 
@@ -149,6 +154,9 @@ class ShardDecoder:
             index: which shard of the layout.
             data: exactly that shard's compressed bytes; must stay unchanged until
                 the result is taken.
+            scratch: optional reusable byte buffer of at least ``scratch_bytes(index)``;
+                pieces are decoded into it back to back (saves page faults on every
+                shard) and stay valid until it is reused.
             into: optional destination tensors (contiguous, CPU, manifest shapes and
                 dtypes); pieces are written straight into them, so decoding a whole
                 payload needs no second copy. On error they may hold partial data.
@@ -176,8 +184,14 @@ class ShardDecoder:
         futures: list[tuple[int, Future[tuple[bool, bytes]]]] = []
         block = self.layout.codec.block_bytes
         shuffled = self.layout.codec.byte_shuffle
+        used = 0
         for p, piece in enumerate(spec.pieces):
-            dest = self._destination(piece.tensor, piece.start, piece.count, into)
+            if scratch is not None and into is None:
+                size = piece.count * itemsize(self.layout.manifest[piece.tensor].dtype)
+                dest = scratch[used : used + size]
+                used += size
+            else:
+                dest = self._destination(piece.tensor, piece.start, piece.count, into)
             outputs.append(dest)
             wire = self._wire[piece.tensor]
             target = self.layout.manifest[piece.tensor].dtype
@@ -190,6 +204,20 @@ class ShardDecoder:
                 future = self._pool.submit(decode_block, frames[f], out, wire, target, shuffled, name)
                 futures.append((p, future))
         return PendingShard(self, index, frames, outputs, futures, hashlib.sha256(frames[0]).digest(), view)
+
+    def scratch_bytes(self, index: int | None = None) -> int:
+        """Bytes a scratch buffer needs for shard ``index`` (for every shard when None)."""
+        indices = range(len(self.layout.shards)) if index is None else [index]
+        return max(
+            (
+                sum(
+                    p.count * itemsize(self.layout.manifest[p.tensor].dtype)
+                    for p in self.layout.shards[i].pieces
+                )
+                for i in indices
+            ),
+            default=0,
+        )
 
     def check_digest(self, index: int, frame_digests: list[bytes]) -> None:
         """Raise DataLoss unless the frame digests add up to shard ``index``'s sha256."""
@@ -411,8 +439,10 @@ def decode_chunks(
     """Decode a whole chunk stream into full tensors (allocated once, filled in place)."""
     it = iter(chunks)
     first = next(it, None)
-    if first is None or first.header is None:
+    if first is None:
         raise TruncatedStream("the stream ended before its first chunk", field="header")
+    if first.header is None:
+        raise ChunkOrderError("the first chunk of a stream must carry the header", field="header")
     validate_layout(first.header.layout, limits, expected)
     tensors = allocate(first.header.layout.manifest)
     with DeltaStreamDecoder(limits=limits, expected=expected, executor=executor, into=tensors) as decoder:

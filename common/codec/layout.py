@@ -248,6 +248,12 @@ def _validate_shard(
         )
     if not shard.pieces:
         raise MalformedShard(f"{field} has no pieces", field=f"{field}.pieces")
+    if shard.raw_bytes > limits.max_shard_raw_bytes:
+        raise LimitExceeded(
+            f"{field}.raw_bytes is {shard.raw_bytes}; the limit is {limits.max_shard_raw_bytes}",
+            field=f"{field}.raw_bytes",
+            limit=limits.max_shard_raw_bytes,
+        )
     data = 0
     frames_expected = [0]  # frame 0, the header; its size is checked below
     names: set[int] = set()
@@ -277,13 +283,14 @@ def _validate_shard(
         seen[piece.tensor] = True
         nbytes = piece.count * itemsize(wire[piece.tensor])
         data += nbytes
+        if data >= shard.raw_bytes:
+            # Checked before listing this piece's frames: a lying header must not cost memory.
+            raise MalformedShard(
+                f"{field}: its pieces hold {data} bytes or more, but raw_bytes is {shard.raw_bytes} "
+                "(which must also hold the safetensors header)",
+                field=f"{field}.raw_bytes",
+            )
         frames_expected += block_sizes(nbytes, layout.codec.block_bytes)
-    if shard.raw_bytes > limits.max_shard_raw_bytes:
-        raise LimitExceeded(
-            f"{field}.raw_bytes is {shard.raw_bytes}; the limit is {limits.max_shard_raw_bytes}",
-            field=f"{field}.raw_bytes",
-            limit=limits.max_shard_raw_bytes,
-        )
     header_size = shard.raw_bytes - data
     hbound = header_bound(len(shard.pieces), limits.max_name_bytes)
     if not 8 < header_size <= hbound:

@@ -56,7 +56,9 @@ def check_header(
         )
     try:
         entries = json.loads(raw[8:].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad UTF-8, bad JSON, or an integer over Python's 4300-digit limit;
+        # RecursionError: arrays nested deeper than the parser's recursion limit.
         raise MalformedShard(f"safetensors header is not valid JSON: {exc}", field="header") from None
     if not isinstance(entries, dict):
         raise MalformedShard("safetensors header is not a JSON object", field="header")
@@ -77,7 +79,12 @@ def check_header(
             "shape": [piece.count],
             "data_offsets": [offset, offset + size],
         }
-        if not isinstance(entry, dict) or entry != want:
+        # == would let 4.0 or true stand for 4 or 1; safetensors refuses them, so the check is by type too.
+        if (
+            not isinstance(entry, dict)
+            or entry != want
+            or any(type(v) is not int for v in (*entry["shape"], *entry["data_offsets"]))
+        ):
             raise MalformedShard(
                 f"safetensors entry {name!r} is {entry!r}; the shard spec implies {want!r} "
                 "(dtype, 1-D shape and back-to-back offsets)",
