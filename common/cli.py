@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,6 +18,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "run the aggregator daemon"),
     "status": ("server.admin_cli", "show the run, its rounds and sites (--watch to follow)"),
     "admin": ("server.admin_control", "steer a run: pause, resume, close-round, evict, policy"),
+    "work": ("client.cli", "run a site's worker: train locally, send only what changed"),
+    "init-state": (
+        "client.init_state",
+        "write the trainable state at round 0 from a model, for serve --init-state",
+    ),
+    "export": ("client.export", "write a published round as a Hugging Face model directory"),
+    "demo": (
+        "client.demo",
+        "a whole federation on this machine: `gdfed demo init DIR`, `gdfed demo run DIR`",
+    ),
     "codec-demo": ("common.codec_demo", "encode and decode a generated delta, and show what travels"),
 }
 
@@ -40,6 +51,8 @@ def _load(module: str, attr: str) -> Callable[..., object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Models are local paths, never hub names: keep transformers from reaching for the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     words = list(sys.argv[1:] if argv is None else argv)
     # The subcommand is the first word that is not an option (the top level has only -v).
     command = next((w for w in words if not w.startswith("-")), None)

@@ -14,17 +14,24 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+import torch
+
 from common.codec.decoder import DecodedPiece
 from common.delta import TensorSpec
 from server.aggregate import WeightedSum
+
+ACCUMULATORS = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 class Accumulation:
     """A WeightedSum for one round, guarded by a lock, with its contributors."""
 
-    def __init__(self, round_number: int, manifest: Sequence[TensorSpec]) -> None:
+    def __init__(self, round_number: int, manifest: Sequence[TensorSpec], precision: str = "fp32") -> None:
+        if precision not in ACCUMULATORS:
+            raise ValueError(f"accumulator must be one of {sorted(ACCUMULATORS)}, got {precision!r}")
         self.round = round_number
-        self.sum = WeightedSum([(t.name, t.shape) for t in manifest])
+        self.precision = precision
+        self.sum = WeightedSum([(t.name, t.shape) for t in manifest], dtype=ACCUMULATORS[precision])
         self.lock = threading.Lock()
         self._folded: dict[str, set[int]] = {}
         self.accepted: list[str] = []

@@ -114,7 +114,7 @@ def render(status: Any, rounds: list[Any], sites: list[Any]) -> str:
         f"run {status.run_id}{flags}: round {status.current_round}/{total} {_state(status.current_state)}, "
         f"sites {status.sites_alive} alive / {status.sites_known} known, "
         f"full fp32 model {_mb(status.full_model_bytes)} MB, quorum min_sites={status.quorum.min_sites or 'all'}"
-        f" min_samples={status.quorum.min_sample_fraction:.0%} deadline={status.round_deadline_s or '-'}s",
+        f" min_samples={status.quorum.min_sample_fraction:.0%} deadline={str(status.round_deadline_s) + 's' if status.round_deadline_s else 'none'}",
         "",
         f"{'round':>5} {'state':<12} {'sites':>5} {'samples':>8} {'MB in':>9} {'MB out':>9} {'up/full':>8} "
         f"{'opened':>8} {'took s':>7} {'agg s':>6} {'train':>7} {'eval':>7}  note",

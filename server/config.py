@@ -80,6 +80,10 @@ class ServerConfig:
     max_upload_bytes: int = 64 * GIB
     base_model_fingerprint: str = ""
     keep_states: int = 2  # published states (and their snapshots) kept on disk
+    # Running-sum precision. fp32: the sum costs 1x the trainable state; another arrival order
+    # changes a result by at most K·2^-24·Σ n_i|Δ_i| / Σ n_i. fp64: 2x the memory, bound K·2^-53·(...)
+    # plus 1 ulp of fp32. The same uploads in the same order are bit-identical either way.
+    accumulator: str = "fp32"
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; "" = off
     tls: TlsConfig = field(default_factory=TlsConfig)
     tick_s: float = 0.2
@@ -197,6 +201,7 @@ class _TopLevel:
     max_upload_bytes: int | None = None
     base_model_fingerprint: str | None = None
     keep_states: int | None = None
+    accumulator: str | None = None
     metrics_listen: str | None = None
     tick_s: float | None = None
 

@@ -43,7 +43,7 @@ from server.aggregate import ServerOptimizer, make_optimizer
 from server.blobs import BlobStore
 from server.config import RoundPolicy, ServerConfig
 from server.folding import FoldWorker
-from server.publish import publish, rebuild, store_initial_state
+from server.publish import publish, rebuild, store_initial_state, store_snapshot
 from server.records import (
     ParticipantRecord,
     RoundRecord,
@@ -151,11 +151,15 @@ class Coordinator:
     def __init__(self, config: ServerConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self._clock = clock
+        # Liveness counts from this process's start at the earliest: sites cannot beat while the
+        # aggregator is down, so after a restart each gets its full allowance again.
+        self._live_since_ms = self._now_ms()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.state_dir / "state.db")
         self.blobs = BlobStore(config.state_dir)
         self.spool = Spool(config.state_dir / "spool")
         self._lock = threading.RLock()
+        self._snapshot_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._subscribers: list[queue.Queue[Event]] = []
         self._sessions: dict[str, UploadSession] = {}
@@ -249,7 +253,7 @@ class Coordinator:
             if not self.run.finished:
                 self._open_next_round()
             return
-        self.acc = Accumulation(current.round, self.manifest)
+        self.acc = Accumulation(current.round, self.manifest, self.config.accumulator)
         accepted = self._accepted_uploads(current.round)
         if accepted:
             logger.info("[recover] round=%d replaying %d accepted upload(s)", current.round, len(accepted))
@@ -408,7 +412,7 @@ class Coordinator:
             self.store.put(record)
             for site in alive:
                 self._add_participant(site)
-        self.acc = Accumulation(number, self.manifest)
+        self.acc = Accumulation(number, self.manifest, self.config.accumulator)
         self._admin_close = False
         logger.info("[round] round=%d opened with %d site(s)", number, len(alive))
         self._emit("round_opened", round_number=number, state=RoundState.OPEN)
@@ -508,7 +512,7 @@ class Coordinator:
             logger.info(
                 "[round] round=%d rebuilding the sum from %d accepted spool(s)", round_number, len(accepted)
             )
-            acc = Accumulation(round_number, self.manifest)
+            acc = Accumulation(round_number, self.manifest, self.config.accumulator)
             rebuild(acc, [(u.upload_id, _parse_header(u.header)) for u in accepted], self.spool)
         previous = self._latest_published()
         try:
@@ -538,9 +542,6 @@ class Coordinator:
             record.diff_header = result.diff.header
             record.diff_bytes = result.diff.nbytes
             record.state_blob = result.state_blob
-            record.snapshot_blob = result.snapshot.blob
-            record.snapshot_header = result.snapshot.header
-            record.snapshot_bytes = result.snapshot.nbytes
             record.aggregate_seconds = result.seconds
             record.mean_train_loss = sum(u.train_loss * u.sample_count for u in accepted) / samples
             record.mean_eval_loss = sum(u.eval_loss * u.sample_count for u in accepted) / samples
@@ -597,7 +598,7 @@ class Coordinator:
         now = self._now_ms()
         current = self._current_round()
         for site in self.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),)):
-            if now - site.last_beat_ms <= limit:
+            if now - max(site.last_beat_ms, self._live_since_ms) <= limit:
                 continue
             site.state = SiteState.SILENT
             with self.store.transaction():
@@ -631,17 +632,44 @@ class Coordinator:
             )
             chain_bytes = sum(r.diff_bytes for r in chain)
             complete = all(r.diff_blob and self.blobs.exists(r.diff_blob) for r in chain)
-            if snapshot or not complete or chain_bytes > latest.snapshot_bytes:
+            estimate = latest.snapshot_bytes or self._genesis_snapshot_bytes()
+            if not (snapshot or not complete or chain_bytes > estimate):
                 return [
-                    FetchItem(
-                        _parse_header(latest.snapshot_header),
-                        self.blobs.path(latest.snapshot_blob),
-                        latest.round,
-                    )
+                    FetchItem(_parse_header(r.diff_header), self.blobs.path(r.diff_blob), r.round)
+                    for r in chain
                 ]
-            return [
-                FetchItem(_parse_header(r.diff_header), self.blobs.path(r.diff_blob), r.round) for r in chain
-            ]
+        record = self._ensure_snapshot(latest.round)
+        return [
+            FetchItem(
+                _parse_header(record.snapshot_header), self.blobs.path(record.snapshot_blob), record.round
+            )
+        ]
+
+    def _genesis_snapshot_bytes(self) -> int:
+        genesis = self.store.get(RoundRecord, 0)
+        return genesis.snapshot_bytes if genesis else 0
+
+    def _ensure_snapshot(self, round_number: int) -> RoundRecord:
+        """The round's record with its snapshot encoded (on first request: most sites only fetch diffs)."""
+        with self._snapshot_lock:
+            with self._lock:
+                record = self.store.get(RoundRecord, round_number)
+                assert record is not None
+                if record.snapshot_blob and self.blobs.exists(record.snapshot_blob):
+                    return record
+                if not record.state_blob:
+                    raise FailedPrecondition(
+                        f"the state of round {round_number} is no longer kept", field="have_round"
+                    )
+            stored = store_snapshot(self.blobs, record.state_blob, self.run.run_id, round_number)
+            with self._lock:
+                record = self.store.get(RoundRecord, round_number)
+                assert record is not None
+                record.snapshot_blob = stored.blob
+                record.snapshot_header = stored.header
+                record.snapshot_bytes = stored.nbytes
+                self.store.put(record)
+                return record
 
     def count_bytes_out(self, round_number: int, nbytes: int) -> None:
         with self._lock:
@@ -872,6 +900,7 @@ class Coordinator:
         with self._lock:
             if self._sessions.get(session.upload_id) is session:
                 del self._sessions[session.upload_id]
+                self._changed.notify_all()  # stop() waits for the sessions to end
 
     # ---------------------------------------------------------------- admin
     def status(self) -> StatusView:
@@ -959,15 +988,15 @@ class Coordinator:
     def set_policy(
         self, *, min_sites: int | None, min_sample_fraction: float | None, deadline_s: int | None
     ) -> None:
+        # Validate everything before changing anything: a refused request leaves the policy as it was.
+        if min_sample_fraction is not None and not 0.0 <= min_sample_fraction <= 1.0:
+            raise InvalidArgument(
+                f"min_sample_fraction is {min_sample_fraction}; must be 0..1", field="min_sample_fraction"
+            )
         with self._lock:
             if min_sites is not None:
                 self.run.min_sites = min_sites
             if min_sample_fraction is not None:
-                if not 0.0 <= min_sample_fraction <= 1.0:
-                    raise InvalidArgument(
-                        f"min_sample_fraction is {min_sample_fraction}; must be 0..1",
-                        field="min_sample_fraction",
-                    )
                 self.run.min_sample_fraction = min_sample_fraction
             current = self._current_round()
             with self.store.transaction():
@@ -1012,14 +1041,34 @@ class Coordinator:
             except Exception:
                 logger.exception("[round] tick failed; the loop goes on")
 
-    def stop(self) -> None:
-        """Stop the loop, commit what every upload has received, close the store."""
+    def stop_rounds(self) -> None:
+        """Stop the round loop (liveness, quorum, deadlines) and wake long polls; the first step of a shutdown.
+
+        While the server drains its calls it refuses new ones, heartbeats included: the loop
+        must not drop the sites, or close their round, for beats they cannot send.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
+            self._changed.notify_all()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Stop the loop, commit what every upload has received, close the store.
+
+        Each live upload's handler commits its received bytes (``UploadSession.interrupt``) as its
+        call ends, which may be after the server reports its calls stopped: wait up to ``drain_s``
+        for them, so the store is still open for those commits.
+        """
+        self.stop_rounds()
+        deadline = time.monotonic() + drain_s
+        with self._lock:
             for session in list(self._sessions.values()):
                 session.cancel("the aggregator is shutting down")
+            while self._sessions and (remaining := deadline - time.monotonic()) > 0:
+                self._changed.wait(remaining)
+            if self._sessions:
+                logger.warning("[serve] %d upload(s) still receiving at shutdown", len(self._sessions))
             self._changed.notify_all()
         self.folder.stop()
         self.store.close()

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from common.codec.decoder import PendingShard, ShardDecoder
 from common.errors import GdfedError
 from server.accumulation import Accumulation
@@ -42,6 +44,10 @@ class FoldWorker:
 
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
+        # Two sets of buffers: one shard decodes while the previous one folds.
+        self._data = [bytearray(), bytearray()]
+        self._scratch = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self._turn = 0
         self._queue: queue.Queue[FoldJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gdfed-fold", daemon=True)
         self._thread.start()
@@ -79,8 +85,16 @@ class FoldWorker:
             job.done(job.shard, None)
             return None
         try:
-            data = self._spool.read(job.upload_id, job.begin, job.size)
-            return job, job.decoder.start(job.shard, data)
+            # Reused buffers: fresh ones would cost a page fault per 4 KiB on every shard.
+            turn = self._turn = 1 - self._turn
+            if len(self._data[turn]) < job.size:
+                self._data[turn] = bytearray(job.size)
+            data = memoryview(self._data[turn])[: job.size]
+            self._spool.read_into(job.upload_id, job.begin, data)
+            need = job.decoder.scratch_bytes(job.shard)
+            if self._scratch[turn].size < need:
+                self._scratch[turn] = np.empty(need, dtype=np.uint8)
+            return job, job.decoder.start(job.shard, data, scratch=self._scratch[turn])
         except GdfedError as exc:
             job.done(job.shard, exc)
         except Exception as exc:  # a bug or an I/O error must not kill the worker

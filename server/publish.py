@@ -44,7 +44,6 @@ class StoredPayload:
 class Published:
     diff: StoredPayload
     state_blob: str
-    snapshot: StoredPayload
     seconds: float
 
 
@@ -140,6 +139,11 @@ def publish(
     temp = blobs.temp_path(".safetensors")
     write_state(temp, manifest, lambda spec: _apply(previous.read(spec.name), diff[spec.name]))
     state_blob = blobs.adopt(temp)
+    return Published(stored_diff, state_blob, time.perf_counter() - start)
+
+
+def store_snapshot(blobs: BlobStore, state_blob: str, run_id: str, round_number: int) -> StoredPayload:
+    """Encode the state after ``round_number`` as a SNAPSHOT payload (done when first asked for)."""
     state = StateReader(blobs.path(state_blob))
     snapshot, _ = store_payload(
         blobs,
@@ -148,7 +152,7 @@ def publish(
         DeltaHeader(layout=_EMPTY, run_id=run_id, round=round_number, base_round=0, kind=DeltaKind.SNAPSHOT),
         manifest=state.manifest,
     )
-    return Published(stored_diff, state_blob, snapshot, time.perf_counter() - start)
+    return snapshot
 
 
 def _apply(previous: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:

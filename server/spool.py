@@ -40,6 +40,17 @@ class Spool:
             raise OSError(f"spool of upload {upload_id} holds fewer than {start + size} bytes")
         return data
 
+    def read_into(self, upload_id: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with the spool's bytes from ``start`` (no fresh allocation)."""
+        with self.path(upload_id).open("rb", buffering=0) as f:
+            f.seek(start)
+            got = 0
+            while got < len(out):
+                n = f.readinto(out[got:])
+                if not n:
+                    raise OSError(f"spool of upload {upload_id} holds fewer than {start + len(out)} bytes")
+                got += n
+
     def delete(self, upload_id: str) -> None:
         path = self.path(upload_id)
         if path.exists():

@@ -2,36 +2,63 @@
 
 A ScriptedSite joins, waits for a round, fetches the global state, and
 pushes a delta it is given, the way a worker would, but without a model.
+``Aggregator`` runs the real server in-process on an ephemeral port;
+``AdminClient`` is the operator's side; ``Daemon`` runs ``gdfed serve`` as a
+subprocess (for crash tests). The helpers at the bottom compute, in torch,
+what the aggregator must publish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO, TypeVar
 
 import grpc
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from common.channel import auth_metadata
-from common.codec import decode_chunks, encode, iter_chunks
-from common.delta import Codec, DeltaHeader, DeltaKind, UploadMetrics
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.codec import DEFAULT_SHARD_BYTES, decode_chunks, encode, iter_chunks
+from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, UploadMetrics
+from common.dtypes import DType
+from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
 from common.serde import chunk_from_proto, chunk_to_proto
 from server.app import create_server, shutdown
 from server.config import RoundPolicy, ServerConfig
+from tests.codec_helpers import bits, block_frame, rebuild, split_frames, unzstd
 
 ADMIN_TOKEN = "admin-secret"
+# Reconnect within a fraction of a second once a restarted aggregator listens again
+# (gRPC's default backoff grows from 1 s to 120 s).
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 300),
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+State = dict[str, torch.Tensor]
 
 
 def token_of(site: str) -> str:
     return f"token-{site}"
 
 
-def small_state(seed: int = 0, layers: int = 2, width: int = 32) -> dict[str, torch.Tensor]:
+def small_state(seed: int = 0, layers: int = 2, width: int = 32) -> State:
     gen = torch.Generator().manual_seed(seed)
     state = {"embed.weight": torch.randn(50, width, generator=gen) * 0.02}
     for i in range(layers):
@@ -40,17 +67,20 @@ def small_state(seed: int = 0, layers: int = 2, width: int = 32) -> dict[str, to
     return state
 
 
-def write_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
+def write_state(path: Path, state: Mapping[str, torch.Tensor]) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
 
-def make_config(tmp: Path, sites: list[str], **overrides: object) -> ServerConfig:
-    init = write_state(tmp / "init.safetensors", small_state())
+def make_config(
+    tmp: Path, sites: Sequence[str], *, init: Mapping[str, torch.Tensor] | None = None, **overrides: object
+) -> ServerConfig:
+    """A config for an in-process aggregator in ``tmp``; ``init`` is the round-0 state (small_state())."""
+    path = write_state(tmp / "init.safetensors", small_state() if init is None else init)
     base = ServerConfig(
         listen="127.0.0.1:0",
         state_dir=tmp / "state",
-        init_state=init,
+        init_state=path,
         run_id="test-run",
         site_tokens={s: token_of(s) for s in sites},
         admin_token=ADMIN_TOKEN,
@@ -59,14 +89,26 @@ def make_config(tmp: Path, sites: list[str], **overrides: object) -> ServerConfi
         tick_s=0.05,
         round=RoundPolicy(),
     )
-    from dataclasses import replace
-
     return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll until ``predicate()`` is truthy and return it; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 @dataclass
 class Aggregator:
-    """A running aggregator for one test."""
+    """A running aggregator for one test (in-process, real gRPC on an ephemeral port)."""
 
     config: ServerConfig
     server: grpc.Server = field(init=False)
@@ -74,13 +116,22 @@ class Aggregator:
 
     def __post_init__(self) -> None:
         self.server, self.port, self.coordinator = create_server(self.config)
+        self._stopped = False
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        shutdown(self.server, self.coordinator, grace=1.0)
+        if not self._stopped:
+            self._stopped = True
+            shutdown(self.server, self.coordinator, grace=1.0)
+
+    def __enter__(self) -> Aggregator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class ScriptedSite:
@@ -89,13 +140,26 @@ class ScriptedSite:
     def __init__(self, target: str, site_id: str, samples: int = 10, token: str | None = None) -> None:
         self.site_id = site_id
         self.samples = samples
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=FAST_RECONNECT)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.metadata = auth_metadata(token if token is not None else token_of(site_id))
         self.run_id = ""
+        self._beating: threading.Event | None = None
+        self._beat_thread: threading.Thread | None = None
 
     def close(self) -> None:
+        self.stop_beating()
         self.channel.close()
+
+    def ready(self, timeout: float = 30.0) -> None:
+        """Wait until the channel is connected (after an aggregator restart)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def __enter__(self) -> ScriptedSite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def join(self, held_round: int = 0) -> federation_pb2.JoinReply:
         reply = self.stub.Join(
@@ -112,10 +176,41 @@ class ScriptedSite:
 
     def beat(self, round_number: int = 0, phase: int = 1) -> federation_pb2.HeartbeatReply:
         return self.stub.Heartbeat(
-            federation_pb2.HeartbeatRequest(site_id=self.site_id, round=round_number, phase=phase),
+            federation_pb2.HeartbeatRequest(
+                site_id=self.site_id, round=round_number, phase=federation_pb2.Phase.ValueType(phase)
+            ),
             metadata=self.metadata,
             timeout=10,
         )
+
+    def start_beating(self, interval: float = 0.1) -> None:
+        """Heartbeat from a background thread until stop_beating(); errors (server down) are ignored."""
+        if self._beating is not None:
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(grpc.RpcError):
+                    self.stub.Heartbeat(
+                        federation_pb2.HeartbeatRequest(
+                            site_id=self.site_id, phase=federation_pb2.PHASE_IDLE
+                        ),
+                        metadata=self.metadata,
+                        timeout=2,
+                    )
+                stop.wait(interval)
+
+        self._beating = stop
+        self._beat_thread = threading.Thread(target=loop, name=f"beat-{self.site_id}", daemon=True)
+        self._beat_thread.start()
+
+    def stop_beating(self) -> None:
+        if self._beating is not None and self._beat_thread is not None:
+            self._beating.set()
+            self._beat_thread.join(timeout=5)
+        self._beating = None
+        self._beat_thread = None
 
     def await_round(self, after: int = 0, wait_ms: int = 10_000) -> federation_pb2.RoundSpec:
         return self.stub.AwaitRound(
@@ -124,9 +219,7 @@ class ScriptedSite:
             timeout=wait_ms / 1000 + 5,
         )
 
-    def fetch(
-        self, have_round: int, snapshot: bool = False
-    ) -> list[tuple[DeltaHeader, dict[str, torch.Tensor]]]:
+    def fetch(self, have_round: int, snapshot: bool = False) -> list[tuple[DeltaHeader, State]]:
         """Every delta of the FetchDiff stream, decoded."""
         stream = self.stub.FetchDiff(
             federation_pb2.FetchDiffRequest(site_id=self.site_id, have_round=have_round, snapshot=snapshot),
@@ -134,7 +227,7 @@ class ScriptedSite:
             timeout=60,
         )
         out = []
-        current: list = []
+        current: list[Chunk] = []
         for msg in stream:
             chunk = chunk_from_proto(msg)
             if chunk.header is not None and current:
@@ -145,18 +238,26 @@ class ScriptedSite:
             out.append(decode_chunks(current))
         return out
 
+    def snapshot(self) -> tuple[int, State]:
+        """The latest published round and its whole state (FetchDiff with snapshot=true)."""
+        [(head, state)] = self.fetch(0, snapshot=True)
+        assert head.kind is DeltaKind.SNAPSHOT
+        return head.round, state
+
     def header(
         self,
-        delta: dict[str, torch.Tensor],
+        delta: Mapping[str, torch.Tensor],
         round_number: int,
         base_round: int,
         *,
         codec: Codec | None = None,
         upload_id: str | None = None,
         samples: int | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        metrics: UploadMetrics | None = None,
     ) -> tuple[DeltaHeader, bytes]:
         sink = io.BytesIO()
-        layout = encode(delta, codec or Codec(), sink)
+        layout = encode(delta, codec or Codec(), sink, shard_bytes=shard_bytes)
         header = DeltaHeader(
             layout=layout,
             run_id=self.run_id,
@@ -166,7 +267,7 @@ class ScriptedSite:
             sample_count=self.samples if samples is None else samples,
             base_round=base_round,
             kind=DeltaKind.DIFF,
-            metrics=UploadMetrics(train_loss=1.0, eval_loss=2.0, steps=1),
+            metrics=metrics or UploadMetrics(train_loss=1.0, eval_loss=2.0, steps=1),
         )
         return header, sink.getvalue()
 
@@ -176,11 +277,16 @@ class ScriptedSite:
         for chunk in iter_chunks(header, io.BytesIO(payload), start=start, chunk_bytes=chunk_bytes):
             yield chunk_to_proto(chunk)
 
-    def push(self, header: DeltaHeader, payload: bytes, start: int = 0) -> federation_pb2.PushReceipt:
-        return self.stub.PushDelta(self.chunks(header, payload, start), metadata=self.metadata, timeout=60)
+    def push(
+        self, header: DeltaHeader, payload: bytes, start: int = 0, chunk_bytes: int = 64 * 1024
+    ) -> federation_pb2.PushReceipt:
+        return self.push_messages(self.chunks(header, payload, start, chunk_bytes))
 
     def push_messages(self, messages: Iterator[delta_pb2.DeltaChunk]) -> federation_pb2.PushReceipt:
-        return self.stub.PushDelta(messages, metadata=self.metadata, timeout=60)
+        receipt: federation_pb2.PushReceipt = self.stub.PushDelta(
+            messages, metadata=self.metadata, timeout=60
+        )
+        return receipt
 
     def offset(self, upload_id: str) -> federation_pb2.UploadOffsetReply:
         return self.stub.GetUploadOffset(
@@ -190,6 +296,285 @@ class ScriptedSite:
         )
 
 
-def random_delta(seed: int, like: dict[str, torch.Tensor], scale: float = 1e-3) -> dict[str, torch.Tensor]:
+class AdminClient:
+    """The operator's side: the Admin stub with the admin token (or another token, to be refused)."""
+
+    def __init__(self, target: str, token: str = ADMIN_TOKEN) -> None:
+        self.channel = grpc.insecure_channel(target, options=FAST_RECONNECT)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata = auth_metadata(token)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def status(self) -> admin_pb2.RunStatus:
+        return self.stub.GetStatus(admin_pb2.StatusRequest(), metadata=self.metadata, timeout=10)
+
+    def round(self, number: int) -> admin_pb2.RoundStatus:
+        return self.stub.GetRound(admin_pb2.GetRoundRequest(round=number), metadata=self.metadata, timeout=10)
+
+    def rounds(self, limit: int = 0) -> list[admin_pb2.RoundStatus]:
+        reply = self.stub.ListRounds(
+            admin_pb2.ListRoundsRequest(limit=limit), metadata=self.metadata, timeout=10
+        )
+        return list(reply.rounds)
+
+    def sites(self) -> dict[str, admin_pb2.SiteStatus]:
+        reply = self.stub.ListSites(admin_pb2.ListSitesRequest(), metadata=self.metadata, timeout=10)
+        return {s.site_id: s for s in reply.sites}
+
+    def wait_round(self, number: int, *states: int, timeout: float = 20.0) -> admin_pb2.RoundStatus:
+        """Round ``number``'s status once it is in one of ``states`` (default: published or failed)."""
+        wanted = states or (federation_pb2.ROUND_STATE_PUBLISHED, federation_pb2.ROUND_STATE_FAILED)
+
+        def ready() -> admin_pb2.RoundStatus | None:
+            try:
+                status = self.round(number)
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+            return status if status.state in wanted else None
+
+        return wait_for(ready, timeout, 0.05, f"round {number} to reach {wanted}")
+
+
+def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code ``call`` fails with; AssertionError if it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    raise AssertionError("the call succeeded; expected an error status")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_daemon_config(
+    path: Path, *, port: int, init_state: Path, sites: Sequence[str], min_sites: int = 0, deadline_s: int = 0
+) -> Path:
+    """A TOML config for ``gdfed serve`` (keys as server.config.load_config reads them)."""
+    lines = [
+        f'listen = "127.0.0.1:{port}"',
+        f'state_dir = "{path.parent / "state"}"',
+        f'init_state = "{init_state}"',
+        'run_id = "crash-run"',
+        "heartbeat_interval_s = 0.5",
+        "missed_beats = 3",
+        "tick_s = 0.05",
+        f'admin_token = "{ADMIN_TOKEN}"',
+        "",
+        "[round]",
+        f"min_sites = {min_sites}",
+        f"deadline_s = {deadline_s}",
+        "",
+        "[sites]",
+        *(f'{site} = "{token_of(site)}"' for site in sites),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """``gdfed serve --config FILE`` as a subprocess, its output in a log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self, target: str, timeout: float = 60.0) -> None:
+        self._log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", "serve", "--config", str(self.config)],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        with grpc.insecure_channel(target) as channel:
+            future = grpc.channel_ready_future(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    future.result(timeout=0.2)
+                    break
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"the daemon did not listen within {timeout}s:\n{self.log()}"
+                        ) from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._close_log()
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM and the exit code (AssertionError if it takes longer than ``timeout``)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the daemon did not exit within {timeout}s of SIGTERM:\n{self.log()}"
+            ) from None
+        self._close_log()
+        return code
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def random_delta(seed: int, like: Mapping[str, torch.Tensor], scale: float = 1e-3) -> State:
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=gen) * scale for k, v in like.items()}
+
+
+def partial_delta(
+    seed: int, like: Mapping[str, torch.Tensor], names: Collection[str], scale: float = 1e-3
+) -> State:
+    """Random in the tensors ``names``, zero elsewhere: compresses to far less than a snapshot."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=gen) * scale if k in names else torch.zeros(v.shape)
+        for k, v in like.items()
+    }
+
+
+def weighted_mean(
+    contributions: Sequence[tuple[Mapping[str, torch.Tensor], int]], dtype: torch.dtype = torch.float64
+) -> State:
+    """Σ n_i Δ_i / Σ n_i as the aggregator forms it: a ``dtype`` running sum in the given order, one division, fp32."""
+    names = list(contributions[0][0])
+    total = sum(n for _, n in contributions)
+    out: State = {}
+    for name in names:
+        acc = torch.zeros(contributions[0][0][name].shape, dtype=dtype)
+        for delta, n in contributions:
+            acc.add_(delta[name].to(dtype), alpha=float(n))
+        out[name] = acc.div_(float(total)).to(torch.float32)
+    return out
+
+
+def accumulator_dtype(config: ServerConfig) -> torch.dtype:
+    """The dtype of the running sum the aggregator was configured with (fp64 where it has no such setting)."""
+    name = getattr(config, "accumulator", "fp64")
+    return {"fp32": torch.float32, "fp64": torch.float64}[name]
+
+
+def add(state: Mapping[str, torch.Tensor], diff: Mapping[str, torch.Tensor]) -> State:
+    """θ + D in θ's dtype, as the aggregator and a worker apply a difference."""
+    return {k: v.clone().add_(diff[k].to(v.dtype)) for k, v in state.items()}
+
+
+def with_nan(header: DeltaHeader, payload: bytes, shard: int = -1) -> tuple[DeltaHeader, bytes]:
+    """The upload with the first block of shard ``shard`` replaced by NaNs, every size and digest made consistent.
+
+    The encoder refuses NaN, so a NaN delta is made by tampering: everything
+    else about it is valid, the shards before ``shard`` decode and fold.
+    """
+    layout = header.layout
+    frames = split_frames(layout, payload)
+    piece = layout.shards[shard].pieces[0]
+    assert layout.manifest[piece.tensor].dtype is DType.F32 and layout.codec.cast is Cast.NONE
+    count = len(unzstd(frames[shard][1])) // 4
+    frames[shard][1] = block_frame(np.full(count, np.nan, dtype=np.float32), DType.F32, layout.codec)
+    new_layout, new_payload = rebuild(layout, frames)
+    return replace(header, layout=new_layout), new_payload
+
+
+def assert_same_bits(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
+    """The same tensor names (in any order), each with the same dtype, shape and bits."""
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(bits(got[name]), bits(tensor)), (
+            f"{name}: differs in {_differing(got[name], tensor)} elements"
+        )
+
+
+def _differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((bits(a) != bits(b)).sum())
+
+
+def apply_fetched(state: Mapping[str, torch.Tensor], fetched: Sequence[tuple[DeltaHeader, State]]) -> State:
+    """Apply a FetchDiff answer: a SNAPSHOT replaces the state, each DIFF is added."""
+    out = dict(state)
+    for head, tensors in fetched:
+        if head.kind is DeltaKind.SNAPSHOT:
+            out = dict(tensors)
+        else:
+            assert head.kind is DeltaKind.DIFF, head.kind
+            out = add(out, tensors)
+    return out
+
+
+class Harness:
+    """An in-process aggregator, a ScriptedSite per site (id -> samples) and an AdminClient."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        sites: Mapping[str, int],
+        *,
+        init: Mapping[str, torch.Tensor] | None = None,
+        **overrides: object,
+    ) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.init = dict(small_state() if init is None else init)
+        self.agg = Aggregator(make_config(tmp, list(sites), init=self.init, **overrides))
+        self.sites = {name: ScriptedSite(self.agg.target, name, samples) for name, samples in sites.items()}
+        self.admin = AdminClient(self.agg.target)
+
+    def __getitem__(self, site: str) -> ScriptedSite:
+        return self.sites[site]
+
+    def join_all(self, beat: bool = True) -> None:
+        """Every site joins (and heartbeats from a thread, so none is dropped while the test works)."""
+        for site in self.sites.values():
+            site.join()
+            if beat:
+                site.start_beating()
+
+    def mean(self, contributions: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> State:
+        """What this aggregator publishes (FedAvg, lr 1) for these uploads accepted in this order."""
+        return weighted_mean(contributions, accumulator_dtype(self.agg.config))
+
+    def close(self) -> None:
+        for site in self.sites.values():
+            site.close()
+        self.admin.close()
+        self.agg.stop()

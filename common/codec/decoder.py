@@ -448,9 +448,9 @@ def decode_chunks(
     with DeltaStreamDecoder(limits=limits, expected=expected, executor=executor, into=tensors) as decoder:
         for chunk in _chain(first, it):
             for piece in decoder.feed(chunk):
-                _place(tensors[piece.name], piece)
+                place_piece(tensors[piece.name], piece)
         for piece in decoder.finish():
-            _place(tensors[piece.name], piece)
+            place_piece(tensors[piece.name], piece)
     return first.header, tensors
 
 
@@ -475,7 +475,7 @@ def decode_file(
     for index, shard in enumerate(layout.shards):
         data = source.read(shard.compressed_bytes)
         for piece in decoder.decode(index, data, tensors):
-            _place(tensors[piece.name], piece)
+            place_piece(tensors[piece.name], piece)
     return tensors
 
 
@@ -484,7 +484,8 @@ def allocate(manifest: Sequence[TensorSpec]) -> dict[str, torch.Tensor]:
     return {t.name: torch.empty(t.shape, dtype=to_torch(t.dtype)) for t in manifest}
 
 
-def _place(target: torch.Tensor, piece: DecodedPiece) -> None:
+def place_piece(target: torch.Tensor, piece: DecodedPiece) -> None:
+    """Copy a decoded piece into its place in the full tensor (a no-op when decoded there already)."""
     flat = target.view(-1)
     dest = flat[piece.start : piece.start + piece.values.numel()]
     # Pieces decoded in place already live in ``target``; copying onto itself is skipped.
