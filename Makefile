@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m common.cli codec-demo
+	$(PY) -m common.cli demo run demo-run
 
 test: setup lint
 	$(PY) -m pytest
@@ -36,6 +36,7 @@ proto-check: setup
 
 bench: setup
 	$(PY) -m bench.codec
+	$(PY) -m bench.aggregator
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-run

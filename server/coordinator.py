@@ -174,6 +174,7 @@ class Coordinator:
         self.optimizer = self._load_optimizer()
         self.folder = FoldWorker(self.spool)
         self.acc: Accumulation | None = None
+        self._open_round = 0  # the round taking uploads (0: none); read without the lock on every chunk
         with self._lock:
             self._recover()
 
@@ -254,6 +255,8 @@ class Coordinator:
                 self._open_next_round()
             return
         self.acc = Accumulation(current.round, self.manifest, self.config.accumulator)
+        if current.state.accepts_uploads:
+            self._open_round = current.round
         accepted = self._accepted_uploads(current.round)
         if accepted:
             logger.info("[recover] round=%d replaying %d accepted upload(s)", current.round, len(accepted))
@@ -413,6 +416,7 @@ class Coordinator:
             for site in alive:
                 self._add_participant(site)
         self.acc = Accumulation(number, self.manifest, self.config.accumulator)
+        self._open_round = number
         self._admin_close = False
         logger.info("[round] round=%d opened with %d site(s)", number, len(alive))
         self._emit("round_opened", round_number=number, state=RoundState.OPEN)
@@ -462,6 +466,7 @@ class Coordinator:
             if not decision.close:
                 return
             current.state = rounds.advance(current.state, RoundState.AGGREGATING)
+            self._open_round = 0
             current.closed_ms = self._now_ms()
             current.close_reason = decision.reason
             self.store.put(current)
@@ -477,6 +482,7 @@ class Coordinator:
 
     def _fail_round(self, record: RoundRecord, reason: str) -> None:
         record.state = rounds.advance(record.state, RoundState.FAILED)
+        self._open_round = 0
         record.closed_ms = self._now_ms()
         record.failure_reason = reason
         with self.store.transaction():
@@ -821,22 +827,25 @@ class Coordinator:
                     field="upload_id",
                 )
 
-    def commit_offset(self, upload_id: str, offset: int) -> None:
+    def commit_offset(self, session: UploadSession, offset: int) -> None:
+        """Record a durable offset, unless a newer stream of the same upload has replaced ``session``."""
         with self._lock:
-            upload = self.store.get(UploadRecord, upload_id)
+            current = self._sessions.get(session.upload_id)
+            if current is not None and current is not session:
+                return
+            upload = self.store.get(UploadRecord, session.upload_id)
             if upload is not None and upload.state is UploadState.RECEIVING:
                 upload.committed_offset = offset
                 self.store.put(upload)
 
     def round_accepts(self, round_number: int) -> bool:
-        with self._lock:
-            current = self._current_round()
-            return current is not None and current.round == round_number and current.state.accepts_uploads
+        """Whether ``round_number`` is open for uploads; no lock and no query (called for every chunk)."""
+        return round_number != 0 and round_number == self._open_round
 
     def accept_upload(self, session: UploadSession, seconds: float) -> Receipt:
         """Count a fully received and folded upload, durably, exactly once."""
         with self._lock:
-            self._sessions.pop(session.upload_id, None)
+            self._forget(session)
             record = self.store.get(UploadRecord, session.upload_id)
             assert record is not None
             if record.state is UploadState.ACCEPTED:
@@ -879,7 +888,7 @@ class Coordinator:
 
     def reject_upload(self, session: UploadSession, error: GdfedError) -> None:
         with self._lock:
-            self._sessions.pop(session.upload_id, None)
+            self._forget(session)
             record = self.store.get(UploadRecord, session.upload_id)
             if record is not None and record.state is UploadState.RECEIVING:
                 record.state = UploadState.REJECTED
@@ -898,9 +907,13 @@ class Coordinator:
 
     def end_session(self, session: UploadSession) -> None:
         with self._lock:
-            if self._sessions.get(session.upload_id) is session:
-                del self._sessions[session.upload_id]
-                self._changed.notify_all()  # stop() waits for the sessions to end
+            self._forget(session)
+
+    def _forget(self, session: UploadSession) -> None:
+        # Only the current stream of an upload may remove it; a superseded one must not.
+        if self._sessions.get(session.upload_id) is session:
+            del self._sessions[session.upload_id]
+            self._changed.notify_all()  # stop() waits for the sessions to end
 
     # ---------------------------------------------------------------- admin
     def status(self) -> StatusView:

@@ -127,7 +127,7 @@ class UploadSession:
 
     def _commit(self) -> None:
         offset = self._writer.sync()
-        self._coordinator.commit_offset(self.upload_id, offset)
+        self._coordinator.commit_offset(self, offset)
 
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:

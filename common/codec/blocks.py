@@ -24,6 +24,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_SHA256 = hashlib.sha256()
+
+
+def sha256(data: bytes | memoryview) -> bytes:
+    """SHA-256 of ``data``; copies a ready context, as naming the digest each call costs OpenSSL a lookup."""
+    h = _SHA256.copy()
+    h.update(data)
+    return h.digest()
+
+
 def codec_threads() -> int:
     """Threads the codec uses: GDFED_CODEC_THREADS, else the number of cores."""
     env = os.environ.get("GDFED_CODEC_THREADS", "")
@@ -79,7 +89,7 @@ def compress_block(block: U8Array, dtype: DType, shuffled: bool, level: int) -> 
     """One block of a piece, shuffled if asked, as a zstd frame; with the frame's SHA-256."""
     data = shuffle(block, itemsize(dtype)) if shuffled else block
     frame = _compressor(level).compress(data.data)
-    return frame, hashlib.sha256(frame).digest()
+    return frame, sha256(frame)
 
 
 def compressed_size_hint(frame: bytes | memoryview) -> int:
@@ -131,7 +141,7 @@ def decode_block(
     Returns whether the block is all finite, and the frame's SHA-256 (taken
     here so that hashing, too, spreads over the pool's threads).
     """
-    digest = hashlib.sha256(frame).digest()
+    digest = sha256(frame)
     count = out.size // itemsize(target)
     raw = decompress_exact(frame, count * itemsize(wire), where)
     planes = np.frombuffer(raw, dtype=np.uint8)

@@ -1,0 +1,75 @@
+"""``gdfed work``: run a site's worker against an aggregator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", required=True, help="host:port of the aggregator")
+    parser.add_argument("--site", required=True, help="this site's id (as in the aggregator's token list)")
+    parser.add_argument("--token-file", help="file holding this site's token (default: $GDFED_SITE_TOKEN)")
+    parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model directory")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="JSONL: {'text'} or {'prompt','response'} per line"
+    )
+    parser.add_argument(
+        "--eval-data", type=Path, help="JSONL for the eval loss (default: hold out --eval-fraction)"
+    )
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--state-dir", type=Path, help="where to keep resumable state (default: ./gdfed-<site>)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="the LoRA rank this site can afford (FlexLoRA)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="stop after this many rounds (0 = until the run ends)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default: one per core)"
+    )
+    parser.add_argument("--tls-ca", type=Path)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.worker import Worker, WorkerConfig
+    from common.channel import read_token
+
+    if args.threads:
+        import torch
+
+        # Several workers sharing a machine each want one thread: small ops slow down 5x oversubscribed.
+        torch.set_num_threads(args.threads)
+
+    token = read_token(args.token_file, "GDFED_SITE_TOKEN")
+    if not token:
+        print("gdfed work: give --token-file or set GDFED_SITE_TOKEN", file=sys.stderr)
+        return 2
+    config = WorkerConfig(
+        aggregator=args.aggregator,
+        site_id=args.site,
+        token=token,
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction,
+        state_dir=args.state_dir or Path(f"gdfed-{args.site}"),
+        device=args.device,
+        lora_rank=args.lora_rank,
+        max_rounds=args.rounds,
+        quiet=args.quiet or not os.isatty(2),
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        seed=args.seed,
+    )
+    return Worker(config).run()

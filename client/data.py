@@ -1,0 +1,117 @@
+"""A site's local data: JSONL files tokenized for causal LM training.
+
+Each line is ``{"text": ...}`` (loss on every token) or
+``{"prompt": ..., "response": ...}`` (loss on the response tokens only).
+A held-out part (or a separate file) gives the eval loss a worker reports.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100  # label value the loss skips (torch's cross-entropy ignore_index)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE where no loss
+
+    @property
+    def tokens(self) -> int:
+        """Tokens that carry loss (after the causal shift)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a line that is not a JSON object with text or prompt/response is an error."""
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not (
+                "text" in record or ("prompt" in record and "response" in record)
+            ):
+                raise ValueError(
+                    f"{path}:{number}: expected {{'text': ...}} or {{'prompt': ..., 'response': ...}}"
+                )
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no examples")
+    return records
+
+
+def tokenize(records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int) -> list[Example]:
+    """Token ids and labels; prompts are masked out of the loss; sequences cut at ``max_len``."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for record in records:
+        if "text" in record:
+            ids = bos + tokenizer.encode(record["text"], add_special_tokens=False) + eos
+            labels = list(ids)
+        else:
+            prompt = bos + tokenizer.encode(record["prompt"], add_special_tokens=False)
+            response = tokenizer.encode(record["response"], add_special_tokens=False) + eos
+            ids = prompt + response
+            labels = [IGNORE] * len(prompt) + response
+        examples.append(Example(tuple(ids[:max_len]), tuple(labels[:max_len])))
+    return examples
+
+
+def split(
+    examples: Sequence[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded train/eval split (at least one eval example when eval_fraction > 0)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(examples) * eval_fraction)) if eval_fraction > 0 else 0
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return Batch(ids, mask, labels)
+
+
+def batches(examples: Sequence[Example], batch_size: int, pad_id: int, seed: int) -> Iterator[Batch]:
+    """Shuffled batches forever (a new order each pass)."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """Every example once, in order."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size], pad_id)

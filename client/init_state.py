@@ -1,0 +1,52 @@
+"""``gdfed init-state``: the trainable state at round 0, taken from a model, for ``gdfed serve --init-state``.
+
+It selects the trainable tensors exactly as a worker will (same mode,
+patterns, LoRA settings and seed), so the aggregator's manifest and the
+sites' tensors agree by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model directory")
+    parser.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    parser.add_argument("--mode", choices=("full", "subset", "lora"), default="full")
+    parser.add_argument("--patterns", nargs="*", default=[], help="regexes of trainable names (subset mode)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-targets", nargs="*", default=["q_proj", "v_proj"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def write_init_state(model: Path, out: Path, spec: object) -> int:
+    """Write the trainable tensors of ``model`` under ``spec`` to ``out``; return their count."""
+    import torch
+    from safetensors.torch import save_file
+
+    from client.model import load_model, trainable_state
+    from common.spec import TrainingSpec
+
+    assert isinstance(spec, TrainingSpec)
+    loaded = load_model(model, spec, torch.device("cpu"))
+    state = trainable_state(loaded)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return len(state)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.spec import LoraSpec, TrainingSpec, TrainMode
+
+    spec = TrainingSpec(
+        mode=TrainMode[args.mode.upper()],
+        trainable_patterns=tuple(args.patterns),
+        lora=LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(args.lora_targets)),
+        seed=args.seed,
+    )
+    count = write_init_state(args.model, args.out, spec)
+    print(f"wrote {count} trainable tensors to {args.out}")
+    return 0

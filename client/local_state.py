@@ -1,0 +1,107 @@
+"""What a worker keeps on its own disk, so a restarted worker picks up where it was.
+
+    <state_dir>/held.safetensors          the trainable state at the last round it synced to
+                                          (metadata: run_id, round)
+    <state_dir>/pending/<id>.header       an upload not yet acknowledged: its DeltaHeader...
+    <state_dir>/pending/<id>.payload      ...and its encoded payload, to resume from the
+                                          offset the aggregator acknowledged
+
+Files are written to a temporary name and renamed, so a crash leaves the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from common.delta import DeltaHeader
+from common.pb.gradualdiff.v1 import delta_pb2
+from common.serde import header_from_proto, header_to_proto
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    run_id: str
+    round: int
+    state: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    header: DeltaHeader
+    payload: Path
+
+
+class LocalState:
+    """A worker's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._pending = root / "pending"
+        self._pending.mkdir(parents=True, exist_ok=True)
+
+    def load_held(self, run_id: str) -> Held | None:
+        """The held state, if it belongs to ``run_id``."""
+        path = self.root / "held.safetensors"
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("run_id") != run_id:
+                return None
+            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return Held(run_id, int(meta.get("round", "0")), state)
+
+    def save_held(self, run_id: str, round_number: int, state: dict[str, torch.Tensor]) -> None:
+        path = self.root / "held.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp),
+            {"run_id": run_id, "round": str(round_number)},
+        )
+        _fsync(tmp)
+        os.replace(tmp, path)
+
+    def payload_path(self, upload_id: str) -> Path:
+        return self._pending / f"{upload_id}.payload"
+
+    def save_pending(self, header: DeltaHeader) -> None:
+        """Record an upload whose payload is already at ``payload_path(upload_id)``."""
+        path = self._pending / f"{header.upload_id}.header"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(header_to_proto(header).SerializeToString())
+        _fsync(self.payload_path(header.upload_id))
+        _fsync(tmp)
+        os.replace(tmp, path)
+
+    def pending(self, run_id: str, round_number: int) -> Pending | None:
+        """The unacknowledged upload for this run and round, if any."""
+        for path in sorted(self._pending.glob("*.header")):
+            msg = delta_pb2.DeltaHeader()
+            msg.ParseFromString(path.read_bytes())
+            header = header_from_proto(msg)
+            if header.run_id == run_id and header.round == round_number:
+                payload = self.payload_path(header.upload_id)
+                if payload.exists():
+                    return Pending(header, payload)
+        return None
+
+    def clear_pending(self) -> None:
+        """Forget every pending upload (acknowledged, or its round is over)."""
+        for path in self._pending.iterdir():
+            path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,134 @@
+"""Loading the model a site fine-tunes, and reading or writing its trainable tensors.
+
+A model is a local Hugging Face directory (any causal LM; a real model is a
+path, never a hub name: nothing here downloads). What trains is chosen by the
+round's TrainingSpec: every parameter, the parameters matching patterns, or
+LoRA adapters through peft. The trainable tensors, by their parameter names,
+are what travel; everything else stays on the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.spec import TrainingSpec, TrainMode
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to train, with the names of its trainable tensors."""
+
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
+    tokenizer: Any
+    trainable: list[str]
+    device: torch.device
+    fingerprint: str
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def fingerprint(model_dir: Path) -> str:
+    """SHA-256 over the model's config and weight files (names, sizes, bytes): which base a site loaded."""
+    h = hashlib.sha256()
+    for pattern in _WEIGHT_FILES:
+        for path in sorted(model_dir.glob(pattern)):
+            h.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+            with path.open("rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def load_model(
+    model_dir: Path, spec: TrainingSpec, device: torch.device, *, lora_rank: int = 0
+) -> LoadedModel:
+    """Load tokenizer and model from ``model_dir`` and mark what trains according to ``spec``.
+
+    The model is kept in fp32 (the master copy that deltas are taken from and
+    applied to); on CUDA, training runs under bf16 autocast.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if spec.mode is TrainMode.LORA:
+        model = _with_lora(model, spec, lora_rank or spec.lora.rank)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        patterns = [re.compile(p) for p in spec.trainable_patterns] if spec.mode is TrainMode.SUBSET else []
+        trainable = []
+        for name, param in model.named_parameters():
+            train = spec.mode is TrainMode.FULL or any(p.search(name) for p in patterns)
+            param.requires_grad_(train)
+            if train:
+                trainable.append(name)
+        if not trainable:
+            raise ValueError(f"no parameter matches the trainable patterns {list(spec.trainable_patterns)}")
+    model.to(device)
+    count = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+    logger.info(
+        "[model] %s on %s: %d trainable tensors, %s parameters",
+        model_dir,
+        device,
+        len(trainable),
+        f"{count:,}",
+    )
+    return LoadedModel(model, tokenizer, trainable, device, fingerprint(model_dir))
+
+
+def _with_lora(model: Any, spec: TrainingSpec, rank: int) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    # The same seed everywhere gives every site the same initial adapters; the
+    # round-0 state is fetched from the aggregator anyway, so this only keeps
+    # init_state and sites consistent when both are built from the same base.
+    torch.manual_seed(spec.seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=int(spec.lora.alpha),
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """Detached fp32 CPU copies of the trainable tensors, by parameter name."""
+    params = dict(loaded.model.named_parameters())
+    return {name: params[name].detach().to("cpu", torch.float32).clone() for name in loaded.trainable}
+
+
+def load_trainable(loaded: LoadedModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the trainable tensors with ``state`` (names and shapes must match exactly)."""
+    params = dict(loaded.model.named_parameters())
+    missing = [n for n in loaded.trainable if n not in state]
+    extra = [n for n in state if n not in params]
+    if missing or extra:
+        raise ValueError(
+            f"state does not match the model's trainable tensors: missing {missing[:3]}, unknown {extra[:3]}"
+        )
+    with torch.no_grad():
+        for name in loaded.trainable:
+            params[name].copy_(state[name].to(params[name].device, params[name].dtype))

@@ -1,0 +1,163 @@
+"""The worker end to end: real aggregator, real workers, a tiny real causal LM, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from client.data import IGNORE, read_jsonl, tokenize
+from client.demo_init import init_demo
+from client.export import export, state_file_of_round
+from client.init_state import write_init_state
+from client.worker import Worker, WorkerConfig
+from common.spec import TrainingSpec
+from tests.scripted import AdminClient, Aggregator, assert_same_bits, make_config, token_of, wait_for
+
+SPEC = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    init_demo(root, examples_per_site=80, eval_examples=30)
+    return root
+
+
+def _config(tmp: Path, demo: Path, sites: list[str], **overrides: object):
+    config = make_config(tmp, sites, training=SPEC, heartbeat_interval_s=0.3, missed_beats=20, **overrides)
+    init = tmp / "model-init.safetensors"
+    write_init_state(demo / "model", init, SPEC)
+    return replace(config, init_state=init)
+
+
+def _worker(target: str, site: str, demo: Path, tmp: Path, data: str) -> Worker:
+    return Worker(
+        WorkerConfig(
+            aggregator=target,
+            site_id=site,
+            token=token_of(site),
+            model=demo / "model",
+            data=demo / "data" / f"{data}.jsonl",
+            state_dir=tmp / site,
+            quiet=True,
+        )
+    )
+
+
+def test_prompt_tokens_carry_no_loss(demo: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    records = [
+        {"prompt": "Q: What is the capital of X?\nA:", "response": " Y."},
+        {"text": "one plus one is two."},
+    ]
+    qa, text = tokenize(records, tokenizer, 64)
+    prompt_len = 1 + len(tokenizer.encode(records[0]["prompt"], add_special_tokens=False))
+    assert all(label == IGNORE for label in qa.labels[:prompt_len])
+    assert list(qa.labels[prompt_len:]) == list(qa.input_ids[prompt_len:])
+    assert list(text.labels) == list(text.input_ids)
+    assert len(read_jsonl(demo / "data" / "site-b.jsonl")) == 80
+
+
+@pytest.mark.slow
+def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
+    config = _config(tmp_path, demo, ["site-a", "site-b"], rounds=2)
+    with Aggregator(config) as agg:
+        workers = [_worker(agg.target, s, demo, tmp_path, s) for s in ("site-a", "site-b")]
+        codes: list[int] = []
+        threads = [threading.Thread(target=lambda w=w: codes.append(w.run())) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=240)
+        assert codes == [0, 0], "both workers end cleanly when the run finishes"
+        with AdminClient(agg.target) as admin:
+            status = admin.status()
+            assert status.finished
+            for number in (1, 2):
+                r = admin.round(number)
+                assert r.state == 5  # PUBLISHED
+                assert sum(p.accepted for p in r.participants) == 2
+                assert r.samples == sum(len(w.reports) and 72 for w in workers)  # 80 examples, 10% held out
+                assert 0 < r.mean_eval_loss < 10
+        for w in workers:
+            assert [rep.round for rep in w.reports] == [1, 2]
+            assert all(rep.bytes_up > 0 for rep in w.reports)
+        # Each worker synced to round 1 before training round 2; the aggregator's round-1 state is what they hold.
+        state_dir = config.state_dir
+        agg_round1, _ = state_file_of_round(state_dir, 1)
+        for site in ("site-a", "site-b"):
+            held = load_file(str(tmp_path / site / "held.safetensors"))
+            assert_same_bits(held, load_file(str(agg_round1)))
+        out = tmp_path / "exported"
+        path, number = state_file_of_round(state_dir, None)
+        assert number == 2
+        export(demo / "model", path, out, spec=SPEC, merge_lora=False)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    state = load_file(str(path))
+    assert torch.equal(dict(model.named_parameters())["lm_head.weight"].detach(), state["lm_head.weight"])
+    ids = tokenizer("12 + 9 =", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_killed_worker_rejoins_and_nothing_is_counted_twice(tmp_path: Path, demo: Path) -> None:
+    spec = replace(SPEC, local_steps=60)
+    config = replace(_config(tmp_path, demo, ["site-a", "site-b"], rounds=2), training=spec)
+    with Aggregator(config) as agg, AdminClient(agg.target) as admin:
+        a = _worker(agg.target, "site-a", demo, tmp_path, "site-a")
+        a_thread = threading.Thread(target=a.run)
+        a_thread.start()
+        token_file = tmp_path / "site-b.token"
+        token_file.write_text(token_of("site-b"))
+        command = [
+            sys.executable, "-m", "common.cli", "work", "--aggregator", agg.target, "--site", "site-b",
+            "--token-file", str(token_file), "--model", str(demo / "model"),
+            "--data", str(demo / "data" / "site-b.jsonl"), "--state-dir", str(tmp_path / "site-b"),
+            "--quiet", "--threads", "1",
+        ]  # fmt: skip
+        log = (tmp_path / "site-b.log").open("wb")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+        def training() -> bool:
+            site = admin.sites().get("site-b")
+            return bool(site and site.phase == 3 and site.step >= 1)  # PHASE_TRAINING
+
+        wait_for(training, timeout=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.5)
+        restarted = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert restarted.wait(timeout=240) == 0
+        finally:
+            if restarted.poll() is None:
+                restarted.kill()
+            log.close()
+        a_thread.join(timeout=240)
+        status = admin.status()
+        assert status.finished
+        for number in (1, 2):
+            r = admin.round(number)
+            assert r.state == 5
+            accepted = [p.site_id for p in r.participants if p.accepted]
+            assert sorted(accepted) == ["site-a", "site-b"]
+            assert r.samples == 72 * 2  # each site once, however often it started
