@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from client.export import export, state_file_of_round
 from client.init_state import write_init_state
 from client.worker import Worker, WorkerConfig
 from common.spec import TrainingSpec
+from server.config import ServerConfig
 from tests.scripted import AdminClient, Aggregator, assert_same_bits, make_config, token_of, wait_for
 
 SPEC = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
@@ -35,8 +37,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(tmp: Path, demo: Path, sites: list[str], **overrides: object):
-    config = make_config(tmp, sites, training=SPEC, heartbeat_interval_s=0.3, missed_beats=20, **overrides)
+def _config(tmp: Path, demo: Path, sites: list[str], rounds: int) -> ServerConfig:
+    config = make_config(tmp, sites, training=SPEC, heartbeat_interval_s=0.3, missed_beats=20, rounds=rounds)
     init = tmp / "model-init.safetensors"
     write_init_state(demo / "model", init, SPEC)
     return replace(config, init_state=init)
@@ -109,8 +111,8 @@ def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    model: Any = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer: Any = AutoTokenizer.from_pretrained(out)
     state = load_file(str(path))
     assert torch.equal(dict(model.named_parameters())["lm_head.weight"].detach(), state["lm_head.weight"])
     ids = tokenizer("12 + 9 =", return_tensors="pt").input_ids
