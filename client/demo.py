@@ -32,10 +32,10 @@ SITES = ("site-a", "site-b", "site-c")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DemoSettings:
-    rounds: int = 6
-    local_steps: int = 30
+    rounds: int = 10
+    local_steps: int = 25
     batch_size: int = 16
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     max_seq_len: int = 64
     seed: int = 0
 
@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="the demo's directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples-per-site", type=int, default=1000)
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="base-model pretraining (init)")
     parser.add_argument("--rounds", type=int, default=DemoSettings().rounds)
     parser.add_argument("--local-steps", type=int, default=DemoSettings().local_steps)
 
@@ -87,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
         return demo_init.run(args)
     if not (args.dir / "model" / "config.json").exists():
         print(f"no demo in {args.dir}: building one first (gdfed demo init)", flush=True)
-        demo_init.init_demo(args.dir, seed=args.seed, examples_per_site=args.examples_per_site)
+        demo_init.init_demo(
+            args.dir,
+            seed=args.seed,
+            examples_per_site=args.examples_per_site,
+            pretrain_steps=args.pretrain_steps,
+        )
     settings = DemoSettings(rounds=args.rounds, local_steps=args.local_steps, seed=args.seed)
     return run_demo(args.dir, settings)
 
@@ -213,12 +219,15 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
     central = evaluator.centralized(
         total_steps, checkpoints=settings.local_steps, batch_size=len(SITES) * settings.batch_size
     )
-    print(f"\n{'round':>5} {'federated eval':>15} {'centralized eval':>17}")
+    print(f"\n{'round':>5} {'federated eval':>15} {'centralized eval':>17} {'MB up':>8} {'MB down':>8}")
     for r, c in zip(rounds, central, strict=False):
-        print(f"{r['round']:>5} {r['eval_loss']:>15.4f} {c:>17.4f}")
+        print(
+            f"{r['round']:>5} {r['eval_loss']:>15.4f} {c:>17.4f} {r['bytes_up'] / 1e6:>8.2f} "
+            f"{r.get('bytes_down', 0) / 1e6:>8.2f}"
+        )
     fed_final, central_final = rounds[-1]["eval_loss"], central[-1]
     bytes_up = sum(r["bytes_up"] for r in rounds)
-    bytes_down = sum(r["bytes_down"] for r in rounds)
+    bytes_down = sum(r.get("bytes_down", 0) for r in rounds)
     fedavg_each_way = full_model * len(SITES) * len(rounds)
     print(
         f"\nfinal eval loss: federated {fed_final:.4f}, centralized {central_final:.4f} "
@@ -238,7 +247,7 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "bytes_up_per_round": [r["bytes_up"] for r in rounds],
-        "bytes_down_per_round": [r["bytes_down"] for r in rounds],
+        "bytes_down_per_round": [r.get("bytes_down", 0) for r in rounds],
         "full_model_bytes": full_model,
         "sites": list(SITES),
         "local_steps": settings.local_steps,
@@ -303,7 +312,7 @@ def _follow(
             }
             print(
                 f"{r.round:>5} {loss:>10.4f} {r.mean_train_loss:>11.4f} {r.bytes_in / 1e6:>8.2f} "
-                f"{'':>8} {r.bytes_in / (full_model * max(1, len(r.participants))):>10.3f} {took:>6.1f}",
+                f"{r.bytes_in / (full_model * max(1, len(r.participants))):>10.3f} {took:>6.1f}",
                 flush=True,
             )
         time.sleep(0.5)

@@ -28,6 +28,7 @@ from client.demo_init import DemoPaths, add_arguments, demo_paths, init_demo, nu
 
 PER_SITE = 100
 EVAL = 90
+PRETRAIN = 5  # enough to run the pretraining path (and check it is deterministic), not to wait for it
 
 
 def load(demo: DemoPaths) -> tuple[Any, Any]:
@@ -48,7 +49,13 @@ def content(record: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
-    return init_demo(tmp_path_factory.mktemp("demo"), seed=0, examples_per_site=PER_SITE, eval_examples=EVAL)
+    return init_demo(
+        tmp_path_factory.mktemp("demo"),
+        seed=0,
+        examples_per_site=PER_SITE,
+        eval_examples=EVAL,
+        pretrain_steps=PRETRAIN,
+    )
 
 
 def test_import_is_cheap() -> None:
@@ -121,7 +128,7 @@ def test_model_and_tokenizer_load_offline_and_generate(demo: DemoPaths) -> None:
     assert tokenizer.decode(ids) == text  # and it adds no special tokens of its own
 
     batch = tokenizer(["12 + 9 =", "One day Tom went to the"], return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 4)
 
 
@@ -174,7 +181,7 @@ def test_cli_overwrites_and_the_same_seed_gives_the_same_bytes_and_weights(
     demo: DemoPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # First a different demo (another seed, more examples) in the same folder: the CLI must replace it.
-    other = init_demo(tmp_path, seed=1, examples_per_site=PER_SITE + 50, eval_examples=EVAL)
+    other = init_demo(tmp_path, seed=1, examples_per_site=PER_SITE + 50, eval_examples=EVAL, pretrain_steps=0)
     other_site_b = other.sites["site-b"].read_bytes()
     other_embed = load_file(other.model / "model.safetensors")["model.embed_tokens.weight"]
 
@@ -189,6 +196,8 @@ def test_cli_overwrites_and_the_same_seed_gives_the_same_bytes_and_weights(
         str(PER_SITE),
         "--eval-examples",
         str(EVAL),
+        "--pretrain-steps",
+        str(PRETRAIN),
     ]
     assert run(parser.parse_args(words)) == 0
     printed = capsys.readouterr().out
@@ -215,7 +224,7 @@ def test_run_takes_a_namespace_without_eval_examples(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """client/demo.py's own `gdfed demo` parser hands its namespace over without --eval-examples."""
-    args = argparse.Namespace(action="init", dir=tmp_path, seed=0, examples_per_site=20)
+    args = argparse.Namespace(action="init", dir=tmp_path, seed=0, examples_per_site=20, pretrain_steps=0)
     assert run(args) == 0
     assert len(read_jsonl(demo_paths(tmp_path).eval)) == 300
     assert "300 examples" in capsys.readouterr().out

@@ -33,7 +33,7 @@ SPEC = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    init_demo(root, examples_per_site=80, eval_examples=30)
+    init_demo(root, examples_per_site=80, eval_examples=30, pretrain_steps=0)
     return root
 
 
