@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.delta import DeltaHeader
+from common.files import fsync_file
 from common.pb.gradualdiff.v1 import delta_pb2
 from common.serde import header_from_proto, header_to_proto
 
@@ -66,7 +67,7 @@ class LocalState:
             str(tmp),
             {"run_id": run_id, "round": str(round_number)},
         )
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
 
     def payload_path(self, upload_id: str) -> Path:
@@ -77,8 +78,8 @@ class LocalState:
         path = self._pending / f"{header.upload_id}.header"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(header_to_proto(header).SerializeToString())
-        _fsync(self.payload_path(header.upload_id))
-        _fsync(tmp)
+        fsync_file(self.payload_path(header.upload_id))
+        fsync_file(tmp)
         os.replace(tmp, path)
 
     def pending(self, run_id: str, round_number: int) -> Pending | None:
@@ -97,11 +98,3 @@ class LocalState:
         """Forget every pending upload (acknowledged, or its round is over)."""
         for path in self._pending.iterdir():
             path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

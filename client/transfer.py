@@ -18,8 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from common.codec import DeltaStreamDecoder, allocate, iter_chunks
-from common.codec.decoder import place_piece
+from common.codec import decode_chunks, iter_chunks
 from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.serde import chunk_from_proto, chunk_to_proto
@@ -88,12 +87,7 @@ def _apply(chunks: list[Chunk], state: dict[str, torch.Tensor], held: int) -> tu
     if header.kind is DeltaKind.SNAPSHOT:
         if names != set(state):
             raise ValueError(f"snapshot of round {header.round} has other tensors than this worker trains")
-        with DeltaStreamDecoder(into=state) as decoder:
-            for chunk in chunks:
-                for piece in decoder.feed(chunk):
-                    place_piece(state[piece.name], piece)
-            for piece in decoder.finish():
-                place_piece(state[piece.name], piece)
+        decode_chunks(chunks, into=state)
         return header.round, True
     if header.base_round != held:
         raise ValueError(
@@ -101,13 +95,7 @@ def _apply(chunks: list[Chunk], state: dict[str, torch.Tensor], held: int) -> tu
         )
     if not names <= set(state):
         raise ValueError(f"difference of round {header.round} names tensors this worker does not train")
-    diff = allocate(header.layout.manifest)
-    with DeltaStreamDecoder(into=diff) as decoder:
-        for chunk in chunks:
-            for piece in decoder.feed(chunk):
-                place_piece(diff[piece.name], piece)
-        for piece in decoder.finish():
-            place_piece(diff[piece.name], piece)
+    _, diff = decode_chunks(chunks)
     for name, value in diff.items():
         state[name].add_(value.to(state[name].dtype))
     return header.round, False

@@ -14,6 +14,8 @@ import os
 import uuid
 from pathlib import Path
 
+from common.files import fsync_dir, fsync_file
+
 
 class BlobStore:
     """Immutable files under ``root/blobs``, written through ``root/tmp``."""
@@ -47,9 +49,9 @@ class BlobStore:
             digest = file_sha256(temp)
         target = self.path(digest)
         target.parent.mkdir(exist_ok=True)
-        _fsync(temp)
+        fsync_file(temp)
         os.replace(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return digest
 
     def delete(self, digest: str) -> None:
@@ -64,19 +66,3 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -435,8 +435,13 @@ def decode_chunks(
     limits: DecodeLimits = DEFAULT_LIMITS,
     expected: Sequence[TensorSpec] | None = None,
     executor: Executor | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[DeltaHeader, dict[str, torch.Tensor]]:
-    """Decode a whole chunk stream into full tensors (allocated once, filled in place)."""
+    """Decode a whole chunk stream into full tensors, filled in place.
+
+    With ``into`` (contiguous CPU tensors of the manifest's shapes and dtypes)
+    the stream is decoded straight into them; otherwise they are allocated.
+    """
     it = iter(chunks)
     first = next(it, None)
     if first is None:
@@ -444,7 +449,13 @@ def decode_chunks(
     if first.header is None:
         raise ChunkOrderError("the first chunk of a stream must carry the header", field="header")
     validate_layout(first.header.layout, limits, expected)
-    tensors = allocate(first.header.layout.manifest)
+    if into is not None:
+        missing = [t.name for t in first.header.layout.manifest if t.name not in into]
+        if missing:
+            raise ValueError(f"no destination tensor for {missing[0]!r} (and {len(missing) - 1} more)")
+        tensors = {t.name: into[t.name] for t in first.header.layout.manifest}
+    else:
+        tensors = allocate(first.header.layout.manifest)
     with DeltaStreamDecoder(limits=limits, expected=expected, executor=executor, into=tensors) as decoder:
         for chunk in _chain(first, it):
             for piece in decoder.feed(chunk):

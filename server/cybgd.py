@@ -1,0 +1,297 @@
+"""FedCyBGD block logic: which decoder layer each site trains, in what order, and how block uploads combine.
+
+FedCyBGD (Wang, Wang & Tang, arXiv 2406.11187; authors' code ``L3030/FedCyBGD`` @ 721732ac,
+``causal_llms/src/llmtuner/tuner/sft/{workflow.py, utils.py, block_prefix.py}``). One *block* is one
+transformer decoder layer, named by its exact parameter-name prefix with the trailing dot
+(``"model.layers.3."``). Per round e, in the cyclic modes, sites c = 0..N−1 train **one after another**:
+each downloads the latest version of every block updated so far (optionally only a random subset of them,
+``download_subset``), trains only its assigned block, and uploads that block, which replaces the server's
+copy (latest writer wins). In ``agg`` mode the blocks are visited in order and the sites of one block train
+in parallel from the same state, then their uploads are averaged uniformly.
+
+Modes (L blocks, N sites, R rounds), from ``run_fl_sft``:
+
+==============  ==========================================================================
+``ascending``   site c trains block c mod L, every round
+``descending``  site c trains block (L−1) − (c mod L), every round
+``random``      site c trains a fresh random block each round, no repeats while blocks remain
+``agg``         block b is trained by sites {b, L+b, 2L+b, ...} in parallel, then averaged
+==============  ==========================================================================
+
+Pitfall: with N < L, ``ascending`` never trains blocks N..L−1 (``descending``: 0..L−1−N; ``agg``: N..L−1);
+``untrained_blocks`` says which. Pure logic: no gRPC, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+import torch
+
+__all__ = [
+    "CYCLIC_MODES",
+    "DEFAULT_PREFIX_PATTERN",
+    "MODES",
+    "agg_groups",
+    "aggregate_block",
+    "assign",
+    "block_of",
+    "download_subset",
+    "find_blocks",
+    "schedule",
+    "untrained_blocks",
+]
+
+MODES = ("ascending", "descending", "random", "agg")
+CYCLIC_MODES = ("ascending", "descending", "random")  # sequential sites, latest writer wins
+DEFAULT_PREFIX_PATTERN = r"^(.*\.layers\.\d+\.)"
+
+
+def _natural_key(text: str) -> tuple[str | int, ...]:
+    """Sort key comparing digit runs as numbers: "layers.2." < "layers.10."."""
+    parts = re.split(r"(\d+)", text)  # even positions text, odd positions digits
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def find_blocks(names: Sequence[str], prefix_pattern: str = DEFAULT_PREFIX_PATTERN) -> list[str]:
+    """The distinct block prefixes among parameter names, ordered by layer index (numerically).
+
+    A name belongs to a block when ``re.match(prefix_pattern, name)`` succeeds; group 1 is the block's
+    prefix and must end with ``"."`` so that matching stays exact (pitfall (3)). The default pattern covers
+    Llama/Mistral/Qwen ``model.layers.N.``, ChatGLM ``transformer.encoder.layers.N.`` and PEFT-wrapped names
+    (``base_model.model.model.layers.N.``); pass ``r"^(.*\\.h\\.\\d+\\.)"`` for GPT-2/BLOOM ``transformer.h.N.``.
+    Ordering compares digit runs as integers, then text, so ``layers.2.`` precedes ``layers.10.``.
+
+    Names matching no block — embeddings, the final norm, lm_head — are in no block: FedCyBGD never
+    trains them in the LLM pipeline [INFERRED from code: ``block_prefix.py`` lists only decoder layers].
+
+    Raises:
+        ValueError: the pattern has no capture group, or a captured prefix does not end with ".".
+
+    Example:
+        >>> find_blocks(["model.layers.10.mlp.w", "model.layers.2.mlp.w", "model.norm.weight"])
+        ['model.layers.2.', 'model.layers.10.']
+    """
+    regex = re.compile(prefix_pattern)
+    if regex.groups < 1:
+        raise ValueError(f"prefix_pattern {prefix_pattern!r} needs a capture group for the block prefix")
+    found: set[str] = set()
+    for name in names:
+        match = regex.match(name)
+        if match is None:
+            continue
+        prefix = match.group(1)
+        if not prefix or not prefix.endswith("."):
+            raise ValueError(
+                f"block prefix {prefix!r} (from {name!r}) must end with '.', or 'layers.1' would also "
+                "match 'layers.10'; end the capture group with \\."
+            )
+        found.add(prefix)
+    return sorted(found, key=_natural_key)
+
+
+def block_of(name: str, blocks: Sequence[str]) -> str | None:
+    """The block whose prefix ``name`` starts with (the longest, if nested), or None (embeddings, norm, head).
+
+    Prefixes keep their trailing dot, so ``"model.layers.1."`` never claims ``"model.layers.10.q.weight"``.
+
+    Raises:
+        ValueError: a block prefix does not end with ".".
+    """
+    best: str | None = None
+    for block in blocks:
+        if not block.endswith("."):
+            raise ValueError(f"block prefix {block!r} must end with '.' for exact matching")
+        if name.startswith(block) and (best is None or len(block) > len(best)):
+            best = block
+    return best
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_sizes(n_sites: int, n_blocks: int) -> None:
+    if n_sites < 1 or n_blocks < 1:
+        raise ValueError(f"need at least one site and one block, got n_sites={n_sites}, n_blocks={n_blocks}")
+
+
+def _random_block(site_index: int, round_index: int, n_blocks: int, seed: int) -> int:
+    """Round e's block for one site in ``random`` mode: element e mod L of the site's (e // L)-th permutation."""
+    rng = random.Random(f"fedcybgd-random/{seed}/{site_index}")  # str seeds hash with SHA-512: stable
+    order = list(range(n_blocks))
+    for _ in range(round_index // n_blocks + 1):  # one fresh uniform permutation per L rounds
+        rng.shuffle(order)
+    return order[round_index % n_blocks]
+
+
+def assign(
+    mode: str, *, site_index: int, round_index: int, n_blocks: int, n_sites: int, seed: int
+) -> list[int]:
+    """The block index(es) site ``site_index`` trains in round ``round_index``: always exactly one here.
+
+    * ``ascending``: c mod L. ``descending``: (L−1) − (c mod L). Same block every round.
+    * ``random``: site c's rounds 0..L−1 visit a random permutation of all L blocks, so no block repeats
+      while blocks remain; rounds L..2L−1 visit a fresh permutation, and so on [INFERRED]. The authors draw
+      ``random.sample(blocks, R)`` per client, which raises once R > L; a new permutation per L rounds is
+      our extension (the last block of one permutation may equal the first of the next). Deterministic in
+      (seed, site, round), independent of N and of other sites [INFERRED: the authors use the global RNG].
+    * ``agg``: c mod L, the block whose group c belongs to (``agg_groups``).
+
+    Raises:
+        ValueError: unknown mode, site_index outside 0..N−1, negative round, N or L < 1.
+
+    Example:
+        >>> assign("descending", site_index=1, round_index=0, n_blocks=4, n_sites=6, seed=0)
+        [2]
+    """
+    _check_mode(mode)
+    _check_sizes(n_sites, n_blocks)
+    if not 0 <= site_index < n_sites:
+        raise ValueError(f"site_index must be in 0..{n_sites - 1}, got {site_index}")
+    if round_index < 0:
+        raise ValueError(f"round_index must be ≥ 0, got {round_index}")
+    if mode == "descending":
+        return [(n_blocks - 1) - (site_index % n_blocks)]
+    if mode == "random":
+        return [_random_block(site_index, round_index, n_blocks, seed)]
+    return [site_index % n_blocks]  # ascending, agg
+
+
+def agg_groups(n_sites: int, n_blocks: int) -> dict[int, list[int]]:
+    """``agg`` mode: block b → the sites {b, L+b, 2L+b, ...} below N that train it in parallel.
+
+    Every block 0..L−1 is a key; blocks with no site (b ≥ N) map to []. The authors hard-code exactly
+    ``[b, L+b]`` (which fails for N < 2L and leaves sites ≥ 2L idle); every c ≡ b (mod L) is our
+    generalisation [INFERRED], identical for their N = 2L.
+
+    Example:
+        >>> agg_groups(5, 2)
+        {0: [0, 2, 4], 1: [1, 3]}
+    """
+    _check_sizes(n_sites, n_blocks)
+    return {b: list(range(b, n_sites, n_blocks)) for b in range(n_blocks)}
+
+
+def schedule(
+    mode: str, n_sites: int, n_blocks: int, rounds: int, seed: int = 0
+) -> list[list[tuple[int, int]]]:
+    """Per round, the ordered (site, block) pairs.
+
+    Cyclic modes list sites c = 0..N−1 in order: they train one after another, each starting from the
+    blocks its predecessors uploaded (pitfall (1): wall-clock ∝ N; do not parallelise and average).
+    ``agg`` lists blocks 0..L−1 in order, each followed by its group's sites (which train in parallel
+    from the same state), e.g. L=2, N=3: [(0, 0), (2, 0), (1, 1)].
+
+    Raises:
+        ValueError: unknown mode, N or L < 1, negative rounds.
+    """
+    _check_mode(mode)
+    _check_sizes(n_sites, n_blocks)
+    if rounds < 0:
+        raise ValueError(f"rounds must be ≥ 0, got {rounds}")
+    if mode == "agg":
+        groups = agg_groups(n_sites, n_blocks)
+        one_round = [(c, b) for b in range(n_blocks) for c in groups[b]]
+        return [list(one_round) for _ in range(rounds)]
+    return [
+        [
+            (c, b)
+            for c in range(n_sites)
+            for b in assign(mode, site_index=c, round_index=e, n_blocks=n_blocks, n_sites=n_sites, seed=seed)
+        ]
+        for e in range(rounds)
+    ]
+
+
+def untrained_blocks(mode: str, n_sites: int, n_blocks: int, rounds: int, *, seed: int = 0) -> set[int]:
+    """Blocks that no site trains in ``rounds`` rounds: they stay at their pretrained values.
+
+    Pitfall (2): with N < L, ``ascending`` never trains blocks N..L−1, whatever the number of rounds;
+    ``descending`` never trains 0..L−1−N; ``agg`` never trains N..L−1. ``random`` depends on ``seed``
+    and is empty once rounds ≥ L (each site visits every block). Zero rounds leave every block untrained.
+
+    Example:
+        >>> sorted(untrained_blocks("ascending", n_sites=3, n_blocks=5, rounds=10))
+        [3, 4]
+    """
+    trained = {b for pairs in schedule(mode, n_sites, n_blocks, rounds, seed) for _, b in pairs}
+    return set(range(n_blocks)) - trained
+
+
+def download_subset(updated_blocks: Sequence[int], fraction: float, rng: random.Random) -> list[int]:
+    """The download compression: a random ceil(p·|updated|) subset of the updated blocks, sorted.
+
+    Draw once per download (the authors redraw in ``update_global`` for every client). Blocks left out
+    stay at their pretrained values on the site, so it trains against a mixed model — intended. The
+    count is taken on p's decimal value (``repr``), so p = 0.14 of 50 blocks is 7, not ceil(0.14 * 50) =
+    ceil(7.000000000000001) = 8 as float arithmetic (and the authors' code) would give.
+
+    Args:
+        updated_blocks: indices of the blocks updated so far (distinct).
+        fraction: p, with 0 < p ≤ 1. The authors' default ``--compress -1`` makes ``random.sample``
+            raise, so there is no default here.
+        rng: the source of randomness (seed it for reproducible runs).
+
+    Raises:
+        ValueError: p outside (0, 1] or not a number, or repeated block indices.
+
+    Example:
+        >>> download_subset([0, 1, 2, 3], 0.5, random.Random(0))
+        [1, 3]
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(
+            f"download fraction p must satisfy 0 < p ≤ 1, got {fraction!r} "
+            "(the authors' default -1 crashes random.sample; use 1 to send every updated block)"
+        )
+    pool = list(updated_blocks)
+    if len(set(pool)) != len(pool):
+        raise ValueError(f"updated_blocks has repeated indices: {pool}")
+    count = math.ceil(Fraction(repr(float(fraction))) * len(pool))
+    return sorted(rng.sample(pool, count))
+
+
+def aggregate_block(uploads: Sequence[Mapping[str, torch.Tensor]], mode: str) -> dict[str, torch.Tensor]:
+    """Combine one block's uploads from one round into the server's new copy of that block.
+
+    * Cyclic modes: latest writer wins — the last upload, as given (pass uploads in arrival order,
+      which is schedule order); no averaging, as the authors' ``block_results[b] = ...``. The tensors
+      are returned as they are, not copied.
+    * ``agg``: the plain uniform mean over uploads, *not* weighted by n (as the authors'
+      ``aggregate_params``), accumulated in at least fp32 and returned in each tensor's own dtype
+      (the authors accumulate in the fp16 parameter dtype; we do not copy that).
+
+    Raises:
+        ValueError: no uploads, unknown mode, or (agg) uploads whose names or shapes differ.
+    """
+    _check_mode(mode)
+    if not uploads:
+        raise ValueError("aggregate_block needs at least one upload")
+    if mode in CYCLIC_MODES:
+        return dict(uploads[-1])
+    first = uploads[0]
+    for i, up in enumerate(uploads):
+        if set(up) != set(first):
+            raise ValueError(
+                f"upload {i} has tensors {sorted(set(up) ^ set(first))} that upload 0 lacks or has; "
+                "all uploads of one block must carry the same names"
+            )
+        for name, t in up.items():
+            if t.shape != first[name].shape:
+                raise ValueError(
+                    f"upload {i}: {name} has shape {tuple(t.shape)}, upload 0 has {tuple(first[name].shape)}"
+                )
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in first.items():
+        acc_dtype = torch.promote_types(ref.dtype, torch.float32)
+        acc = torch.zeros(ref.shape, dtype=acc_dtype, device=ref.device)
+        for up in uploads:
+            acc += up[name].to(device=ref.device, dtype=acc_dtype)
+        out[name] = (acc / len(uploads)).to(ref.dtype)
+    return out
