@@ -25,6 +25,7 @@ Pitfall: with N < L, ``ascending`` never trains blocks N..L−1 (``descending``:
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -245,7 +246,7 @@ def download_subset(updated_blocks: Sequence[int], fraction: float, rng: random.
         >>> download_subset([0, 1, 2, 3], 0.5, random.Random(0))
         [1, 3]
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
         raise ValueError(
             f"download fraction p must satisfy 0 < p ≤ 1, got {fraction!r} "
             "(the authors' default -1 crashes random.sample; use 1 to send every updated block)"
