@@ -144,6 +144,8 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
     from common.spec import TrainingSpec
 
     start = time.monotonic()
+    # Absolute: the config written below is read relative to its own folder.
+    root = root.resolve()
     run_dir = root / "run"
     if run_dir.exists():
         import shutil
