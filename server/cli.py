@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer", dest="optimizer.name", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad"
     )
     parser.add_argument("--server-lr", type=float, dest="optimizer.lr")
+    parser.add_argument(
+        "--max-concurrent-uploads", type=int, help="uploads streamed at once; more wait (default 4)"
+    )
     parser.add_argument("--metrics-listen", help="host:port for the Prometheus endpoint")
     parser.add_argument("--tls-cert", type=Path, dest="tls.cert")
     parser.add_argument("--tls-key", type=Path, dest="tls.key")

@@ -78,6 +78,8 @@ class ServerConfig:
     heartbeat_interval_s: float = 5.0
     missed_beats: int = 3
     max_upload_bytes: int = 64 * GIB
+    # Uploads streamed at once; more wait their turn (bounded memory; the fold worker is one thread anyway).
+    max_concurrent_uploads: int = 4
     base_model_fingerprint: str = ""
     keep_states: int = 2  # published states (and their snapshots) kept on disk
     # Running-sum precision. fp32: the sum costs 1x the trainable state; another arrival order
@@ -199,6 +201,7 @@ class _TopLevel:
     heartbeat_interval_s: float | None = None
     missed_beats: int | None = None
     max_upload_bytes: int | None = None
+    max_concurrent_uploads: int | None = None
     base_model_fingerprint: str | None = None
     keep_states: int | None = None
     accumulator: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -116,6 +117,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator, auth: Authenticator) -> None:
         self._c = coordinator
         self._auth = auth
+        # Streams beyond this many wait before their first chunk is read: gRPC then keeps their
+        # flow-control windows small, so memory does not grow with the number of uploading sites.
+        self._upload_slots = threading.BoundedSemaphore(max(1, coordinator.config.max_concurrent_uploads))
 
     @rpc
     def Join(
@@ -200,6 +204,19 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request_iterator: Iterator[delta_pb2.DeltaChunk], context: grpc.ServicerContext
     ) -> federation_pb2.PushReceipt:
         site = self._auth.site(context)
+        while not self._upload_slots.acquire(timeout=0.5):
+            if not context.is_active():
+                raise RoundClosed(
+                    "the client went away while its upload waited for a slot", field="upload_id"
+                )
+        try:
+            return self._push(site, request_iterator)
+        finally:
+            self._upload_slots.release()
+
+    def _push(
+        self, site: str, request_iterator: Iterator[delta_pb2.DeltaChunk]
+    ) -> federation_pb2.PushReceipt:
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("the stream carried no chunk", field="header")
