@@ -112,6 +112,7 @@ def training_spec(msg: federation_pb2.TrainingSpec) -> TrainingSpec:
         if msg.HasField("upload_codec")
         else TrainingSpec().upload_codec,
         seed=msg.seed,
+        prox_mu=msg.prox_mu,
     )
 
 
@@ -351,6 +352,7 @@ class Worker:
                     lr=spec.learning_rate,
                     on_step=on_step,
                     should_stop=lambda: s.stop.is_set() or s.abort_round == number,
+                    prox_mu=spec.prox_mu,
                 )
             except Aborted as exc:
                 logger.warning("[round %d] training aborted: %s", number, exc)

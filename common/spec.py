@@ -46,3 +46,6 @@ class TrainingSpec:
     max_seq_len: int = 256
     upload_codec: Codec = field(default_factory=Codec)
     seed: int = 0
+    prox_mu: float = (
+        0.0  # FedProx (Li et al.): pull local weights towards the round's start; 0 = plain local training
+    )

@@ -123,6 +123,7 @@ def _training(raw: Mapping[str, Any]) -> TrainingSpec:
         max_seq_len=int(raw.get("max_seq_len", 256)),
         upload_codec=_codec(raw.get("upload_codec", {})),
         seed=int(raw.get("seed", 0)),
+        prox_mu=float(raw.get("prox_mu", 0.0)),
     )
 
 

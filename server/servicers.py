@@ -101,6 +101,7 @@ def round_spec(view: RoundView, coordinator: Coordinator) -> federation_pb2.Roun
             max_seq_len=training.max_seq_len,
             upload_codec=codec_to_proto(training.upload_codec),
             seed=training.seed,
+            prox_mu=training.prox_mu,
         ),
         deadline_unix_ms=view.deadline_ms,
         quorum=federation_pb2.Quorum(

@@ -287,6 +287,7 @@ class TrainingSpec(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     UPLOAD_CODEC_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    PROX_MU_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     mode: Global___TrainMode.ValueType
     local_steps: _builtins.int
@@ -295,6 +296,8 @@ class TrainingSpec(_message.Message):
     learning_rate: _builtins.float
     max_seq_len: _builtins.int
     seed: _builtins.int
+    prox_mu: _builtins.float
+    """FedProx: (mu/2)||w - w_round_start||^2 added to the local loss; 0 = off"""
     @_builtins.property
     def trainable_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """regular expressions over parameter names (SUBSET mode)"""
@@ -318,10 +321,11 @@ class TrainingSpec(_message.Message):
         max_seq_len: _builtins.int = ...,
         upload_codec: _delta_pb2.Codec | None = ...,
         seed: _builtins.int = ...,
+        prox_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "upload_codec", b"upload_codec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lora", b"lora", "max_seq_len", b"max_seq_len", "method", b"method", "mode", b"mode", "seed", b"seed", "trainable_patterns", b"trainable_patterns", "upload_codec", b"upload_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lora", b"lora", "max_seq_len", b"max_seq_len", "method", b"method", "mode", b"mode", "prox_mu", b"prox_mu", "seed", b"seed", "trainable_patterns", b"trainable_patterns", "upload_codec", b"upload_codec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
