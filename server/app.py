@@ -124,8 +124,9 @@ def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT."""
     tune_malloc()
     server, _, coordinator = create_server(config)
-    if config.metrics_listen:
-        port = Metrics(coordinator).serve(config.metrics_listen)
+    metrics = Metrics(coordinator) if config.metrics_listen else None
+    if metrics is not None:
+        port = metrics.serve(config.metrics_listen)
         logger.info("[serve] metrics on %s (port %d)", config.metrics_listen, port)
     stop = threading.Event()
 
@@ -141,4 +142,6 @@ def serve(config: ServerConfig) -> int:
             break
     stop.wait()
     shutdown(server, coordinator)
+    if metrics is not None:
+        metrics.stop()
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -40,6 +40,7 @@ class Metrics:
         )
         alive.set_function(lambda: float(coordinator.status().sites_alive))
         coordinator.metrics_hook = self.observe
+        self._http: Any = None
 
     def observe(self, name: str, value: float) -> None:
         if name == "bytes_in":
@@ -54,5 +55,12 @@ class Metrics:
     def serve(self, listen: str) -> int:
         """Start the /metrics HTTP endpoint on ``host:port``; return the port."""
         host, _, port = listen.rpartition(":")
-        server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
-        return int(server.server_port)
+        self._http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop(self) -> None:
+        """Close the /metrics endpoint."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
