@@ -107,6 +107,8 @@ def _free_port() -> int:
 def _write_config(
     root: Path, run_dir: Path, settings: DemoSettings, port: int
 ) -> tuple[Path, dict[str, Path]]:
+    from client.model import fingerprint
+
     tokens = {site: secrets.token_hex(16) for site in SITES}
     token_files = {}
     for site, token in tokens.items():
@@ -124,6 +126,7 @@ def _write_config(
         f'site_tokens_file = "{run_dir / "sites.tokens"}"\n'
         f'admin_token_file = "{run_dir / "admin.token"}"\n'
         f"heartbeat_interval_s = 2.0\nmissed_beats = 10\nkeep_states = {settings.rounds + 1}\n"
+        f'base_model_fingerprint = "{fingerprint(root / "model")}"\n'
         "[round]\nmin_sites = 0\ndeadline_s = 600\n"
         "[training]\n"
         f'method = "gradualdiff"\nmode = "full"\nlocal_steps = {settings.local_steps}\n'

@@ -48,5 +48,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     count = write_init_state(args.model, args.out, spec)
+    from client.model import fingerprint
+
     print(f"wrote {count} trainable tensors to {args.out}")
+    print(
+        f"base model fingerprint (base_model_fingerprint in the aggregator's config): {fingerprint(args.model)}"
+    )
     return 0

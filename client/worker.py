@@ -215,7 +215,13 @@ class Worker:
         held = self.local.load_held(run_id)
         if held is None:
             state = trainable_state(loaded)
-            synced = self._sync(0, state, snapshot=True)
+            # The round-0 state is the base model's own weights when the aggregator names the same
+            # model (fingerprint) and whole weights train: then only differences need to travel, not
+            # the model. Otherwise (LoRA adapters, an unknown base) the first sync is a snapshot.
+            same_base = (
+                bool(join.base_model_fingerprint) and join.base_model_fingerprint == loaded.fingerprint
+            )
+            synced = self._sync(0, state, snapshot=not (same_base and spec.mode is not TrainMode.LORA))
             held_round = synced.round
             self.local.save_held(run_id, held_round, state)
         else:

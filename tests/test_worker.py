@@ -22,9 +22,11 @@ from client.data import IGNORE, read_jsonl, tokenize
 from client.demo_init import init_demo
 from client.export import export, state_file_of_round
 from client.init_state import write_init_state
+from client.model import fingerprint
 from client.worker import Worker, WorkerConfig
 from common.spec import TrainingSpec
 from server.config import ServerConfig
+from server.records import RoundRecord
 from tests.scripted import AdminClient, Aggregator, assert_same_bits, make_config, token_of, wait_for
 
 SPEC = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
@@ -37,8 +39,16 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(tmp: Path, demo: Path, sites: list[str], rounds: int) -> ServerConfig:
-    config = make_config(tmp, sites, training=SPEC, heartbeat_interval_s=0.3, missed_beats=20, rounds=rounds)
+def _config(tmp: Path, demo: Path, sites: list[str], rounds: int, *, fingerprint: str = "") -> ServerConfig:
+    config = make_config(
+        tmp,
+        sites,
+        training=SPEC,
+        heartbeat_interval_s=0.3,
+        missed_beats=20,
+        rounds=rounds,
+        base_model_fingerprint=fingerprint,
+    )
     init = tmp / "model-init.safetensors"
     write_init_state(demo / "model", init, SPEC)
     return replace(config, init_state=init)
@@ -76,7 +86,9 @@ def test_prompt_tokens_carry_no_loss(demo: Path) -> None:
 
 @pytest.mark.slow
 def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
-    config = _config(tmp_path, demo, ["site-a", "site-b"], rounds=2)
+    # With the base model's fingerprint configured, the sites start from their own copy of the base:
+    # no snapshot travels, only differences.
+    config = _config(tmp_path, demo, ["site-a", "site-b"], rounds=2, fingerprint=fingerprint(demo / "model"))
     with Aggregator(config) as agg:
         workers = [_worker(agg.target, s, demo, tmp_path, s) for s in ("site-a", "site-b")]
         codes: list[int] = []
@@ -95,6 +107,9 @@ def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
                 assert sum(p.accepted for p in r.participants) == 2
                 assert r.samples == sum(len(w.reports) and 72 for w in workers)  # 80 examples, 10% held out
                 assert 0 < r.mean_eval_loss < 10
+            assert admin.round(1).bytes_out > 0  # round 1's difference was fetched by both
+        genesis = agg.coordinator.store.get(RoundRecord, 0)
+        assert genesis is not None and genesis.bytes_out == 0  # no round-0 snapshot was sent
         for w in workers:
             assert [rep.round for rep in w.reports] == [1, 2]
             assert all(rep.bytes_up > 0 for rep in w.reports)
