@@ -12,10 +12,11 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+T = TypeVar("T")
 IGNORE = -100  # label value the loss skips (torch's cross-entropy ignore_index)
 
 
@@ -75,17 +76,13 @@ def tokenize(records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int) ->
     return examples
 
 
-def split(
-    examples: Sequence[Example], eval_fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """A seeded train/eval split (at least one eval example when eval_fraction > 0)."""
-    order = list(range(len(examples)))
+def split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded train/eval split (at least one eval item when eval_fraction > 0)."""
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(examples) * eval_fraction)) if eval_fraction > 0 else 0
+    n_eval = max(1, int(len(items) * eval_fraction)) if eval_fraction > 0 else 0
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [
-        e for i, e in enumerate(examples) if i in held
-    ]
+    return [e for i, e in enumerate(items) if i not in held], [e for i, e in enumerate(items) if i in held]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -34,7 +34,6 @@ class LoadedModel:
     tokenizer: Any
     trainable: list[str]
     device: torch.device
-    fingerprint: str
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -94,7 +93,7 @@ def load_model(
         len(trainable),
         f"{count:,}",
     )
-    return LoadedModel(model, tokenizer, trainable, device, fingerprint(model_dir))
+    return LoadedModel(model, tokenizer, trainable, device)
 
 
 def _with_lora(model: Any, spec: TrainingSpec, rank: int) -> Any:

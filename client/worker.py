@@ -27,7 +27,7 @@ import torch
 
 from client.data import Example, batches, read_jsonl, split, tokenize
 from client.local_state import LocalState
-from client.model import LoadedModel, load_model, load_trainable, pick_device, trainable_state
+from client.model import LoadedModel, fingerprint, load_model, load_trainable, pick_device, trainable_state
 from client.progress import Progress
 from client.train import Aborted, evaluate, train_steps
 from client.transfer import RETRYABLE, RoundOver, fetch, push
@@ -184,18 +184,26 @@ class Worker:
     def run(self) -> int:
         """Work until the run ends (or ``max_rounds``, or a stop directive). Returns an exit code."""
         c = self.config
+        device = pick_device(c.device)
+        # What the aggregator needs to know at Join (samples, base model) comes from the files alone,
+        # so the site joins once, before the model is loaded.
+        records = read_jsonl(c.data)
+        if c.eval_data is not None:
+            train_records, eval_records = records, read_jsonl(c.eval_data)
+        else:
+            train_records, eval_records = split(records, c.eval_fraction, c.seed)
+        base = fingerprint(c.model)
         join = self._call(
             "join",
             lambda: self._stub.Join(
                 federation_pb2.JoinRequest(
                     site_id=c.site_id,
                     capabilities=federation_pb2.Capabilities(
-                        device=federation_pb2.Device.ValueType(
-                            2 if pick_device(c.device).type == "cuda" else 1
-                        ),
+                        device=federation_pb2.Device.ValueType(2 if device.type == "cuda" else 1),
                         lora_rank=c.lora_rank,
-                        num_samples=0,
+                        num_samples=len(train_records),
                     ),
+                    base_model_fingerprint=base,
                     client_version="gdfed-worker",
                 ),
                 metadata=self._meta,
@@ -204,10 +212,9 @@ class Worker:
         )
         run_id = join.run_id
         spec = training_spec(join.current.training)
-        loaded = load_model(c.model, spec, pick_device(c.device), lora_rank=c.lora_rank)
-        train, held_out = self._data(loaded, spec)
-        # Join again now that the sample count is known (the aggregator weights by it).
-        self._rejoin(loaded, len(train))
+        loaded = load_model(c.model, spec, device, lora_rank=c.lora_rank)
+        train = tokenize(train_records, loaded.tokenizer, spec.max_seq_len)
+        held_out = tokenize(eval_records, loaded.tokenizer, spec.max_seq_len)
         beats = threading.Thread(
             target=self._beat_loop, args=(join.heartbeat_interval_ms / 1000,), name="heartbeat", daemon=True
         )
@@ -218,9 +225,7 @@ class Worker:
             # The round-0 state is the base model's own weights when the aggregator names the same
             # model (fingerprint) and whole weights train: then only differences need to travel, not
             # the model. Otherwise (LoRA adapters, an unknown base) the first sync is a snapshot.
-            same_base = (
-                bool(join.base_model_fingerprint) and join.base_model_fingerprint == loaded.fingerprint
-            )
+            same_base = bool(join.base_model_fingerprint) and join.base_model_fingerprint == base
             synced = self._sync(0, state, snapshot=not (same_base and spec.mode is not TrainMode.LORA))
             held_round = synced.round
             self.local.save_held(run_id, held_round, state)
@@ -255,33 +260,6 @@ class Worker:
             beats.join(timeout=5)
             self._channel.close()
         return 0
-
-    def _rejoin(self, loaded: LoadedModel, samples: int) -> None:
-        c = self.config
-        self._call(
-            "join",
-            lambda: self._stub.Join(
-                federation_pb2.JoinRequest(
-                    site_id=c.site_id,
-                    capabilities=federation_pb2.Capabilities(
-                        device=federation_pb2.Device.ValueType(2 if loaded.device.type == "cuda" else 1),
-                        lora_rank=c.lora_rank,
-                        num_samples=samples,
-                    ),
-                    base_model_fingerprint=loaded.fingerprint,
-                    client_version="gdfed-worker",
-                ),
-                metadata=self._meta,
-                timeout=30,
-            ),
-        )
-
-    def _data(self, loaded: LoadedModel, spec: TrainingSpec) -> tuple[list[Example], list[Example]]:
-        c = self.config
-        examples = tokenize(read_jsonl(c.data), loaded.tokenizer, spec.max_seq_len)
-        if c.eval_data is not None:
-            return examples, tokenize(read_jsonl(c.eval_data), loaded.tokenizer, spec.max_seq_len)
-        return split(examples, c.eval_fraction, c.seed)
 
     def _await(self, after: int) -> federation_pb2.RoundSpec | None:
         self._status.phase = PHASE_IDLE

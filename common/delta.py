@@ -11,7 +11,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from common.dtypes import DType, is_float, itemsize
+from common.dtypes import DType, itemsize
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -163,8 +163,3 @@ class Chunk:
     crc32: int
     last: bool
     header: DeltaHeader | None = None
-
-
-def float_tensors(manifest: tuple[TensorSpec, ...]) -> list[int]:
-    """Indices of the floating-point tensors of a manifest."""
-    return [i for i, t in enumerate(manifest) if is_float(t.dtype)]

@@ -75,8 +75,3 @@ def from_torch(dtype: torch.dtype) -> DType:
     except KeyError:
         supported = ", ".join(str(t) for t in _FROM_TORCH)
         raise ValueError(f"dtype {dtype} cannot travel; supported: {supported}") from None
-
-
-def safetensors_name(dtype: DType) -> str:
-    """The dtype string safetensors writes in its header ("F32", "BF16", ...)."""
-    return dtype.name

@@ -8,8 +8,6 @@ import sys
 import time
 from typing import Any
 
-TERMINAL_WIDTH = 110
-
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregator", default="127.0.0.1:50051", help="host:port of the aggregator")

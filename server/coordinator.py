@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from common.codec import validate_layout
 from common.delta import DeltaHeader, DeltaKind, TensorSpec
-from common.dtypes import DType
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -43,7 +42,7 @@ from server.aggregate import ServerOptimizer, make_optimizer
 from server.blobs import BlobStore
 from server.config import RoundPolicy, ServerConfig
 from server.folding import FoldWorker
-from server.publish import publish, rebuild, store_initial_state, store_snapshot
+from server.publish import fp32_manifest, publish, rebuild, store_initial_state, store_snapshot
 from server.records import (
     ParticipantRecord,
     RoundRecord,
@@ -815,7 +814,7 @@ class Coordinator:
                 f"{latest.round} (fetch it first)",
                 field="base_round",
             )
-        validate_layout(header.layout, self.config.limits, expected=_fp32(self.manifest))
+        validate_layout(header.layout, self.config.limits, expected=fp32_manifest(self.manifest))
         for upload in self.store.select(
             UploadRecord,
             "round = ? AND site_id = ? AND state = ?",
@@ -1091,7 +1090,3 @@ def _parse_header(raw: bytes) -> DeltaHeader:
     msg = delta_pb2.DeltaHeader()
     msg.ParseFromString(raw)
     return header_from_proto(msg)
-
-
-def _fp32(manifest: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(t.name, DType.F32, t.shape) for t in manifest)

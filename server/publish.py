@@ -68,41 +68,36 @@ def store_payload(
     blobs: BlobStore,
     tensors: Mapping[str, torch.Tensor],
     codec: Codec,
-    header: DeltaHeader,
+    *,
+    run_id: str,
+    round_number: int,
+    base_round: int,
+    kind: DeltaKind,
     manifest: Sequence[TensorSpec] | None = None,
 ) -> tuple[StoredPayload, PayloadLayout]:
-    """Encode ``tensors`` into the blob store; ``header`` gives everything but the layout."""
+    """Encode ``tensors`` into the blob store, with the header a FetchDiff stream will carry."""
     temp = blobs.temp_path(".payload")
     with temp.open("wb") as sink:
         layout = encode(tensors, codec, sink, manifest=manifest)
     blob = blobs.adopt(temp, layout.sha256.hex())
-    full = DeltaHeader(
-        layout=layout,
-        run_id=header.run_id,
-        round=header.round,
-        base_round=header.base_round,
-        kind=header.kind,
-    )
-    return StoredPayload(blob, header_to_proto(full).SerializeToString(), layout.total_bytes), layout
+    header = DeltaHeader(layout=layout, run_id=run_id, round=round_number, base_round=base_round, kind=kind)
+    return StoredPayload(blob, header_to_proto(header).SerializeToString(), layout.total_bytes), layout
 
 
 def store_initial_state(
     blobs: BlobStore, init: Path, run_id: str
 ) -> tuple[str, StoredPayload, tuple[TensorSpec, ...]]:
-    """Round 0: copy the initial trainable state into the store and encode its snapshot."""
+    """Round 0: copy the initial trainable state into the store and encode its snapshot.
+
+    The round-0 snapshot's size also stands in for later snapshots' sizes
+    until they are encoded (weights compress alike from round to round).
+    """
     reader = StateReader(init)
     temp = blobs.temp_path(".safetensors")
     write_state(temp, reader.manifest, lambda spec: reader.read(spec.name))
     state_blob = blobs.adopt(temp)
-    state = StateReader(blobs.path(state_blob))
-    snapshot, _ = store_payload(
-        blobs,
-        LazyState(state),
-        Codec(),
-        DeltaHeader(layout=_EMPTY, run_id=run_id, round=0, base_round=0, kind=DeltaKind.SNAPSHOT),
-        manifest=state.manifest,
-    )
-    return state_blob, snapshot, state.manifest
+    snapshot = store_snapshot(blobs, state_blob, run_id, 0)
+    return state_blob, snapshot, StateReader(blobs.path(state_blob)).manifest
 
 
 def publish(
@@ -127,10 +122,11 @@ def publish(
         blobs,
         diff,
         broadcast,
-        DeltaHeader(
-            layout=_EMPTY, run_id=run_id, round=round_number, base_round=base_round, kind=DeltaKind.DIFF
-        ),
-        manifest=_fp32_manifest(manifest),
+        run_id=run_id,
+        round_number=round_number,
+        base_round=base_round,
+        kind=DeltaKind.DIFF,
+        manifest=fp32_manifest(manifest),
     )
     if layout.codec.cast is not layout.codec.cast.NONE:
         # Workers apply the decoded (rounded) difference; so must the state here.
@@ -149,7 +145,10 @@ def store_snapshot(blobs: BlobStore, state_blob: str, run_id: str, round_number:
         blobs,
         LazyState(state),
         Codec(),
-        DeltaHeader(layout=_EMPTY, run_id=run_id, round=round_number, base_round=0, kind=DeltaKind.SNAPSHOT),
+        run_id=run_id,
+        round_number=round_number,
+        base_round=0,
+        kind=DeltaKind.SNAPSHOT,
         manifest=state.manifest,
     )
     return snapshot
@@ -160,7 +159,8 @@ def _apply(previous: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     return previous.add_(diff.to(previous.dtype))
 
 
-def _fp32_manifest(manifest: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+def fp32_manifest(manifest: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """The manifest with every tensor fp32: what deltas and differences of a state travel as."""
     return tuple(TensorSpec(t.name, DType.F32, t.shape) for t in manifest)
 
 
@@ -179,6 +179,3 @@ def rebuild(
             data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
             acc.fold(upload_id, index, decoder.decode(index, data), header.sample_count)
         acc.accept(upload_id, header.sample_count)
-
-
-_EMPTY = PayloadLayout(codec=Codec(), manifest=(), shards=(), total_bytes=0, sha256=b"")

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from common.codec import iter_chunks
-from common.errors import GdfedError, InvalidArgument, RoundClosed
+from common.errors import GdfedError, InvalidArgument, PermissionDenied, RoundClosed
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
 from common.serde import chunk_from_proto, chunk_to_proto, codec_to_proto
 from server.auth import Authenticator
@@ -253,8 +253,6 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
 
 def _permission(message: str) -> GdfedError:
-    from common.errors import PermissionDenied
-
     return PermissionDenied(message, field="site_id")
 
 
@@ -297,7 +295,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             server_version=self._version,
         )
 
-    def _round(self, record: RoundRecord, detailed: bool) -> admin_pb2.RoundStatus:
+    def _round(self, record: RoundRecord) -> admin_pb2.RoundStatus:
         msg = admin_pb2.RoundStatus(
             round=record.round,
             state=_round_state(int(record.state)),
@@ -355,7 +353,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if request.limit > 1000:
             raise InvalidArgument(f"limit is {request.limit}; the maximum is 1000", field="limit", limit=1000)
         records = self._c.rounds_page(request.limit or 50, request.before)
-        return admin_pb2.ListRoundsReply(rounds=[self._round(r, False) for r in records])
+        return admin_pb2.ListRoundsReply(rounds=[self._round(r) for r in records])
 
     @rpc
     def GetRound(
@@ -363,7 +361,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RoundStatus:
         self._auth.admin(context)
         record, _, _ = self._c.round_detail(request.round)
-        return self._round(record, True)
+        return self._round(record)
 
     @rpc
     def ListSites(
