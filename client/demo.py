@@ -127,7 +127,7 @@ def _write_config(
         f'admin_token_file = "{run_dir / "admin.token"}"\n'
         f"heartbeat_interval_s = 2.0\nmissed_beats = 10\nkeep_states = {settings.rounds + 1}\n"
         f'base_model_fingerprint = "{fingerprint(root / "model")}"\n'
-        "[round]\nmin_sites = 0\ndeadline_s = 600\n"
+        f"[round]\nmin_sites_to_open = {len(SITES)}\nmin_sites = 0\ndeadline_s = 600\n"
         "[training]\n"
         f'method = "gradualdiff"\nmode = "full"\nlocal_steps = {settings.local_steps}\n'
         f"batch_size = {settings.batch_size}\nlearning_rate = {settings.learning_rate}\n"

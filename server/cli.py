@@ -16,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-sites", type=int, dest="round.min_sites", help="uploads a round needs (0 = all)"
     )
+    parser.add_argument(
+        "--min-sites-to-open",
+        type=int,
+        dest="round.min_sites_to_open",
+        help="a round opens once this many sites are alive (default 0: at once)",
+    )
     parser.add_argument("--min-sample-fraction", type=float, dest="round.min_sample_fraction")
     parser.add_argument("--deadline", type=int, dest="round.deadline_s", help="seconds a round stays open")
     parser.add_argument("--tokens", dest="site_tokens_file", help="file of `site = token` lines")

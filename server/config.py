@@ -10,6 +10,7 @@ Example (``deploy/aggregator.example.toml`` has the full commented version)::
     admin_token_file = "/etc/gdfed/admin.token"
 
     [round]
+    min_sites_to_open = 0    # a round opens once this many sites are alive (0 = at once)
     min_sites = 0            # 0 = every participating site
     min_sample_fraction = 0.0
     deadline_s = 600
@@ -39,6 +40,9 @@ class RoundPolicy:
     min_sites: int = 0  # accepted uploads needed; 0 = every participating site still alive
     min_sample_fraction: float = 0.0  # ... holding at least this fraction of the participants' samples
     deadline_s: int = 0  # seconds from opening; 0 = none
+    # Like Flower's min_available_clients: without it the first site to join opens round 1 alone and,
+    # with min_sites = 0, closes it alone before slower sites have loaded their model.
+    min_sites_to_open: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -403,11 +403,13 @@ class Coordinator:
     def _open_next_round(self) -> None:
         if self.run.paused or self.run.finished:
             return
+        alive = self.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),))
+        if len(alive) < self.config.round.min_sites_to_open:
+            return
         number = self.run.current_round + 1
         now = self._now_ms()
         deadline = now + self.run.round_deadline_s * 1000 if self.run.round_deadline_s else 0
         record = RoundRecord(round=number, state=RoundState.OPEN, opened_ms=now, deadline_ms=deadline)
-        alive = self.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),))
         with self.store.transaction():
             self.run.current_round = number
             self.store.put(self.run)
@@ -450,7 +452,8 @@ class Coordinator:
         with self._lock:
             self._check_liveness()
             current = self._current_round()
-            if current is None or self.run.finished:
+            if current is None or current.state.is_final or self.run.finished:
+                # Also between rounds: the next one may be waiting for min_sites_to_open sites.
                 if not self.run.finished and not self.run.paused:
                     self._open_next_round()
                 return

@@ -176,6 +176,32 @@ def test_quorum_holds_when_a_silent_site_is_dropped(harness: MakeHarness) -> Non
     assert sorted(participants(h.admin.round(2))) == ["a", "b", "c"]
 
 
+def test_a_round_opens_only_when_enough_sites_are_alive(harness: MakeHarness) -> None:
+    h = harness({"a": 10, "b": 20, "c": 30}, round=RoundPolicy(min_sites_to_open=2))
+    h["a"].join()
+    h["a"].start_beating()
+    time.sleep(0.3)
+    assert h.admin.status().current_round == 0  # one site alive: round 1 waits
+    h["b"].join()
+    h["b"].start_beating()
+    assert h["a"].await_round(0).round == 1
+    assert sorted(participants(h.admin.round(1))) == ["a", "b"]
+    push(h, "a", random_delta(71, h.init), 1, 0)
+    push(h, "b", random_delta(72, h.init), 1, 0)
+    assert h.admin.wait_round(1).state == PUBLISHED
+    # Round 2 opens at once (two alive); a falls silent, b finishes round 2 alone, and round 3 waits
+    # between rounds until a second site is alive again.
+    assert h["b"].await_round(1).round == 2
+    h["a"].stop_beating()
+    push(h, "b", random_delta(73, h.init), 2, 1)
+    assert h.admin.wait_round(2).state == PUBLISHED
+    time.sleep(0.3)
+    assert h.admin.status().current_round == 2
+    h["c"].join()
+    assert h["c"].await_round(2).round == 3
+    assert sorted(participants(h.admin.round(3))) == ["b", "c"]
+
+
 def test_explicit_min_sites_closes_early_and_refuses_the_late_site(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20, "c": 30}, round=RoundPolicy(min_sites=2))
     h.join_all()

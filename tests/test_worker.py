@@ -25,7 +25,7 @@ from client.init_state import write_init_state
 from client.model import fingerprint
 from client.worker import Worker, WorkerConfig
 from common.spec import TrainingSpec
-from server.config import ServerConfig
+from server.config import RoundPolicy, ServerConfig
 from server.records import RoundRecord
 from tests.scripted import AdminClient, Aggregator, assert_same_bits, make_config, token_of, wait_for
 
@@ -50,6 +50,9 @@ def _config(
         missed_beats=missed_beats,
         rounds=rounds,
         base_model_fingerprint=fingerprint,
+        # Round 1 waits for every site: a worker started in a subprocess loads its model more slowly
+        # than one in a thread, and would otherwise find round 1 already closed without it.
+        round=RoundPolicy(min_sites_to_open=len(sites)),
     )
     init = tmp / "model-init.safetensors"
     write_init_state(demo / "model", init, SPEC)
