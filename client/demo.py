@@ -38,6 +38,13 @@ class DemoSettings:
     learning_rate: float = 1e-3
     max_seq_len: int = 64
     seed: int = 0
+    # What ``make compare`` varies (bench/compare.py); the defaults are the demo's GradualDiff-Fed run.
+    training: dict[str, Any] = field(
+        default_factory=dict
+    )  # extra [training] settings (method, mode, lora...)
+    sections: str = ""  # extra TOML sections for the aggregator ([cybgd], [optimizer], ...)
+    site_ranks: tuple[int, ...] = ()  # FlexLoRA: each site's --lora-rank
+    baseline: bool = True  # train and print the centralized baseline
 
 
 @dataclass
@@ -132,19 +139,59 @@ def _write_config(
         f'method = "gradualdiff"\nmode = "full"\nlocal_steps = {settings.local_steps}\n'
         f"batch_size = {settings.batch_size}\nlearning_rate = {settings.learning_rate}\n"
         f"max_seq_len = {settings.max_seq_len}\nseed = {settings.seed}\n"
+        + _toml_section(settings.training)
+        + settings.sections
     )
     return config, token_files
 
 
+def _toml_section(values: dict[str, Any]) -> str:
+    """``key = value`` lines for the [training] table, with sub-tables (lora, upload_codec) after."""
+    plain = [f"{k} = {json.dumps(v)}\n" for k, v in values.items() if not isinstance(v, dict)]
+    tables = [
+        f"[training.{k}]\n" + "".join(f"{kk} = {json.dumps(vv)}\n" for kk, vv in v.items())
+        for k, v in values.items()
+        if isinstance(v, dict)
+    ]
+    return "".join(plain) + "".join(tables)
+
+
+def training_spec_of(settings: DemoSettings) -> Any:
+    """The TrainingSpec the demo's aggregator will run (for the round-0 state and the evaluator)."""
+    from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+
+    extra = settings.training
+    lora = extra.get("lora", {})
+    return TrainingSpec(
+        method=Method[str(extra.get("method", "gradualdiff")).upper()],
+        mode=TrainMode[str(extra.get("mode", "full")).upper()],
+        lora=LoraSpec(
+            rank=int(lora.get("rank", 8)),
+            alpha=float(lora.get("alpha", 16.0)),
+            target_modules=tuple(lora.get("target_modules", ("q_proj", "v_proj"))),
+        ),
+        local_steps=settings.local_steps,
+        batch_size=settings.batch_size,
+        learning_rate=float(extra.get("learning_rate", settings.learning_rate)),
+        max_seq_len=settings.max_seq_len,
+        seed=settings.seed,
+    )
+
+
 def run_demo(root: Path, settings: DemoSettings) -> int:
     """The whole demo; returns an exit code."""
+    run_federation(root, settings)
+    return 0
+
+
+def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
+    """Run the federation (and the baseline, if asked); print as it goes; return the report."""
     import grpc
     import torch
 
     from client.init_state import write_init_state
     from common.channel import auth_metadata
     from common.pb.gradualdiff.v1 import admin_pb2_grpc
-    from common.spec import TrainingSpec
 
     start = time.monotonic()
     # Absolute: the config written below is read relative to its own folder.
@@ -155,13 +202,7 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    spec = TrainingSpec(
-        local_steps=settings.local_steps,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_seq_len=settings.max_seq_len,
-        seed=settings.seed,
-    )
+    spec = training_spec_of(settings)
     write_init_state(root / "model", run_dir / "init.safetensors", spec)
     port = _free_port()
     config, token_files = _write_config(root, run_dir, settings, port)
@@ -181,7 +222,7 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
         admin = admin_pb2_grpc.AdminStub(channel)
         meta = auth_metadata((run_dir / "admin.token").read_text().strip())
         _wait_ready(admin, meta, procs)
-        for site in SITES:
+        for i, site in enumerate(SITES):
             procs.start(
                 [
                     *exe,
@@ -203,6 +244,7 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
                     "1",
                     "--seed",
                     str(settings.seed),
+                    *(["--lora-rank", str(settings.site_ranks[i])] if settings.site_ranks else []),
                 ],
                 run_dir / f"{site}.log",
             )
@@ -210,10 +252,32 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
             f"{'round':>5} {'eval loss':>10} {'site train':>11} {'MB up':>8} {'MB down':>8} {'up / full':>10} {'s':>6}",
             flush=True,
         )
-        rounds = _follow(admin, meta, evaluator, settings, procs, full_model)
+        peaks: dict[int, int] = {}
+        rounds = _follow(admin, meta, evaluator, settings, procs, full_model, peaks)
         channel.close()
     finally:
         procs.stop()
+    federation_seconds = time.monotonic() - start
+    bytes_up = sum(r["bytes_up"] for r in rounds)
+    bytes_down = sum(r.get("bytes_down", 0) for r in rounds)
+    report: dict[str, Any] = {
+        "rounds": len(rounds),
+        "eval_loss": [r["eval_loss"] for r in rounds],
+        "initial_eval_loss": evaluator.initial_loss,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_up_per_round": [r["bytes_up"] for r in rounds],
+        "bytes_down_per_round": [r.get("bytes_down", 0) for r in rounds],
+        "full_model_bytes": full_model,
+        "sites": list(SITES),
+        "local_steps": settings.local_steps,
+        "worker_peak_rss_bytes": max((v for pid, v in peaks.items() if pid != procs.procs[0].pid), default=0),
+        "aggregator_peak_rss_bytes": peaks.get(procs.procs[0].pid, 0),
+        "federation_seconds": round(federation_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if not settings.baseline:
+        return report
     total_steps = settings.rounds * settings.local_steps
     print(
         f"\ncentralized baseline: the same model trained on the union of the sites' data for the same "
@@ -231,8 +295,6 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
             f"{r.get('bytes_down', 0) / 1e6:>8.2f}"
         )
     fed_final, central_final = rounds[-1]["eval_loss"], central[-1]
-    bytes_up = sum(r["bytes_up"] for r in rounds)
-    bytes_down = sum(r.get("bytes_down", 0) for r in rounds)
     fedavg_each_way = full_model * len(SITES) * len(rounds)
     print(
         f"\nfinal eval loss: federated {fed_final:.4f}, centralized {central_final:.4f} "
@@ -243,26 +305,15 @@ def run_demo(root: Path, settings: DemoSettings) -> int:
         f"each way would be {fedavg_each_way / 1e6:.1f} MB each way "
         f"(up {bytes_up / fedavg_each_way:.3f}x, down {bytes_down / fedavg_each_way:.3f}x)"
     )
-    report = {
-        "rounds": len(rounds),
-        "eval_loss": [r["eval_loss"] for r in rounds],
-        "initial_eval_loss": evaluator.initial_loss,
+    report |= {
         "centralized_eval_loss": central_final,
         "centralized_eval_loss_per_round": central,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "bytes_up_per_round": [r["bytes_up"] for r in rounds],
-        "bytes_down_per_round": [r.get("bytes_down", 0) for r in rounds],
-        "full_model_bytes": full_model,
-        "sites": list(SITES),
-        "local_steps": settings.local_steps,
         "seconds": round(time.monotonic() - start, 1),
-        "torch_threads": torch.get_num_threads(),
     }
     path = run_dir / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report: {path} ({report['seconds']:.0f} s)")
-    return 0
+    return report
 
 
 def _wait_ready(admin: Any, meta: Any, procs: Processes) -> None:
@@ -288,6 +339,7 @@ def _follow(
     settings: DemoSettings,
     procs: Processes,
     full_model: int,
+    peaks: dict[int, int],
 ) -> list[dict[str, Any]]:
     from common.pb.gradualdiff.v1 import admin_pb2
 
@@ -300,6 +352,8 @@ def _follow(
             if proc.poll() not in (None, 0):
                 who = "aggregator" if i == 0 else SITES[i - 1]
                 raise RuntimeError(f"{who} exited with {proc.returncode}; see its log in run/")
+        for proc in procs.procs:
+            peaks[proc.pid] = max(peaks.get(proc.pid, 0), _peak_rss(proc.pid))
         rounds = admin.ListRounds(admin_pb2.ListRoundsRequest(limit=100), metadata=meta, timeout=10).rounds
         for r in sorted(rounds, key=lambda r: r.round):
             if r.round in seen or r.state not in (5, 6):  # PUBLISHED, FAILED
@@ -322,6 +376,8 @@ def _follow(
             )
         time.sleep(0.5)
     # Let the workers fetch the last round and exit, then count the bytes sent down.
+    for proc in procs.procs:
+        peaks[proc.pid] = max(peaks.get(proc.pid, 0), _peak_rss(proc.pid))
     for proc in procs.procs[1:]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
@@ -332,6 +388,17 @@ def _follow(
     return [seen[k] for k in sorted(seen)]
 
 
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class GlobalEvaluator:
     """Evaluates global states on the shared held-out set, and trains the centralized baseline."""
 
@@ -340,25 +407,20 @@ class GlobalEvaluator:
 
         from client.data import read_jsonl, tokenize
         from client.model import load_model, trainable_state
-        from common.spec import TrainingSpec
 
         torch.manual_seed(settings.seed)
         # While the workers train, this process only evaluates: one thread, so it does not slow them.
         torch.set_num_threads(1)
         self.root = root
         self.settings = settings
-        self.spec = TrainingSpec(
-            local_steps=settings.local_steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            max_seq_len=settings.max_seq_len,
-        )
+        self.spec = training_spec_of(settings)
         self.loaded = load_model(root / "model", self.spec, torch.device("cpu"))
         self.initial = trainable_state(self.loaded)
         self.eval = tokenize(
             read_jsonl(root / "data" / "eval.jsonl"), self.loaded.tokenizer, settings.max_seq_len
         )
-        self.params = sum(v.numel() for v in self.initial.values())
+        # The whole model's size, whatever trains (LoRA adapters are not the model).
+        self.params = sum(p.numel() for n, p in self.loaded.model.named_parameters() if "lora_" not in n)
         self.full_model_bytes = self.params * 4
         self.initial_loss = self._loss()
 

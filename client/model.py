@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +112,10 @@ def _with_lora(model: Any, spec: TrainingSpec, rank: int) -> Any:
         target_modules=list(spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question (is_gradient_checkpointing); not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def trainable_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
@@ -131,3 +136,25 @@ def load_trainable(loaded: LoadedModel, state: Mapping[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name in loaded.trainable:
             params[name].copy_(state[name].to(params[name].device, params[name].dtype))
+
+
+@contextmanager
+def training_only(loaded: LoadedModel, names: Sequence[str]) -> Iterator[LoadedModel]:
+    """Within the block, only ``names`` (a subset of the trainable tensors) take gradients.
+
+    FedCyBGD trains one decoder block: freezing the rest saves their gradients
+    and optimizer state (backpropagation still runs through the layers above).
+    """
+    chosen = set(names)
+    unknown = chosen - set(loaded.trainable)
+    if unknown:
+        raise ValueError(f"the round names tensors this model does not train: {sorted(unknown)[:3]}")
+    params = dict(loaded.model.named_parameters())
+    frozen = [n for n in loaded.trainable if n not in chosen]
+    for name in frozen:
+        params[name].requires_grad_(False)
+    try:
+        yield replace(loaded, trainable=[n for n in loaded.trainable if n in chosen])
+    finally:
+        for name in frozen:
+            params[name].requires_grad_(True)

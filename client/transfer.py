@@ -87,6 +87,11 @@ def _apply(chunks: list[Chunk], state: dict[str, torch.Tensor], held: int) -> tu
     if header.kind is DeltaKind.SNAPSHOT:
         if names != set(state):
             raise ValueError(f"snapshot of round {header.round} has other tensors than this worker trains")
+        for spec in header.layout.manifest:
+            # The held state mirrors the aggregator's, which may differ in shape from what this
+            # site's model trains (FlexLoRA: rank-R adapters, sliced to the site's rank per round).
+            if tuple(state[spec.name].shape) != tuple(spec.shape):
+                state[spec.name] = torch.empty(spec.shape, dtype=state[spec.name].dtype)
         decode_chunks(chunks, into=state)
         return header.round, True
     if header.base_round != held:

@@ -26,14 +26,24 @@ import grpc
 import torch
 
 from client.data import Example, batches, read_jsonl, split, tokenize
+from client.feedback import UploadFeedback, upload_accepted
 from client.local_state import LocalState
-from client.model import LoadedModel, fingerprint, load_model, load_trainable, pick_device, trainable_state
+from client.model import (
+    LoadedModel,
+    fingerprint,
+    load_model,
+    load_trainable,
+    pick_device,
+    trainable_state,
+    training_only,
+)
 from client.progress import Progress
 from client.train import Aborted, evaluate, train_steps
 from client.transfer import RETRYABLE, RoundOver, fetch, push
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
+from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
 from common.serde import codec_from_proto
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
@@ -138,6 +148,9 @@ class Worker:
         )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._meta = auth_metadata(config.token)
+        self.feedback = UploadFeedback(
+            config.state_dir, accepted=upload_accepted(self._stub, self._meta, config.site_id)
+        )
         self.reports: list[RoundReport] = []
 
     # ------------------------------------------------------------ plumbing
@@ -273,7 +286,7 @@ class Worker:
                 timeout=45,
             ),
         )
-        if spec.run_finished or (spec.round > after and spec.state in (1, 2, 3)):
+        if spec.run_finished or (spec.round > after and spec.state in (1, 2, 3) and not spec.sits_out):
             return spec
         return None
 
@@ -316,6 +329,10 @@ class Worker:
         spec = training_spec(spec_msg.training)
         s.round = number
         pending = self.local.pending(run_id, number)
+        # FlexLoRA: this site's rank-r slice of the run's rank-R adapters. FedCyBGD: one block trains.
+        if spec_msg.assigned_lora_rank:
+            start = slice_state(start, spec_msg.assigned_lora_rank)
+        names = list(spec_msg.trainable_tensors) or loaded.trainable
         load_trainable(loaded, start)
         if pending is None:
             s.phase, s.step, s.total = PHASE_TRAINING, 0, spec.local_steps
@@ -329,15 +346,16 @@ class Worker:
                 tick(loss)
 
             try:
-                result = train_steps(
-                    loaded,
-                    data,
-                    steps=spec.local_steps,
-                    lr=spec.learning_rate,
-                    on_step=on_step,
-                    should_stop=lambda: s.stop.is_set() or s.abort_round == number,
-                    prox_mu=spec.prox_mu,
-                )
+                with training_only(loaded, names) as part:
+                    result = train_steps(
+                        part,
+                        data,
+                        steps=spec.local_steps,
+                        lr=spec.learning_rate,
+                        on_step=on_step,
+                        should_stop=lambda: s.stop.is_set() or s.abort_round == number,
+                        prox_mu=spec.prox_mu,
+                    )
             except Aborted as exc:
                 logger.warning("[round %d] training aborted: %s", number, exc)
                 load_trainable(loaded, start)
@@ -346,12 +364,14 @@ class Worker:
                 self.progress.close()
             eval_loss = evaluate(loaded, held_out, spec.batch_size) if held_out else 0.0
             trained = trainable_state(loaded)
-            delta = {name: trained[name] - start[name] for name in loaded.trainable}
+            delta = {name: trained[name] - start[name] for name in names}
             load_trainable(loaded, start)
             upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
             payload = self.local.payload_path(upload_id)
+            # Lossy codec: compact forms of e + Δ, the new residual kept on disk (client.feedback).
+            tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
             with payload.open("wb") as sink:
-                layout = encode(delta, spec.upload_codec, sink)
+                layout = encode(tensors, spec.upload_codec, sink)
             header = DeltaHeader(
                 layout=layout,
                 run_id=run_id,
@@ -381,8 +401,10 @@ class Worker:
                 receipt = push(self._stub, self._meta, header, payload, progress=bar)
         except RoundOver as exc:
             logger.warning("[round %d] upload not taken: %s", number, exc)
+            self.feedback.not_taken(run_id, header, payload)  # nothing was counted: e ← e + Δ
             self.local.clear_pending()
             return None
+        self.feedback.acknowledged(run_id, header.upload_id)
         self.local.clear_pending()
         logger.info(
             "[round %d] train loss %.4f, eval loss %.4f, %d steps in %.1fs; sent %d bytes (%s)",

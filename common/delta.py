@@ -26,6 +26,14 @@ class Cast(enum.IntEnum):
     F16 = 2
 
 
+class Lossy(enum.IntEnum):
+    """Lossy compact form of an upload's tensors (wire enum gradualdiff.v1.Lossy); see common.codec.compact."""
+
+    NONE = 0
+    TOPK = 1
+    INT8 = 2
+
+
 class DeltaKind(enum.IntEnum):
     """What a delta is relative to (wire enum gradualdiff.v1.DeltaKind)."""
 
@@ -52,6 +60,10 @@ class Codec:
     byte_shuffle: bool = True
     block_bytes: int = 1 * MIB
     zstd_level: int = 1
+    # Uploads only: each fp32 tensor travels as a compact form (top-k or int8), with the
+    # residual kept by the worker (error feedback). topk_fraction is in (0, 1] for TOPK, else 0.
+    lossy: Lossy = Lossy.NONE
+    topk_fraction: float = 0.0
 
     def wire_dtype(self, dtype: DType) -> DType:
         """The dtype a tensor of ``dtype`` travels in under this codec."""
@@ -61,8 +73,14 @@ class Codec:
 
     @property
     def name(self) -> str:
-        """A short human name, e.g. ``bf16+shuffle+zstd1``."""
-        parts = ["exact" if self.cast is Cast.NONE else self.cast.name.lower()]
+        """A short human name, e.g. ``bf16+shuffle+zstd1``, ``topk1%+bf16+shuffle+zstd1``, ``int8+shuffle+zstd1``."""
+        parts = []
+        if self.lossy is Lossy.TOPK:
+            parts.append(f"topk{self.topk_fraction * 100:g}%")
+        elif self.lossy is Lossy.INT8:
+            parts.append("int8")
+        if self.cast is not Cast.NONE or self.lossy is Lossy.NONE:
+            parts.append("exact" if self.cast is Cast.NONE else self.cast.name.lower())
         if self.byte_shuffle:
             parts.append("shuffle")
         parts.append(f"zstd{self.zstd_level}")

@@ -22,6 +22,7 @@ class DType(enum.IntEnum):
     I8 = 8
     U8 = 9
     BOOL = 10
+    U32 = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ _INFO: dict[DType, _Info] = {
     DType.I8: _Info(torch.int8, 1, np.int8, False),
     DType.U8: _Info(torch.uint8, 1, np.uint8, False),
     DType.BOOL: _Info(torch.bool, 1, np.bool_, False),
+    DType.U32: _Info(torch.uint32, 4, np.uint32, False),
 }
 _FROM_TORCH = {info.torch_dtype: dt for dt, info in _INFO.items()}
 

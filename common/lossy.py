@@ -155,6 +155,22 @@ def _check_indices(idx: npt.NDArray[np.int64], numel: int, field: str) -> None:
         )
 
 
+def topk_count(numel: int, fraction: float) -> int:
+    """k = min(numel, max(1, ⌈fraction·numel⌉)), fraction·numel rounded to 9 decimals first.
+
+    The one definition of k: the worker keeps this many entries and the
+    aggregator expects exactly this many (common.codec.compact.wire_manifest).
+
+    Raises:
+        ValueError: fraction outside (0, 1] or numel < 1.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if numel < 1:
+        raise ValueError(f"numel must be at least 1, got {numel}")
+    return min(numel, max(1, math.ceil(round(fraction * numel, 9))))
+
+
 def top_k(x: torch.Tensor, fraction: float) -> Sparse:
     """Keep the k = max(1, ⌈fraction·numel⌉) entries of ``x`` of largest magnitude (fp32 values).
 
@@ -172,13 +188,11 @@ def top_k(x: torch.Tensor, fraction: float) -> Sparse:
     Raises:
         ValueError: fraction outside (0, 1], an empty tensor, or NaN/infinity in ``x``.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     numel = x.numel()
     if not 0 < numel <= MAX_NUMEL:
         raise ValueError(f"x: top_k needs 1 to 2^32 elements, got {numel}")
+    k = topk_count(numel, fraction)
     flat = x.detach().to("cpu", torch.float32).reshape(-1).numpy()
-    k = min(numel, max(1, math.ceil(round(fraction * numel, 9))))
     mag = np.abs(flat)
     if not np.isfinite(mag.max()):
         raise ValueError("x: holds NaN or infinity; a delta must be finite")

@@ -15,6 +15,7 @@ from common.delta import (
     Codec,
     DeltaHeader,
     DeltaKind,
+    Lossy,
     PayloadLayout,
     Piece,
     ShardSpec,
@@ -26,7 +27,7 @@ from common.errors import InvalidArgument
 from common.pb.gradualdiff.v1 import delta_pb2 as pb
 
 
-def _enum(kind: type[DType] | type[Cast] | type[DeltaKind], value: int, field: str) -> int:
+def _enum(kind: type[DType] | type[Cast] | type[DeltaKind] | type[Lossy], value: int, field: str) -> int:
     try:
         return int(kind(value))
     except ValueError:
@@ -39,6 +40,8 @@ def codec_to_proto(codec: Codec) -> pb.Codec:
         byte_shuffle=codec.byte_shuffle,
         block_bytes=codec.block_bytes,
         zstd_level=codec.zstd_level,
+        lossy=pb.Lossy.ValueType(int(codec.lossy)),
+        topk_fraction=codec.topk_fraction,
     )
 
 
@@ -48,6 +51,8 @@ def codec_from_proto(msg: pb.Codec) -> Codec:
         byte_shuffle=msg.byte_shuffle,
         block_bytes=msg.block_bytes,
         zstd_level=msg.zstd_level,
+        lossy=Lossy(_enum(Lossy, msg.lossy, "codec.lossy")),
+        topk_fraction=msg.topk_fraction,
     )
 
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from common.codec.layout import DecodeLimits
-from common.delta import GIB, Cast, Codec
+from common.codec.layout import DecodeLimits, validate_codec
+from common.delta import GIB, Cast, Codec, Lossy
+from common.errors import InvalidArgument
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
 
 
@@ -58,6 +59,13 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CyBgdConfig:
+    """FedCyBGD settings (used when training.method = "fedcybgd"); see server.methods."""
+
+    mode: str = "ascending"  # ascending | descending | random | agg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
@@ -75,6 +83,7 @@ class ServerConfig:
     rounds: int = 0  # rounds to run; 0 = until stopped
     round: RoundPolicy = field(default_factory=RoundPolicy)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    cybgd: CyBgdConfig = field(default_factory=CyBgdConfig)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     broadcast_codec: Codec = field(default_factory=Codec)
     site_tokens: Mapping[str, str] = field(default_factory=dict)
@@ -99,14 +108,28 @@ class ServerConfig:
         return DecodeLimits(max_total_bytes=self.max_upload_bytes)
 
 
-def _codec(raw: Mapping[str, Any]) -> Codec:
+def _codec(raw: Mapping[str, Any], *, section: str = "training.upload_codec") -> Codec:
     cast = {"none": Cast.NONE, "exact": Cast.NONE, "bf16": Cast.BF16, "f16": Cast.F16, "fp16": Cast.F16}
-    return Codec(
+    lossy = {"none": Lossy.NONE, "topk": Lossy.TOPK, "int8": Lossy.INT8}
+    kind = str(raw.get("lossy", "none")).lower()
+    if kind not in lossy:
+        raise ValueError(f"[{section}] lossy = {kind!r}; known: {sorted(lossy)}")
+    if lossy[kind] is not Lossy.NONE and section != "training.upload_codec":
+        # Lossy forms need a residual kept by the sender (error feedback): uploads only.
+        raise ValueError(f"[{section}] lossy = {kind!r}: lossy codecs apply to uploads only")
+    codec = Codec(
         cast=cast[str(raw.get("cast", "none")).lower()],
         byte_shuffle=bool(raw.get("byte_shuffle", True)),
         block_bytes=int(raw.get("block_bytes", Codec().block_bytes)),
         zstd_level=int(raw.get("zstd_level", 1)),
+        lossy=lossy[kind],
+        topk_fraction=float(raw.get("topk_fraction", 0.01)) if lossy[kind] is Lossy.TOPK else 0.0,
     )
+    try:
+        validate_codec(codec)
+    except InvalidArgument as exc:
+        raise ValueError(f"[{section}] {exc.message}") from None
+    return codec
 
 
 def _training(raw: Mapping[str, Any]) -> TrainingSpec:
@@ -183,8 +206,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
     config = ServerConfig(
         round=_simple(RoundPolicy, raw.pop("round", {}), "round"),
         optimizer=_simple(OptimizerConfig, raw.pop("optimizer", {}), "optimizer"),
+        cybgd=_simple(CyBgdConfig, raw.pop("cybgd", {}), "cybgd"),
         training=_training(raw.pop("training", {})),
-        broadcast_codec=_codec(raw.pop("broadcast_codec", {})),
+        broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
         tls=_simple(TlsConfig, {k: str(rel(v)) for k, v in raw.pop("tls", {}).items()}, "tls"),
         site_tokens=tokens,
         admin_token=admin,

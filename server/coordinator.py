@@ -18,12 +18,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from common.codec import validate_layout
+from common.codec.compact import wire_manifest
 from common.delta import DeltaHeader, DeltaKind, TensorSpec
 from common.errors import (
     AlreadyExists,
@@ -36,13 +37,24 @@ from common.errors import (
 )
 from common.pb.gradualdiff.v1 import delta_pb2
 from common.serde import header_from_proto, header_to_proto
+from common.spec import Method
 from server import rounds
 from server.accumulation import Accumulation
 from server.aggregate import ServerOptimizer, make_optimizer
 from server.blobs import BlobStore
 from server.config import RoundPolicy, ServerConfig
+from server.flexlora_round import FlexUpload
+from server.flexlora_round import next_state as flexlora_next_state
 from server.folding import FoldWorker
-from server.publish import fp32_manifest, publish, rebuild, store_initial_state, store_snapshot
+from server.methods import Assignment, FlexLoraPlan, make_plan
+from server.publish import (
+    Published,
+    publish,
+    publish_diff,
+    rebuild,
+    store_initial_state,
+    store_snapshot,
+)
 from server.records import (
     ParticipantRecord,
     RoundRecord,
@@ -83,6 +95,9 @@ class RoundView:
     policy: RoundPolicy
     finished: bool
     base_round: int  # the published round this round's uploads are deltas against
+    assignment: Assignment = field(
+        default_factory=Assignment
+    )  # this site's part (who trains what, at which rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +185,19 @@ class Coordinator:
         latest = self._latest_published()
         self.manifest = self._manifest_of(latest)
         self.full_model_bytes = sum(t.numel * 4 for t in self.manifest)
+        self.plan = make_plan(
+            config.training, self.manifest, list(config.site_tokens), cybgd_mode=config.cybgd.mode
+        )
+        if config.training.method is not Method.GRADUALDIFF and (
+            config.optimizer.name != "fedavg" or config.optimizer.lr != 1.0
+        ):
+            # FlexLoRA replaces the adapters with the SVD's; FedCyBGD's latest writer sets its block.
+            raise FailedPrecondition(
+                f"training.method {config.training.method.name.lower()} takes the new state as it comes: "
+                f"the server optimizer must be fedavg with lr 1, not {config.optimizer.name} with lr "
+                f"{config.optimizer.lr}",
+                field="optimizer",
+            )
         self.optimizer = self._load_optimizer()
         self.folder = FoldWorker(self.spool)
         self.acc: Accumulation | None = None
@@ -253,7 +281,13 @@ class Coordinator:
             if not self.run.finished:
                 self._open_next_round()
             return
-        self.acc = Accumulation(current.round, self.manifest, self.config.accumulator)
+        self.acc = Accumulation(
+            current.round,
+            self.manifest,
+            self.config.accumulator,
+            summing=self.plan.streaming_fold,
+            uniform=self.plan.uniform_weights,
+        )
         if current.state.accepts_uploads:
             self._open_round = current.round
         accepted = self._accepted_uploads(current.round)
@@ -274,6 +308,13 @@ class Coordinator:
                 f"base model fingerprint {fingerprint[:16]}… differs from the run's {expected[:16]}…: "
                 "the site loaded a different model",
                 field="base_model_fingerprint",
+            )
+        if isinstance(self.plan, FlexLoraPlan) and lora_rank > self.plan.max_rank:
+            raise InvalidArgument(
+                f"capabilities.lora_rank is {lora_rank}; this run's adapters have rank {self.plan.max_rank} "
+                "(training.lora.rank), the most a site may train",
+                field="capabilities.lora_rank",
+                limit=self.plan.max_rank,
             )
         with self._lock:
             site = self.store.get(SiteRecord, site_id)
@@ -307,6 +348,8 @@ class Coordinator:
     def _add_participant(self, site: SiteRecord) -> None:
         current = self._current_round()
         if current is None or not current.state.accepts_uploads:
+            return
+        if not self._assignment(current.round, site).trains:
             return
         existing = self.store.get(ParticipantRecord, current.round, site.site_id)
         if existing is None:
@@ -360,10 +403,12 @@ class Coordinator:
     def await_round(self, site_id: str, after_round: int, wait_s: float) -> RoundView:
         deadline = time.monotonic() + max(0.0, min(wait_s, 60.0))
         with self._lock:
-            self._site(site_id)
+            site = self._site(site_id)
             while True:
-                view = self._round_view()
-                if view.finished or (view.round > after_round and view.state.accepts_uploads):
+                view = self._round_view(site)
+                if view.finished or (
+                    view.round > after_round and view.state.accepts_uploads and view.assignment.trains
+                ):
                     return view
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
@@ -381,8 +426,12 @@ class Coordinator:
             deadline_s=self.run.round_deadline_s,
         )
 
-    def _round_view(self) -> RoundView:
+    def _assignment(self, round_number: int, site: SiteRecord) -> Assignment:
+        return self.plan.assignment(round_number, site.site_id, site.lora_rank)
+
+    def _round_view(self, site: SiteRecord | None = None) -> RoundView:
         current = self._current_round()
+        assignment = self._assignment(current.round, site) if current and site else Assignment()
         return RoundView(
             run_id=self.run.run_id,
             round=current.round if current else 0,
@@ -391,6 +440,7 @@ class Coordinator:
             policy=self._policy(),
             finished=self.run.finished,
             base_round=self._latest_published().round,
+            assignment=assignment,
         )
 
     def _progress(self, record: RoundRecord, target: RoundState) -> None:
@@ -416,7 +466,13 @@ class Coordinator:
             self.store.put(record)
             for site in alive:
                 self._add_participant(site)
-        self.acc = Accumulation(number, self.manifest, self.config.accumulator)
+        self.acc = Accumulation(
+            number,
+            self.manifest,
+            self.config.accumulator,
+            summing=self.plan.streaming_fold,
+            uniform=self.plan.uniform_weights,
+        )
         self._open_round = number
         self._admin_close = False
         logger.info("[round] round=%d opened with %d site(s)", number, len(alive))
@@ -514,13 +570,18 @@ class Coordinator:
             with self._lock:
                 self._fail_round(record, "no accepted uploads when the round closed")
             return
+        if not self.plan.streaming_fold:
+            self._aggregate_replacing(record, accepted)
+            return
         acc = self.acc
         accepted_ids = [u.upload_id for u in accepted]
         if acc is None or acc.round != round_number or acc.dirty or acc.accepted != accepted_ids:
             logger.info(
                 "[round] round=%d rebuilding the sum from %d accepted spool(s)", round_number, len(accepted)
             )
-            acc = Accumulation(round_number, self.manifest, self.config.accumulator)
+            acc = Accumulation(
+                round_number, self.manifest, self.config.accumulator, uniform=self.plan.uniform_weights
+            )
             rebuild(acc, [(u.upload_id, _parse_header(u.header)) for u in accepted], self.spool)
         previous = self._latest_published()
         try:
@@ -540,6 +601,48 @@ class Coordinator:
                 self.optimizer = self._load_optimizer()  # drop half-applied optimizer steps
                 self._fail_round(record, f"aggregation failed: {exc}")
             return
+        self._finish_publish(record, accepted, result)
+
+    def _aggregate_replacing(self, record: RoundRecord, accepted: list[UploadRecord]) -> None:
+        """FlexLoRA: the next adapters come from the SVD of the round's full-size ΔW (server.flexlora_round)."""
+        assert isinstance(self.plan, FlexLoraPlan)
+        previous = self._latest_published()
+        sites = {s.site_id: s for s in self.store.select(SiteRecord)}
+        uploads = []
+        for u in accepted:
+            rank = self.plan.rank_of(sites[u.site_id].lora_rank if u.site_id in sites else 0)
+            uploads.append(
+                FlexUpload(
+                    upload_id=u.upload_id,
+                    header=_parse_header(u.header),
+                    rank=rank,
+                    weight=float(u.sample_count),
+                    manifest=self.plan.upload_manifest(Assignment(lora_rank=rank)),
+                )
+            )
+        try:
+            start = time.perf_counter()
+            reader = StateReader(self.blobs.path(previous.state_blob))
+            state = flexlora_next_state(reader, uploads, self.spool, alpha=self.config.training.lora.alpha)
+            diff = {name: tensor.sub_(reader.read(name)) for name, tensor in state.items()}
+            result = publish_diff(
+                diff,
+                blobs=self.blobs,
+                previous_state=previous.state_blob,
+                run_id=self.run.run_id,
+                round_number=record.round,
+                base_round=previous.round,
+                broadcast=self.config.broadcast_codec,
+                started=start,
+            )
+        except Exception as exc:
+            logger.exception("[round] round=%d FlexLoRA aggregation failed", record.round)
+            with self._lock:
+                self._fail_round(record, f"aggregation failed: {exc}")
+            return
+        self._finish_publish(record, accepted, result)
+
+    def _finish_publish(self, record: RoundRecord, accepted: list[UploadRecord], result: Published) -> None:
         optimizer_blob = self._save_optimizer()
         samples = sum(u.sample_count for u in accepted)
         with self._lock:
@@ -556,17 +659,17 @@ class Coordinator:
             with self.store.transaction():
                 self.store.put(record)
                 self.run.optimizer_blob = optimizer_blob
-                if self.config.rounds and round_number >= self.config.rounds:
+                if self.config.rounds and record.round >= self.config.rounds:
                     self.run.finished = True
                 self.store.put(self.run)
-                self._abandon_uploads(round_number, "the round closed before this upload finished")
+                self._abandon_uploads(record.round, "the round closed before this upload finished")
             self.acc = None
-            for upload in self.store.select(UploadRecord, "round = ?", (round_number,)):
+            for upload in self.store.select(UploadRecord, "round = ?", (record.round,)):
                 self.spool.delete(upload.upload_id)
             self._collect_garbage()
             logger.info(
                 "[round] round=%d published: %d upload(s), %d samples, diff %d bytes (%.3f of fp32), %.2fs",
-                round_number,
+                record.round,
                 len(accepted),
                 samples,
                 record.diff_bytes,
@@ -574,10 +677,10 @@ class Coordinator:
                 result.seconds,
             )
             self.metrics_hook("aggregate_seconds", result.seconds)
-            self._emit("round_published", round_number=round_number, state=RoundState.PUBLISHED)
+            self._emit("round_published", round_number=record.round, state=RoundState.PUBLISHED)
             if self.run.finished:
-                logger.info("[run] run=%s finished after %d rounds", self.run.run_id, round_number)
-                self._emit("run_finished", round_number=round_number)
+                logger.info("[run] run=%s finished after %d rounds", self.run.run_id, record.round)
+                self._emit("run_finished", round_number=record.round)
             else:
                 self._open_next_round()
             self._changed.notify_all()
@@ -817,7 +920,16 @@ class Coordinator:
                 f"{latest.round} (fetch it first)",
                 field="base_round",
             )
-        validate_layout(header.layout, self.config.limits, expected=fp32_manifest(self.manifest))
+        assignment = self._assignment(current.round, site)
+        if not assignment.trains:
+            raise FailedPrecondition(
+                f"site {site_id!r} has no part in round {current.round} ({self.plan.describe()})",
+                field="site_id",
+            )
+        expected = wire_manifest(
+            self.plan.upload_manifest(assignment), header.layout.codec
+        )  # lossy: compact names
+        validate_layout(header.layout, self.config.limits, expected=expected)
         for upload in self.store.select(
             UploadRecord,
             "round = ? AND site_id = ? AND state = ?",

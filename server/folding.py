@@ -105,7 +105,7 @@ class FoldWorker:
     def _finish(self, job: FoldJob, pending: PendingShard) -> None:
         try:
             pieces = pending.result()
-            job.acc.fold(job.upload_id, job.shard, pieces, job.weight)
+            job.acc.fold(job.upload_id, job.shard, pieces, job.weight, job.decoder.layout)
             job.done(job.shard, None)
         except GdfedError as exc:
             job.done(job.shard, exc)

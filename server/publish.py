@@ -113,10 +113,35 @@ def publish(
 ) -> Published:
     """Form D_r from the round's sum, store it, and store θ_r = θ_{r-1} + D_r."""
     start = time.perf_counter()
-    previous = StateReader(blobs.path(previous_state))
     diff: dict[str, torch.Tensor] = {}
     for name, mean in acc.sum.mean():
         diff[name] = optimizer.step(name, mean)
+    return publish_diff(
+        diff,
+        blobs=blobs,
+        previous_state=previous_state,
+        run_id=run_id,
+        round_number=round_number,
+        base_round=base_round,
+        broadcast=broadcast,
+        started=start,
+    )
+
+
+def publish_diff(
+    diff: dict[str, torch.Tensor],
+    *,
+    blobs: BlobStore,
+    previous_state: str,
+    run_id: str,
+    round_number: int,
+    base_round: int,
+    broadcast: Codec,
+    started: float | None = None,
+) -> Published:
+    """Store the global difference D_r and the state θ_r = θ_{r-1} + D_r (``diff`` is consumed)."""
+    start = time.perf_counter() if started is None else started
+    previous = StateReader(blobs.path(previous_state))
     manifest = previous.manifest
     stored_diff, layout = store_payload(
         blobs,
@@ -177,5 +202,5 @@ def rebuild(
         offsets = layout.shard_offsets()
         for index, shard in enumerate(layout.shards):
             data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
-            acc.fold(upload_id, index, decoder.decode(index, data), header.sample_count)
+            acc.fold(upload_id, index, decoder.decode(index, data), header.sample_count, layout)
         acc.accept(upload_id, header.sample_count)

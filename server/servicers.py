@@ -109,6 +109,9 @@ def round_spec(view: RoundView, coordinator: Coordinator) -> federation_pb2.Roun
         ),
         run_finished=view.finished,
         base_round=view.base_round,
+        trainable_tensors=list(view.assignment.tensors),
+        assigned_lora_rank=view.assignment.lora_rank,
+        sits_out=not view.assignment.trains,
     )
 
 

@@ -8,6 +8,7 @@ piece ranges) is checked here against the manifest and the limits.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from common.delta import (
     MIB,
     MIN_BLOCK_BYTES,
     Codec,
+    Lossy,
     PayloadLayout,
     Piece,
     ShardSpec,
@@ -120,6 +122,19 @@ def validate_codec(codec: Codec) -> None:
             f"{MIN_BLOCK_BYTES} and {MAX_BLOCK_BYTES}",
             field="codec.block_bytes",
             limit=MAX_BLOCK_BYTES,
+        )
+    fraction = codec.topk_fraction
+    if codec.lossy is Lossy.TOPK and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise InvalidArgument(
+            f"codec.topk_fraction is {fraction}; with lossy = topk it must be in (0, 1]",
+            field="codec.topk_fraction",
+            limit=1.0,
+        )
+    if codec.lossy is not Lossy.TOPK and fraction != 0.0:
+        raise InvalidArgument(
+            f"codec.topk_fraction is {fraction}; it must be 0 unless lossy = topk "
+            f"(lossy is {codec.lossy.name.lower()})",
+            field="codec.topk_fraction",
         )
 
 

@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$common/pb/gradualdiff/v1/delta.proto\x12\x0egradualdiff.v1\"j\n\x05\x43odec\x12\"\n\x04\x63\x61st\x18\x01 \x01(\x0e\x32\x14.gradualdiff.v1.Cast\x12\x14\n\x0c\x62yte_shuffle\x18\x02 \x01(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\r\x12\x12\n\nzstd_level\x18\x04 \x01(\x05\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.gradualdiff.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"5\n\x05Piece\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\x84\x01\n\tShardSpec\x12\x18\n\x10\x63ompressed_bytes\x18\x01 \x01(\x04\x12\x11\n\traw_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12%\n\x06pieces\x18\x04 \x03(\x0b\x32\x15.gradualdiff.v1.Piece\x12\x13\n\x0b\x66rame_bytes\x18\x05 \x03(\r\"\\\n\rUploadMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x04 \x01(\x01\"\xf7\x02\n\x0b\x44\x65ltaHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x14\n\x0csample_count\x18\x05 \x01(\x04\x12$\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12,\n\x08manifest\x18\x07 \x03(\x0b\x32\x1a.gradualdiff.v1.TensorSpec\x12)\n\x06shards\x18\x08 \x03(\x0b\x32\x19.gradualdiff.v1.ShardSpec\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\x0c\x12\x12\n\nbase_round\x18\x0b \x01(\x04\x12\'\n\x04kind\x18\x0c \x01(\x0e\x32\x19.gradualdiff.v1.DeltaKind\x12.\n\x07metrics\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.UploadMetrics\"t\n\nDeltaChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.gradualdiff.v1.DeltaHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08*\xb4\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F64\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I16\x10\x07\x12\x0c\n\x08\x44TYPE_I8\x10\x08\x12\x0c\n\x08\x44TYPE_U8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*2\n\x04\x43\x61st\x12\r\n\tCAST_NONE\x10\x00\x12\r\n\tCAST_BF16\x10\x01\x12\x0c\n\x08\x43\x41ST_F16\x10\x02*q\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45LTA_KIND_DIFF\x10\x01\x12\x17\n\x13\x44\x45LTA_KIND_SNAPSHOT\x10\x02\x12\x1a\n\x16\x44\x45LTA_KIND_PARTIAL_SUM\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$common/pb/gradualdiff/v1/delta.proto\x12\x0egradualdiff.v1\"\xa7\x01\n\x05\x43odec\x12\"\n\x04\x63\x61st\x18\x01 \x01(\x0e\x32\x14.gradualdiff.v1.Cast\x12\x14\n\x0c\x62yte_shuffle\x18\x02 \x01(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\r\x12\x12\n\nzstd_level\x18\x04 \x01(\x05\x12$\n\x05lossy\x18\x05 \x01(\x0e\x32\x15.gradualdiff.v1.Lossy\x12\x15\n\rtopk_fraction\x18\x06 \x01(\x01\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.gradualdiff.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"5\n\x05Piece\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\x84\x01\n\tShardSpec\x12\x18\n\x10\x63ompressed_bytes\x18\x01 \x01(\x04\x12\x11\n\traw_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12%\n\x06pieces\x18\x04 \x03(\x0b\x32\x15.gradualdiff.v1.Piece\x12\x13\n\x0b\x66rame_bytes\x18\x05 \x03(\r\"\\\n\rUploadMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x04 \x01(\x01\"\xf7\x02\n\x0b\x44\x65ltaHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x14\n\x0csample_count\x18\x05 \x01(\x04\x12$\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12,\n\x08manifest\x18\x07 \x03(\x0b\x32\x1a.gradualdiff.v1.TensorSpec\x12)\n\x06shards\x18\x08 \x03(\x0b\x32\x19.gradualdiff.v1.ShardSpec\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\x0c\x12\x12\n\nbase_round\x18\x0b \x01(\x04\x12\'\n\x04kind\x18\x0c \x01(\x0e\x32\x19.gradualdiff.v1.DeltaKind\x12.\n\x07metrics\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.UploadMetrics\"t\n\nDeltaChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.gradualdiff.v1.DeltaHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08*\xc3\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F64\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I16\x10\x07\x12\x0c\n\x08\x44TYPE_I8\x10\x08\x12\x0c\n\x08\x44TYPE_U8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n\x12\r\n\tDTYPE_U32\x10\x0b*2\n\x04\x43\x61st\x12\r\n\tCAST_NONE\x10\x00\x12\r\n\tCAST_BF16\x10\x01\x12\x0c\n\x08\x43\x41ST_F16\x10\x02*7\n\x05Lossy\x12\x0e\n\nLOSSY_NONE\x10\x00\x12\x0e\n\nLOSSY_TOPK\x10\x01\x12\x0e\n\nLOSSY_INT8\x10\x02*q\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45LTA_KIND_DIFF\x10\x01\x12\x17\n\x13\x44\x45LTA_KIND_SNAPSHOT\x10\x02\x12\x1a\n\x16\x44\x45LTA_KIND_PARTIAL_SUM\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.gradualdiff.v1.delta_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1026
-  _globals['_DTYPE']._serialized_end=1206
-  _globals['_CAST']._serialized_start=1208
-  _globals['_CAST']._serialized_end=1258
-  _globals['_DELTAKIND']._serialized_start=1260
-  _globals['_DELTAKIND']._serialized_end=1373
-  _globals['_CODEC']._serialized_start=56
-  _globals['_CODEC']._serialized_end=162
-  _globals['_TENSORSPEC']._serialized_start=164
-  _globals['_TENSORSPEC']._serialized_end=243
-  _globals['_PIECE']._serialized_start=245
-  _globals['_PIECE']._serialized_end=298
-  _globals['_SHARDSPEC']._serialized_start=301
-  _globals['_SHARDSPEC']._serialized_end=433
-  _globals['_UPLOADMETRICS']._serialized_start=435
-  _globals['_UPLOADMETRICS']._serialized_end=527
-  _globals['_DELTAHEADER']._serialized_start=530
-  _globals['_DELTAHEADER']._serialized_end=905
-  _globals['_DELTACHUNK']._serialized_start=907
-  _globals['_DELTACHUNK']._serialized_end=1023
+  _globals['_DTYPE']._serialized_start=1088
+  _globals['_DTYPE']._serialized_end=1283
+  _globals['_CAST']._serialized_start=1285
+  _globals['_CAST']._serialized_end=1335
+  _globals['_LOSSY']._serialized_start=1337
+  _globals['_LOSSY']._serialized_end=1392
+  _globals['_DELTAKIND']._serialized_start=1394
+  _globals['_DELTAKIND']._serialized_end=1507
+  _globals['_CODEC']._serialized_start=57
+  _globals['_CODEC']._serialized_end=224
+  _globals['_TENSORSPEC']._serialized_start=226
+  _globals['_TENSORSPEC']._serialized_end=305
+  _globals['_PIECE']._serialized_start=307
+  _globals['_PIECE']._serialized_end=360
+  _globals['_SHARDSPEC']._serialized_start=363
+  _globals['_SHARDSPEC']._serialized_end=495
+  _globals['_UPLOADMETRICS']._serialized_start=497
+  _globals['_UPLOADMETRICS']._serialized_end=589
+  _globals['_DELTAHEADER']._serialized_start=592
+  _globals['_DELTAHEADER']._serialized_end=967
+  _globals['_DELTACHUNK']._serialized_start=969
+  _globals['_DELTACHUNK']._serialized_end=1085
 # @@protoc_insertion_point(module_scope)

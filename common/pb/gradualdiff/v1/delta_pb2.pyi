@@ -49,6 +49,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_I8: _DType.ValueType  # 8
     DTYPE_U8: _DType.ValueType  # 9
     DTYPE_BOOL: _DType.ValueType  # 10
+    DTYPE_U32: _DType.ValueType  # 11
+    """the gap-coded indices of a top-k upload"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """Element types, as safetensors names them. The wire type of a piece may differ
@@ -66,6 +68,8 @@ DTYPE_I16: DType.ValueType  # 7
 DTYPE_I8: DType.ValueType  # 8
 DTYPE_U8: DType.ValueType  # 9
 DTYPE_BOOL: DType.ValueType  # 10
+DTYPE_U32: DType.ValueType  # 11
+"""the gap-coded indices of a top-k upload"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _Cast:
@@ -91,6 +95,45 @@ CAST_BF16: Cast.ValueType  # 1
 CAST_F16: Cast.ValueType  # 2
 """F32/F64 tensors travel as F16 (round to nearest even; may overflow to inf, which decode rejects)"""
 Global___Cast: _TypeAlias = Cast  # noqa: Y015
+
+class _Lossy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LossyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Lossy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOSSY_NONE: _Lossy.ValueType  # 0
+    """every tensor travels whole (exact, or per the cast)"""
+    LOSSY_TOPK: _Lossy.ValueType  # 1
+    """top-k by magnitude per tensor"""
+    LOSSY_INT8: _Lossy.ValueType  # 2
+    """symmetric int8 with one scale per row"""
+
+class Lossy(_Lossy, metaclass=_LossyEnumTypeWrapper):
+    """Lossy compact form of each fp32 tensor of an upload (with error feedback kept
+    by the worker). The manifest then lists compact tensors derived from each
+    tensor NAME of the round's fp32 manifest (tensors with no elements stay as
+    they are):
+      LOSSY_TOPK: NAME:gaps   U32 [k]  flat indices of the k = max(1, ceil(f * numel))
+                                       entries sent (f = topk_fraction, f * numel
+                                       rounded to 9 decimals first), gap-coded: the
+                                       first index, then differences; the indices
+                                       strictly increase and stay below numel
+                  NAME:values F32 [k]  their values (travel per the cast, e.g. BF16)
+      LOSSY_INT8: NAME:q      I8  [rows, cols]  codes; rows = dim 0 (1 for 0-d/1-D
+                                       tensors), cols = numel / rows
+                  NAME:scale  F32 [rows]        per-row scale: NAME = q * scale, row by row
+    The receiver derives the exact manifest from the round's and the codec, so
+    names, shapes and dtypes are checked as for an exact upload.
+    """
+
+LOSSY_NONE: Lossy.ValueType  # 0
+"""every tensor travels whole (exact, or per the cast)"""
+LOSSY_TOPK: Lossy.ValueType  # 1
+"""top-k by magnitude per tensor"""
+LOSSY_INT8: Lossy.ValueType  # 2
+"""symmetric int8 with one scale per row"""
+Global___Lossy: _TypeAlias = Lossy  # noqa: Y015
 
 class _DeltaKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -129,6 +172,8 @@ class Codec(_message.Message):
     BYTE_SHUFFLE_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     ZSTD_LEVEL_FIELD_NUMBER: _builtins.int
+    LOSSY_FIELD_NUMBER: _builtins.int
+    TOPK_FRACTION_FIELD_NUMBER: _builtins.int
     cast: Global___Cast.ValueType
     byte_shuffle: _builtins.bool
     """Byte-plane shuffle within each block (lossless): byte 0 of every element,
@@ -140,6 +185,12 @@ class Codec(_message.Message):
     """
     zstd_level: _builtins.int
     """zstd level the encoder used (informational; decoding does not need it). -7 .. 22."""
+    lossy: Global___Lossy.ValueType
+    """Lossy compact form (uploads only; see Lossy above)."""
+    topk_fraction: _builtins.float
+    """LOSSY_TOPK: fraction of each tensor's elements sent, in (0, 1]; 0 otherwise.
+    A double, so both ends compute the same k from it.
+    """
     def __init__(
         self,
         *,
@@ -147,10 +198,12 @@ class Codec(_message.Message):
         byte_shuffle: _builtins.bool = ...,
         block_bytes: _builtins.int = ...,
         zstd_level: _builtins.int = ...,
+        lossy: Global___Lossy.ValueType = ...,
+        topk_fraction: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "byte_shuffle", b"byte_shuffle", "cast", b"cast", "zstd_level", b"zstd_level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "byte_shuffle", b"byte_shuffle", "cast", b"cast", "lossy", b"lossy", "topk_fraction", b"topk_fraction", "zstd_level", b"zstd_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -371,6 +371,7 @@ class RoundSpec(_message.Message):
     TRAINABLE_TENSORS_FIELD_NUMBER: _builtins.int
     ASSIGNED_LORA_RANK_FIELD_NUMBER: _builtins.int
     BASE_ROUND_FIELD_NUMBER: _builtins.int
+    SITS_OUT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     round: _builtins.int
     """1-based; 0 in a reply means "no round yet" """
@@ -383,6 +384,10 @@ class RoundSpec(_message.Message):
     """FlexLoRA: the rank this site trains"""
     base_round: _builtins.int
     """the published round this round's deltas are taken against"""
+    sits_out: _builtins.bool
+    """This site has no part in this round (FedCyBGD: not its turn): it must not
+    train or upload, and awaits a later round instead.
+    """
     @_builtins.property
     def training(self) -> Global___TrainingSpec: ...
     @_builtins.property
@@ -404,10 +409,11 @@ class RoundSpec(_message.Message):
         trainable_tensors: _abc.Iterable[_builtins.str] | None = ...,
         assigned_lora_rank: _builtins.int = ...,
         base_round: _builtins.int = ...,
+        sits_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "base_round", b"base_round", "deadline_unix_ms", b"deadline_unix_ms", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "base_round", b"base_round", "deadline_unix_ms", b"deadline_unix_ms", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "sits_out", b"sits_out", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

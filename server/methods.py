@@ -1,0 +1,193 @@
+"""What the run's method asks of each round: who trains, which tensors, at which LoRA rank.
+
+The round state machine (server.rounds) and the aggregation rule
+(server.aggregate) are the same for every method; a method only changes
+
+- **who takes part**: every live site (GradualDiff-Fed, FlexLoRA), or the
+  sites whose turn it is (FedCyBGD);
+- **what a site trains and uploads**: the whole trainable state, one decoder
+  block (FedCyBGD), or a rank-r_i slice of the LoRA state (FlexLoRA);
+- **how uploads combine**: the streaming weighted mean, or FlexLoRA's SVD
+  over the full-size ΔW (server.flexlora_round) at the close.
+
+FedCyBGD (ALGORITHMS.md §3) trains sites one after another within a cycle;
+here one aggregator round is one *turn*: the round's participants are the
+site whose turn it is (cyclic modes) or the sites of one block (``agg``),
+and a cycle of N sites is N rounds (``agg``: one round per block that has
+sites). With FedAvg at learning rate 1 and a single uploader, publishing the
+mean difference sets the block to exactly what the site trained: the
+authors' "latest writer wins".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from common.delta import TensorSpec
+from common.dtypes import DType
+from common.lora import is_lora_a, is_lora_b, lora_pairs
+from common.spec import Method, TrainingSpec, TrainMode
+from server import cybgd
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One site's part in one round."""
+
+    trains: bool = True
+    tensors: tuple[str, ...] = ()  # what the site trains and uploads; empty = the whole trainable state
+    lora_rank: int = 0  # FlexLoRA: the rank the site trains (0 = not FlexLoRA)
+    block: str = ""  # FedCyBGD: the block's name prefix
+
+
+class MethodPlan:
+    """GradualDiff-Fed: every live site trains the whole trainable state every round."""
+
+    streaming_fold = True  # uploads fold into the round's running sum as they arrive
+    uniform_weights = False  # every upload counts 1 instead of its sample count
+
+    def __init__(self, spec: TrainingSpec, manifest: Sequence[TensorSpec], sites: Sequence[str]) -> None:
+        self.spec = spec
+        self.manifest = tuple(manifest)
+        self.sites = tuple(sorted(sites))
+
+    def assignment(self, round_number: int, site_id: str, declared_rank: int = 0) -> Assignment:
+        return Assignment()
+
+    def upload_manifest(self, assignment: Assignment) -> tuple[TensorSpec, ...]:
+        """What an upload under ``assignment`` must hold: names, fp32, shapes."""
+        chosen = set(assignment.tensors)
+        return tuple(
+            TensorSpec(t.name, DType.F32, t.shape) for t in self.manifest if not chosen or t.name in chosen
+        )
+
+    def describe(self) -> str:
+        return "gradualdiff: every site, the whole trainable state"
+
+
+class FlexLoraPlan(MethodPlan):
+    """FlexLoRA: site i trains a rank-r_i slice of the run's rank-R adapters; the close runs the SVD."""
+
+    streaming_fold = False
+
+    def __init__(self, spec: TrainingSpec, manifest: Sequence[TensorSpec], sites: Sequence[str]) -> None:
+        super().__init__(spec, manifest, sites)
+        if spec.mode is not TrainMode.LORA:
+            raise ValueError("method flexlora needs mode = lora")
+        self.max_rank = spec.lora.rank
+        pairs = lora_pairs([t.name for t in manifest])
+        if not pairs:
+            raise ValueError("method flexlora: the initial state holds no lora_A/lora_B pairs")
+        shapes = {t.name: t.shape for t in manifest}
+        for a, b in pairs.values():
+            if shapes[a][0] != self.max_rank or shapes[b][1] != self.max_rank:
+                raise ValueError(
+                    f"method flexlora: {a} has rank {shapes[a][0]} but training.lora.rank is {self.max_rank}; "
+                    "write the initial state at the run's maximum rank"
+                )
+
+    def rank_of(self, declared: int) -> int:
+        return declared if 0 < declared <= self.max_rank else self.max_rank
+
+    def assignment(self, round_number: int, site_id: str, declared_rank: int = 0) -> Assignment:
+        return Assignment(lora_rank=self.rank_of(declared_rank))
+
+    def upload_manifest(self, assignment: Assignment) -> tuple[TensorSpec, ...]:
+        r = assignment.lora_rank or self.max_rank
+        out = []
+        for t in self.manifest:
+            shape = t.shape
+            if is_lora_a(t.name):
+                shape = (r, *shape[1:])
+            elif is_lora_b(t.name):
+                shape = (shape[0], r, *shape[2:])
+            out.append(TensorSpec(t.name, DType.F32, shape))
+        return tuple(out)
+
+    def describe(self) -> str:
+        return f"flexlora: rank-r_i adapters (r_i <= {self.max_rank}), SVD redistribution"
+
+
+class CyBgdPlan(MethodPlan):
+    """FedCyBGD: per round, the site(s) whose turn it is train one decoder block."""
+
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        manifest: Sequence[TensorSpec],
+        sites: Sequence[str],
+        *,
+        mode: str = "ascending",
+        block_pattern: str = cybgd.DEFAULT_PREFIX_PATTERN,
+    ) -> None:
+        super().__init__(spec, manifest, sites)
+        if mode not in cybgd.MODES:
+            raise ValueError(f"cybgd.mode must be one of {list(cybgd.MODES)}, got {mode!r}")
+        if not self.sites:
+            raise ValueError(
+                "method fedcybgd needs the sites listed in the configuration (their order is the cycle)"
+            )
+        self.mode = mode
+        self.blocks = cybgd.find_blocks([t.name for t in manifest], block_pattern)
+        if not self.blocks:
+            raise ValueError(f"method fedcybgd: no tensor name matches the block pattern {block_pattern!r}")
+        self.uniform_weights = mode == "agg"  # the authors' aggregate_params: a plain mean
+        self._members = {
+            b: tuple(t.name for t in manifest if cybgd.block_of(t.name, self.blocks) == b)
+            for b in self.blocks
+        }
+
+    @property
+    def turns_per_cycle(self) -> int:
+        return len(self._turns(0))
+
+    def _turns(self, cycle: int) -> list[tuple[int, list[int]]]:
+        """Cycle ``cycle``'s turns in order: (block index, the site indexes that train it)."""
+        return _turns(self.mode, len(self.sites), len(self.blocks), cycle, self.spec.seed)
+
+    def turn(self, round_number: int) -> tuple[int, int, list[str]]:
+        """Round ``round_number`` (1-based) as (cycle, block index, the sites that train it)."""
+        per = self.turns_per_cycle
+        cycle, index = divmod(round_number - 1, per)
+        block, members = self._turns(cycle)[index]
+        return cycle, block, [self.sites[c] for c in members]
+
+    def assignment(self, round_number: int, site_id: str, declared_rank: int = 0) -> Assignment:
+        _, block, members = self.turn(round_number)
+        if site_id not in members:
+            return Assignment(trains=False)
+        prefix = self.blocks[block]
+        return Assignment(tensors=self._members[prefix], block=prefix)
+
+    def describe(self) -> str:
+        return (
+            f"fedcybgd ({self.mode}): {len(self.blocks)} blocks, {len(self.sites)} sites, "
+            f"{self.turns_per_cycle} round(s) per cycle"
+        )
+
+
+@lru_cache(maxsize=64)
+def _turns(mode: str, n_sites: int, n_blocks: int, cycle: int, seed: int) -> list[tuple[int, list[int]]]:
+    pairs = cybgd.schedule(mode, n_sites, n_blocks, cycle + 1, seed)[cycle]
+    if mode != "agg":
+        return [(b, [c]) for c, b in pairs]
+    turns: list[tuple[int, list[int]]] = []
+    for c, b in pairs:
+        if turns and turns[-1][0] == b:
+            turns[-1][1].append(c)
+        else:
+            turns.append((b, [c]))
+    return turns
+
+
+def make_plan(
+    spec: TrainingSpec, manifest: Sequence[TensorSpec], sites: Sequence[str], *, cybgd_mode: str = "ascending"
+) -> MethodPlan:
+    """The plan for the run's method (ValueError names what the configuration lacks)."""
+    if spec.method is Method.FLEXLORA:
+        return FlexLoraPlan(spec, manifest, sites)
+    if spec.method is Method.FEDCYBGD:
+        return CyBgdPlan(spec, manifest, sites, mode=cybgd_mode)
+    return MethodPlan(spec, manifest, sites)

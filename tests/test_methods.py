@@ -1,0 +1,220 @@
+"""The method plans (who trains what) and FlexLoRA's close, against direct computations."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common.codec import encode
+from common.delta import Codec, DeltaHeader, DeltaKind, TensorSpec
+from common.dtypes import DType
+from common.lora import slice_state
+from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from server.flexlora_round import FlexUpload, next_state
+from server.methods import CyBgdPlan, FlexLoraPlan, MethodPlan, make_plan
+from server.spool import Spool
+from server.statefile import StateReader
+
+F32 = DType.F32
+
+
+def _manifest(shapes: dict[str, tuple[int, ...]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(n, F32, s) for n, s in shapes.items())
+
+
+LAYERED = _manifest(
+    {
+        "model.embed_tokens.weight": (10, 4),
+        "model.layers.0.mlp.w": (4, 4),
+        "model.layers.0.norm.weight": (4,),
+        "model.layers.1.mlp.w": (4, 4),
+        "model.layers.10.mlp.w": (4, 4),
+        "model.layers.2.mlp.w": (4, 4),
+        "lm_head.weight": (10, 4),
+    }
+)
+
+
+def test_gradualdiff_plan_trains_everything() -> None:
+    plan = make_plan(TrainingSpec(), LAYERED, ["b", "a"])
+    assert type(plan) is MethodPlan and plan.streaming_fold
+    got = plan.assignment(3, "a")
+    assert got.trains and got.tensors == () and got.lora_rank == 0
+    assert plan.upload_manifest(got) == LAYERED
+
+
+def test_cybgd_ascending_one_site_per_round_and_exact_block_prefixes() -> None:
+    spec = TrainingSpec(method=Method.FEDCYBGD)
+    plan = make_plan(spec, LAYERED, ["site-b", "site-a", "site-c"])
+    assert isinstance(plan, CyBgdPlan)
+    assert plan.blocks == ["model.layers.0.", "model.layers.1.", "model.layers.2.", "model.layers.10."]
+    assert plan.turns_per_cycle == 3  # one round per site; sites in sorted order
+    expected = {1: ("site-a", 0), 2: ("site-b", 1), 3: ("site-c", 2), 4: ("site-a", 0), 5: ("site-b", 1)}
+    for number, (site, block) in expected.items():
+        for other in ("site-a", "site-b", "site-c"):
+            got = plan.assignment(number, other)
+            assert got.trains == (other == site), (number, other)
+        got = plan.assignment(number, site)
+        assert got.block == plan.blocks[block]
+        # Exact prefix with the trailing dot: block 1 does not take layers.10.
+        assert all(n.startswith(plan.blocks[block]) for n in got.tensors) and got.tensors
+        assert [t.name for t in plan.upload_manifest(got)] == list(got.tensors)
+    assert plan.assignment(2, "site-b").tensors == ("model.layers.1.mlp.w",)
+    # N < L: block 3 (layers.10.) is never trained in ascending mode.
+    trained = {plan.assignment(n, s).block for n in range(1, 30) for s in plan.sites}
+    assert "model.layers.10." not in trained
+
+
+def test_cybgd_agg_trains_one_block_per_round_with_its_group_in_parallel() -> None:
+    spec = TrainingSpec(method=Method.FEDCYBGD)
+    plan = CyBgdPlan(spec, LAYERED, [f"s{i}" for i in range(5)], mode="agg")
+    assert plan.uniform_weights and plan.turns_per_cycle == 4
+    # Blocks 0..3; groups {0: s0, s4}, {1: s1}, {2: s2}, {3: s3}.
+    assert [plan.turn(n)[1:] for n in range(1, 6)] == [
+        (0, ["s0", "s4"]),
+        (1, ["s1"]),
+        (2, ["s2"]),
+        (3, ["s3"]),
+        (0, ["s0", "s4"]),
+    ]
+
+
+def test_cybgd_random_visits_every_block_within_a_cycle_of_cycles() -> None:
+    spec = TrainingSpec(method=Method.FEDCYBGD, seed=7)
+    plan = CyBgdPlan(spec, LAYERED, ["a", "b"], mode="random")
+    blocks_of_a = [plan.assignment(n, "a").block for n in range(1, 9) if plan.assignment(n, "a").trains]
+    assert len(blocks_of_a) == 4 and sorted(blocks_of_a) == sorted(plan.blocks)
+
+
+def test_cybgd_needs_configured_sites_and_blocks() -> None:
+    spec = TrainingSpec(method=Method.FEDCYBGD)
+    with pytest.raises(ValueError, match="sites"):
+        make_plan(spec, LAYERED, [])
+    with pytest.raises(ValueError, match="block pattern"):
+        make_plan(spec, _manifest({"w": (2,)}), ["a"])
+    with pytest.raises(ValueError, match="mode"):
+        CyBgdPlan(spec, LAYERED, ["a"], mode="sideways")
+
+
+def _lora_manifest(rank: int) -> tuple[TensorSpec, ...]:
+    return _manifest(
+        {
+            "m.q.lora_A.default.weight": (rank, 6),
+            "m.q.lora_B.default.weight": (5, rank),
+            "m.v.lora_A.default.weight": (rank, 6),
+            "m.v.lora_B.default.weight": (3, rank),
+        }
+    )
+
+
+def test_flexlora_plan_slices_the_upload_manifest_by_rank() -> None:
+    spec = TrainingSpec(method=Method.FLEXLORA, mode=TrainMode.LORA, lora=LoraSpec(rank=4))
+    plan = make_plan(spec, _lora_manifest(4), ["a"])
+    assert isinstance(plan, FlexLoraPlan) and not plan.streaming_fold
+    got = plan.assignment(1, "a", declared_rank=2)
+    assert got.lora_rank == 2
+    assert plan.upload_manifest(got) == _lora_manifest(2)
+    assert plan.assignment(1, "a", declared_rank=0).lora_rank == 4
+    with pytest.raises(ValueError, match="rank"):
+        make_plan(spec, _lora_manifest(3), ["a"])
+    with pytest.raises(ValueError, match="mode = lora"):
+        make_plan(TrainingSpec(method=Method.FLEXLORA), _lora_manifest(4), ["a"])
+
+
+def test_flexlora_close_matches_a_direct_numpy_computation(tmp_path: Path) -> None:
+    """Mixed ranks, α/r scaling, weights by samples; the new rank-R state is ΔW's best rank-R approximation."""
+    big, alpha = 4, 16.0
+    gen = torch.Generator().manual_seed(3)
+    previous = {
+        t.name: torch.randn(t.shape, generator=gen) * 0.1 for t in _lora_manifest(big)
+    }  # a state as after some round: B nonzero
+    state_path = tmp_path / "state.safetensors"
+    save_file(previous, str(state_path))
+    reader = StateReader(state_path)
+    spool = Spool(tmp_path / "spool")
+    sites = [("a", 2, 10.0), ("b", 4, 30.0), ("c", 1, 5.0)]
+    uploads, trained = [], {}
+    for site, rank, n in sites:
+        start = slice_state(previous, rank)
+        delta = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in start.items()}
+        trained[site] = {k: start[k] + delta[k] for k in start}
+        sink = io.BytesIO()
+        layout = encode(delta, Codec(), sink)
+        writer = spool.open_at(site, 0)
+        writer.write(sink.getvalue())
+        writer.sync()
+        writer.close()
+        header = DeltaHeader(layout=layout, run_id="r", round=1, site_id=site, upload_id=site, sample_count=int(n),
+                             base_round=0, kind=DeltaKind.DIFF)  # fmt: skip
+        manifest = tuple(TensorSpec(k, F32, tuple(v.shape)) for k, v in delta.items())
+        uploads.append(FlexUpload(upload_id=site, header=header, rank=rank, weight=n, manifest=manifest))
+    new = next_state(reader, uploads, spool, alpha=alpha, budget_bytes=1)  # one module per group
+    total = sum(n for _, _, n in sites)
+    for module, d_out in (("m.q", 5), ("m.v", 3)):
+        a_name, b_name = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+        dw = np.zeros((d_out, 6))
+        for site, rank, n in sites:
+            a = trained[site][a_name].double().numpy()
+            b = trained[site][b_name].double().numpy()
+            dw += (n / total) * (alpha / rank) * (b @ a)
+        u, s, vt = np.linalg.svd(dw, full_matrices=False)
+        best = (u[:, :big] * s[:big]) @ vt[:big]
+        got = (alpha / big) * (new[b_name].double().numpy() @ new[a_name].double().numpy())
+        np.testing.assert_allclose(got, best, atol=1e-5)
+        assert new[a_name].shape == (big, 6) and new[b_name].shape == (d_out, big)
+        # A has orthonormal rows; all of Σ sits in B. Ranks above min(d_out, d_in) are zero-padded.
+        k = min(big, d_out)
+        a_new = new[a_name].double().numpy()
+        np.testing.assert_allclose(a_new[:k] @ a_new[:k].T, np.eye(k), atol=1e-5)
+        assert not a_new[k:].any()
+        # A rank-2 site starts next round from the best rank-2 approximation.
+        r2 = slice_state(new, 2)
+        got2 = (alpha / 2) * (r2[b_name].double().numpy() @ r2[a_name].double().numpy())
+        np.testing.assert_allclose(got2, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+
+
+def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tmp_path: Path) -> None:
+    from common.pb.gradualdiff.v1 import federation_pb2
+    from server.config import CyBgdConfig, RoundPolicy
+    from tests.scripted import Harness, assert_same_bits, rpc_code
+
+    gen = torch.Generator().manual_seed(5)
+    init = {
+        "model.embed.weight": torch.randn(8, 4, generator=gen),
+        "model.layers.0.w": torch.randn(4, 4, generator=gen),
+        "model.layers.1.w": torch.randn(4, 4, generator=gen),
+    }
+    # N = 3 sites, L = 2 blocks, agg: block 0 is trained by a and c together, block 1 by b.
+    h = Harness(tmp_path, {"a": 10, "b": 30, "c": 5}, init=init, training=TrainingSpec(method=Method.FEDCYBGD),
+                cybgd=CyBgdConfig(mode="agg"), round=RoundPolicy(min_sites_to_open=3))  # fmt: skip
+    try:
+        h.join_all()
+        spec = h["a"].await_round(0)
+        assert (spec.round, list(spec.trainable_tensors), spec.sits_out) == (1, ["model.layers.0.w"], False)
+        assert h["b"].await_round(0, wait_ms=300).sits_out  # not b's turn: it is told to sit out
+        da = {"model.layers.0.w": torch.randn(4, 4, generator=gen)}
+        dc = {"model.layers.0.w": torch.randn(4, 4, generator=gen)}
+        # b has no part in round 1; a whole-state upload from a is not its block.
+        code = rpc_code(lambda: h["b"].push(*h["b"].header({"model.layers.1.w": torch.ones(4, 4)}, 1, 0)))
+        assert code.name == "FAILED_PRECONDITION"
+        code = rpc_code(lambda: h["a"].push(*h["a"].header(init, 1, 0)))
+        assert code.name == "INVALID_ARGUMENT"
+        for site, delta in (("a", da), ("c", dc)):
+            receipt = h[site].push(*h[site].header(delta, 1, 0))
+            assert receipt.accepted
+        assert h.admin.wait_round(1).state == federation_pb2.ROUND_STATE_PUBLISHED
+        _, state = h["b"].snapshot()
+        mean = (da["model.layers.0.w"] + dc["model.layers.0.w"]) / 2  # not weighted by 10 and 5 samples
+        expected = dict(init) | {"model.layers.0.w": init["model.layers.0.w"] + mean}
+        torch.testing.assert_close(state["model.layers.0.w"], expected["model.layers.0.w"], rtol=0, atol=1e-6)
+        assert_same_bits({k: state[k] for k in ("model.embed.weight", "model.layers.1.w")},
+                         {k: init[k] for k in ("model.embed.weight", "model.layers.1.w")})  # fmt: skip
+        spec = h["b"].await_round(1)
+        assert (spec.round, list(spec.trainable_tensors)) == (2, ["model.layers.1.w"])
+    finally:
+        h.close()

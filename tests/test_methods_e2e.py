@@ -1,0 +1,145 @@
+"""FlexLoRA and FedCyBGD through the real aggregator and the real worker, on the tiny demo model."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from client.demo_init import init_demo
+from client.export import state_file_of_round
+from client.init_state import write_init_state
+from client.worker import Worker, WorkerConfig
+from common.pb.gradualdiff.v1 import federation_pb2
+from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from server.config import CyBgdConfig, RoundPolicy, ServerConfig
+from tests.scripted import AdminClient, Aggregator, ScriptedSite, assert_same_bits, make_config, token_of
+
+BASE = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    init_demo(root, examples_per_site=40, eval_examples=10, pretrain_steps=0)
+    return root
+
+
+def _config(
+    tmp: Path, demo: Path, sites: list[str], spec: TrainingSpec, rounds: int, **kw: Any
+) -> ServerConfig:
+    config = make_config(tmp, sites, training=spec, heartbeat_interval_s=0.3, missed_beats=40, rounds=rounds,
+                         round=RoundPolicy(min_sites_to_open=len(sites)), **kw)  # fmt: skip
+    init = tmp / "model-init.safetensors"
+    write_init_state(demo / "model", init, spec)
+    return replace(config, init_state=init)
+
+
+def _run(config: ServerConfig, demo: Path, tmp: Path, ranks: dict[str, int]) -> list[Worker]:
+    workers = [
+        Worker(
+            WorkerConfig(
+                aggregator=config.listen,
+                site_id=site,
+                token=token_of(site),
+                model=demo / "model",
+                data=demo / "data" / f"{site}.jsonl",
+                state_dir=tmp / site,
+                quiet=True,
+                lora_rank=rank,
+            )
+        )
+        for site, rank in ranks.items()
+    ]
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda w=w: codes.append(w.run())) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert codes == [0] * len(workers)
+    return workers
+
+
+@pytest.mark.slow
+def test_flexlora_mixed_ranks_through_the_worker(tmp_path: Path, demo: Path) -> None:
+    spec = replace(
+        BASE,
+        method=Method.FLEXLORA,
+        mode=TrainMode.LORA,
+        lora=LoraSpec(rank=4, target_modules=("q_proj", "v_proj")),
+    )
+    config = _config(tmp_path, demo, ["site-a", "site-b"], spec, rounds=2)
+    with Aggregator(config) as agg, AdminClient(agg.target) as admin:
+        # A site may not declare more than the run's rank.
+        with ScriptedSite(agg.target, "site-a") as greedy:
+            with pytest.raises(grpc.RpcError) as err:
+                greedy.stub.Join(
+                    federation_pb2.JoinRequest(
+                        site_id="site-a", capabilities=federation_pb2.Capabilities(lora_rank=8, num_samples=5)
+                    ),
+                    metadata=greedy.metadata,
+                    timeout=10,
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "lora_rank" in str(err.value.details())
+        workers = _run(replace(config, listen=agg.target), demo, tmp_path, {"site-a": 2, "site-b": 4})
+        by_site = {w.config.site_id: w for w in workers}
+        up_a = [r.bytes_up for r in by_site["site-a"].reports]
+        up_b = [r.bytes_up for r in by_site["site-b"].reports]
+        assert len(up_a) == len(up_b) == 2
+        # Rank 2 uploads about half of rank 4's adapter bytes.
+        assert all(0.35 < a / b < 0.7 for a, b in zip(up_a, up_b, strict=True)), (up_a, up_b)
+        for number in (1, 2):
+            r = admin.round(number)
+            assert r.state == 5 and sum(p.accepted for p in r.participants) == 2
+        path, number = state_file_of_round(config.state_dir, None)
+        assert number == 2
+        state = load_file(str(path))
+        a_names = [n for n in state if ".lora_A." in n]
+        assert a_names and all(state[n].shape[0] == 4 for n in a_names)
+        for name in a_names:  # the SVD's V_rᵀ: orthonormal rows
+            a = state[name].double()
+            assert torch.allclose(a @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-4)
+        # Each worker holds the aggregator's round-1 state, bit for bit.
+        round1, _ = state_file_of_round(config.state_dir, 1)
+        for site in ("site-a", "site-b"):
+            held = load_file(str(tmp_path / site / "held.safetensors"))
+            assert_same_bits(held, load_file(str(round1)))
+
+
+@pytest.mark.slow
+def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path) -> None:
+    spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
+    sites = ["site-a", "site-b"]
+    config = _config(
+        tmp_path, demo, sites, spec, rounds=4, cybgd=CyBgdConfig(mode="descending"), keep_states=5
+    )
+    with Aggregator(config) as agg, AdminClient(agg.target) as admin:
+        workers = _run(replace(config, listen=agg.target), demo, tmp_path, dict.fromkeys(sites, 0))
+        states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(5)]
+        full_bytes = sum(t.numel() * 4 for t in states[0].values())
+        # descending over 4 blocks: site-a (index 0) trains layers.3., site-b layers.2., in turn.
+        expected = {1: ("site-a", "model.layers.3."), 2: ("site-b", "model.layers.2."),
+                    3: ("site-a", "model.layers.3."), 4: ("site-b", "model.layers.2.")}  # fmt: skip
+        for number, (site, block) in expected.items():
+            r = admin.round(number)
+            assert r.state == 5, r.failure_reason
+            assert [(p.site_id, p.accepted) for p in r.participants] == [(site, True)]
+            changed = {n for n in states[number] if not torch.equal(states[number][n], states[number - 1][n])}
+            assert changed and all(n.startswith(block) for n in changed), (number, sorted(changed)[:3])
+        block_bytes = sum(t.numel() * 4 for n, t in states[0].items() if n.startswith("model.layers.3."))
+        for w in workers:
+            assert [r.round for r in w.reports] == ([1, 3] if w.config.site_id == "site-a" else [2, 4])
+            for report in w.reports:
+                # One block of four travels (compressed), not the model.
+                assert report.bytes_up <= block_bytes < full_bytes / 4
