@@ -136,10 +136,18 @@ def _write_config(
         f'base_model_fingerprint = "{fingerprint(root / "model")}"\n'
         f"[round]\nmin_sites_to_open = {len(SITES)}\nmin_sites = 0\ndeadline_s = 600\n"
         "[training]\n"
-        f'method = "gradualdiff"\nmode = "full"\nlocal_steps = {settings.local_steps}\n'
-        f"batch_size = {settings.batch_size}\nlearning_rate = {settings.learning_rate}\n"
-        f"max_seq_len = {settings.max_seq_len}\nseed = {settings.seed}\n"
-        + _toml_section(settings.training)
+        + _toml_section(
+            {
+                "method": "gradualdiff",
+                "mode": "full",
+                "local_steps": settings.local_steps,
+                "batch_size": settings.batch_size,
+                "learning_rate": settings.learning_rate,
+                "max_seq_len": settings.max_seq_len,
+                "seed": settings.seed,
+            }
+            | settings.training
+        )
         + settings.sections
     )
     return config, token_files

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,17 +56,23 @@ def fetch(
     state: dict[str, torch.Tensor],
     *,
     snapshot: bool = False,
+    only_prefixes: Sequence[str] = (),
     progress: Callable[[int], None] = lambda n: None,
     timeout: float = 3600,
 ) -> Synced:
-    """Bring ``state`` (held at ``held_round``) to the latest published round, in place."""
-    request = federation_pb2.FetchDiffRequest(site_id=site_id, have_round=held_round, snapshot=snapshot)
+    """Bring ``state`` (held at ``held_round``) to the latest published round, in place.
+
+    With ``only_prefixes`` only those tensors are fetched (a partial snapshot) and overwritten.
+    """
+    request = federation_pb2.FetchDiffRequest(
+        site_id=site_id, have_round=held_round, snapshot=snapshot, only_prefixes=list(only_prefixes)
+    )
     current: list[Chunk] = []
     round_number, nbytes, deltas, got_snapshot = held_round, 0, 0, False
     for message in stub.FetchDiff(request, metadata=metadata, timeout=timeout):
         chunk = chunk_from_proto(message)
         if chunk.header is not None and current:
-            round_number, was_snapshot = _apply(current, state, round_number)
+            round_number, was_snapshot = _apply(current, state, round_number, partial=bool(only_prefixes))
             got_snapshot |= was_snapshot
             deltas += 1
             current = []
@@ -74,18 +80,20 @@ def fetch(
         nbytes += len(chunk.data)
         progress(len(chunk.data))
     if current:
-        round_number, was_snapshot = _apply(current, state, round_number)
+        round_number, was_snapshot = _apply(current, state, round_number, partial=bool(only_prefixes))
         got_snapshot |= was_snapshot
         deltas += 1
     return Synced(round_number, nbytes, deltas, got_snapshot)
 
 
-def _apply(chunks: list[Chunk], state: dict[str, torch.Tensor], held: int) -> tuple[int, bool]:
+def _apply(
+    chunks: list[Chunk], state: dict[str, torch.Tensor], held: int, *, partial: bool = False
+) -> tuple[int, bool]:
     header = chunks[0].header
     assert header is not None
     names = {t.name for t in header.layout.manifest}
     if header.kind is DeltaKind.SNAPSHOT:
-        if names != set(state):
+        if names != set(state) and not (partial and names <= set(state)):
             raise ValueError(f"snapshot of round {header.round} has other tensors than this worker trains")
         for spec in header.layout.manifest:
             # The held state mirrors the aggregator's, which may differ in shape from what this

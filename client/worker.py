@@ -232,6 +232,9 @@ class Worker:
             target=self._beat_loop, args=(join.heartbeat_interval_ms / 1000,), name="heartbeat", daemon=True
         )
         beats.start()
+        # FedCyBGD's compressed download trains against the base model's own values outside the
+        # fetched blocks: keep them (only then; it is a copy of the trainable state).
+        base_state = trainable_state(loaded) if spec.method is Method.FEDCYBGD else {}
         held = self.local.load_held(run_id)
         if held is None:
             state = trainable_state(loaded)
@@ -255,11 +258,16 @@ class Worker:
                     logger.info("[worker] the run is finished")
                     break
                 bytes_down = 0
-                if held_round != round_spec.base_round:
+                start = state
+                if round_spec.download_blocks:
+                    start = {name: tensor.clone() for name, tensor in base_state.items()}
+                    synced = self._sync(held_round, start, only=tuple(round_spec.download_blocks))
+                    bytes_down = synced.bytes
+                elif held_round != round_spec.base_round:
                     synced = self._sync(held_round, state)
                     held_round, bytes_down = synced.round, synced.bytes
                     self.local.save_held(run_id, held_round, state)
-                report = self._round(loaded, round_spec, state, train, held_out, run_id)
+                report = self._round(loaded, round_spec, start, train, held_out, run_id)
                 if report is not None:
                     report.bytes_down = bytes_down
                     self.reports.append(report)
@@ -290,7 +298,14 @@ class Worker:
             return spec
         return None
 
-    def _sync(self, held_round: int, state: dict[str, torch.Tensor], *, snapshot: bool = False) -> Any:
+    def _sync(
+        self,
+        held_round: int,
+        state: dict[str, torch.Tensor],
+        *,
+        snapshot: bool = False,
+        only: tuple[str, ...] = (),
+    ) -> Any:
         self._status.phase = PHASE_SYNCING
         with self.progress.bytes(f"{self.config.site_id} fetch") as bar:
             synced = self._call(
@@ -302,6 +317,7 @@ class Worker:
                     held_round,
                     state,
                     snapshot=snapshot,
+                    only_prefixes=only,
                     progress=bar,
                 ),
             )

@@ -63,6 +63,10 @@ class CyBgdConfig:
     """FedCyBGD settings (used when training.method = "fedcybgd"); see server.methods."""
 
     mode: str = "ascending"  # ascending | descending | random | agg
+    # Download compression: at its turn a site fetches its own block and a random ceil(p·n) of the
+    # n other blocks updated so far; every other block stays at the base model's values there.
+    # 1.0 = a normal sync of the whole state.
+    download_fraction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

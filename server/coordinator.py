@@ -17,20 +17,21 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from common.codec import validate_layout
+from common.codec import encode, validate_layout
 from common.codec.compact import wire_manifest
-from common.delta import DeltaHeader, DeltaKind, TensorSpec
+from common.delta import Codec, DeltaHeader, DeltaKind, TensorSpec
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
     GdfedError,
     InvalidArgument,
+    LimitExceeded,
     NotFound,
     PermissionDenied,
     RoundClosed,
@@ -74,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_SAMPLES = 1 << 29  # keeps n·Δ exact in the fp64 accumulator
+MAX_PREFIXES = 4096
 
 
 def check_id(value: str, field: str) -> None:
@@ -125,6 +127,7 @@ class FetchItem:
     header: DeltaHeader
     path: Path
     round: int
+    temporary: bool = False  # encoded for this request only: delete once streamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,11 @@ class Coordinator:
         self.manifest = self._manifest_of(latest)
         self.full_model_bytes = sum(t.numel * 4 for t in self.manifest)
         self.plan = make_plan(
-            config.training, self.manifest, list(config.site_tokens), cybgd_mode=config.cybgd.mode
+            config.training,
+            self.manifest,
+            list(config.site_tokens),
+            cybgd_mode=config.cybgd.mode,
+            download_fraction=config.cybgd.download_fraction,
         )
         if config.training.method is not Method.GRADUALDIFF and (
             config.optimizer.name != "fedavg" or config.optimizer.lr != 1.0
@@ -724,8 +731,12 @@ class Coordinator:
             self._emit("site_dropped", round_number=current.round if current else 0, site_id=site.site_id)
 
     # ---------------------------------------------------------------- fetch
-    def fetch_plan(self, site_id: str, have_round: int, snapshot: bool) -> list[FetchItem]:
+    def fetch_plan(
+        self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()
+    ) -> list[FetchItem]:
         """The deltas that bring a worker from ``have_round`` to the latest published state."""
+        if only_prefixes:
+            return [self._partial_snapshot(site_id, tuple(only_prefixes))]
         with self._lock:
             self._site(site_id)
             latest = self._latest_published()
@@ -755,6 +766,31 @@ class Coordinator:
                 _parse_header(record.snapshot_header), self.blobs.path(record.snapshot_blob), record.round
             )
         ]
+
+    def _partial_snapshot(self, site_id: str, prefixes: tuple[str, ...]) -> FetchItem:
+        """The latest state's tensors under ``prefixes``, encoded for this request (FedCyBGD's compressed download)."""
+        if len(prefixes) > MAX_PREFIXES:
+            raise LimitExceeded(
+                f"only_prefixes has {len(prefixes)} entries; the limit is {MAX_PREFIXES}",
+                field="only_prefixes",
+                limit=MAX_PREFIXES,
+            )
+        with self._lock:
+            self._site(site_id)
+            latest = self._latest_published()
+        reader = StateReader(self.blobs.path(latest.state_blob))
+        manifest = tuple(t for t in reader.manifest if t.name.startswith(prefixes))
+        if not manifest:
+            raise InvalidArgument(
+                f"only_prefixes {list(prefixes)[:3]} name no tensor of the state", field="only_prefixes"
+            )
+        temp = self.blobs.temp_path(".payload")
+        with temp.open("wb") as sink:
+            layout = encode({t.name: reader.read(t.name) for t in manifest}, Codec(), sink, manifest=manifest)
+        header = DeltaHeader(
+            layout=layout, run_id=self.run.run_id, round=latest.round, kind=DeltaKind.SNAPSHOT
+        )
+        return FetchItem(header, temp, latest.round, temporary=True)
 
     def _genesis_snapshot_bytes(self) -> int:
         genesis = self.store.get(RoundRecord, 0)

@@ -21,6 +21,7 @@ authors' "latest writer wins".
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +41,7 @@ class Assignment:
     tensors: tuple[str, ...] = ()  # what the site trains and uploads; empty = the whole trainable state
     lora_rank: int = 0  # FlexLoRA: the rank the site trains (0 = not FlexLoRA)
     block: str = ""  # FedCyBGD: the block's name prefix
+    download_blocks: tuple[str, ...] = ()  # FedCyBGD download compression: the blocks to fetch
 
 
 class MethodPlan:
@@ -121,10 +123,14 @@ class CyBgdPlan(MethodPlan):
         *,
         mode: str = "ascending",
         block_pattern: str = cybgd.DEFAULT_PREFIX_PATTERN,
+        download_fraction: float = 1.0,
     ) -> None:
         super().__init__(spec, manifest, sites)
         if mode not in cybgd.MODES:
             raise ValueError(f"cybgd.mode must be one of {list(cybgd.MODES)}, got {mode!r}")
+        if not 0 < download_fraction <= 1:
+            raise ValueError(f"cybgd.download_fraction must be in (0, 1], got {download_fraction}")
+        self.download_fraction = download_fraction
         if not self.sites:
             raise ValueError(
                 "method fedcybgd needs the sites listed in the configuration (their order is the cycle)"
@@ -159,7 +165,22 @@ class CyBgdPlan(MethodPlan):
         if site_id not in members:
             return Assignment(trains=False)
         prefix = self.blocks[block]
-        return Assignment(tensors=self._members[prefix], block=prefix)
+        return Assignment(
+            tensors=self._members[prefix],
+            block=prefix,
+            download_blocks=self._download(round_number, site_id, block),
+        )
+
+    def _download(self, round_number: int, site_id: str, own: int) -> tuple[str, ...]:
+        """The site's own block (it must train from the latest copy, or its upload would not
+        replace it [INFERRED: the authors' random subset may leave it out]) and a random
+        ceil(p·n) of the n other blocks that earlier rounds trained."""
+        if self.download_fraction >= 1:
+            return ()
+        updated = sorted({self.turn(n)[1] for n in range(1, round_number)} - {own})
+        rng = random.Random(f"fedcybgd-download/{self.spec.seed}/{round_number}/{site_id}")
+        chosen = cybgd.download_subset(updated, self.download_fraction, rng) if updated else []
+        return tuple(self.blocks[b] for b in sorted({own, *chosen}))
 
     def describe(self) -> str:
         return (
@@ -183,11 +204,16 @@ def _turns(mode: str, n_sites: int, n_blocks: int, cycle: int, seed: int) -> lis
 
 
 def make_plan(
-    spec: TrainingSpec, manifest: Sequence[TensorSpec], sites: Sequence[str], *, cybgd_mode: str = "ascending"
+    spec: TrainingSpec,
+    manifest: Sequence[TensorSpec],
+    sites: Sequence[str],
+    *,
+    cybgd_mode: str = "ascending",
+    download_fraction: float = 1.0,
 ) -> MethodPlan:
     """The plan for the run's method (ValueError names what the configuration lacks)."""
     if spec.method is Method.FLEXLORA:
         return FlexLoraPlan(spec, manifest, sites)
     if spec.method is Method.FEDCYBGD:
-        return CyBgdPlan(spec, manifest, sites, mode=cybgd_mode)
+        return CyBgdPlan(spec, manifest, sites, mode=cybgd_mode, download_fraction=download_fraction)
     return MethodPlan(spec, manifest, sites)

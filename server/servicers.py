@@ -112,6 +112,7 @@ def round_spec(view: RoundView, coordinator: Coordinator) -> federation_pb2.Roun
         trainable_tensors=list(view.assignment.tensors),
         assigned_lora_rank=view.assignment.lora_rank,
         sits_out=not view.assignment.trains,
+        download_blocks=list(view.assignment.download_blocks),
     )
 
 
@@ -190,17 +191,22 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
         site = self._auth.site(context)
-        plan = self._c.fetch_plan(site, request.have_round, request.snapshot)
-        for item in plan:
-            sent = 0
-            with item.path.open("rb") as source:
-                for chunk in iter_chunks(item.header, source):
-                    if not context.is_active():
-                        return
-                    sent += len(chunk.data)
-                    yield chunk_to_proto(chunk)
-            self._c.count_bytes_out(item.round, sent)
-        if plan:
+        plan = self._c.fetch_plan(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
+        try:
+            for item in plan:
+                sent = 0
+                with item.path.open("rb") as source:
+                    for chunk in iter_chunks(item.header, source):
+                        if not context.is_active():
+                            return
+                        sent += len(chunk.data)
+                        yield chunk_to_proto(chunk)
+                self._c.count_bytes_out(item.round, sent)
+        finally:
+            for item in plan:
+                if item.temporary:
+                    item.path.unlink(missing_ok=True)
+        if plan and not request.only_prefixes:  # a partial snapshot is not a synced state
             self._c.mark_synced(site, plan[-1].round)
 
     @rpc

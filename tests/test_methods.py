@@ -218,3 +218,50 @@ def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tm
         assert (spec.round, list(spec.trainable_tensors)) == (2, ["model.layers.1.w"])
     finally:
         h.close()
+
+
+def test_cybgd_compressed_download_fetches_own_block_and_a_subset(tmp_path: Path) -> None:
+    from common.pb.gradualdiff.v1 import federation_pb2
+    from server.config import CyBgdConfig, RoundPolicy
+    from tests.scripted import Harness
+
+    gen = torch.Generator().manual_seed(9)
+    init = {f"model.layers.{i}.w": torch.randn(3, 3, generator=gen) for i in range(4)}
+    init["model.norm.weight"] = torch.ones(3)
+    sites = {f"s{i}": 10 for i in range(4)}
+    h = Harness(tmp_path, sites, init=init, training=TrainingSpec(method=Method.FEDCYBGD),
+                cybgd=CyBgdConfig(mode="ascending", download_fraction=0.5),
+                round=RoundPolicy(min_sites_to_open=4))  # fmt: skip
+    try:
+        h.join_all()
+        state = dict(init)
+        for number in range(1, 5):  # one cycle: s_i trains block i
+            site = h[f"s{number - 1}"]
+            spec = site.await_round(number - 1)
+            assert spec.round == number and not spec.sits_out
+            own = f"model.layers.{number - 1}."
+            # Its own block always; a random ceil(p·n) of the n other blocks trained before.
+            others = [b for b in spec.download_blocks if b != own]
+            assert own in spec.download_blocks and len(others) == -(-(number - 1) // 2)
+            assert set(others) <= {f"model.layers.{i}." for i in range(number - 1)}
+            fetched = site.stub.FetchDiff(
+                federation_pb2.FetchDiffRequest(
+                    site_id=site.site_id, have_round=0, only_prefixes=list(spec.download_blocks)
+                ),
+                metadata=site.metadata,
+                timeout=30,
+            )
+            from common.codec import decode_chunks
+            from common.serde import chunk_from_proto
+
+            head, tensors = decode_chunks([chunk_from_proto(m) for m in fetched])
+            assert head.kind is DeltaKind.SNAPSHOT and head.round == number - 1
+            assert sorted(tensors) == sorted(n for n in state if n.startswith(tuple(spec.download_blocks)))
+            for name, value in tensors.items():
+                assert torch.equal(value, state[name])  # the latest values
+            delta = {f"{own}w": torch.full((3, 3), float(number))}
+            assert site.push(*site.header(delta, number, number - 1)).accepted
+            assert h.admin.wait_round(number).state == federation_pb2.ROUND_STATE_PUBLISHED
+            state[f"{own}w"] = state[f"{own}w"] + delta[f"{own}w"]
+    finally:
+        h.close()

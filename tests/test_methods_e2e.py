@@ -122,7 +122,13 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
     spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
     sites = ["site-a", "site-b"]
     config = _config(
-        tmp_path, demo, sites, spec, rounds=4, cybgd=CyBgdConfig(mode="descending"), keep_states=5
+        tmp_path,
+        demo,
+        sites,
+        spec,
+        rounds=4,
+        cybgd=CyBgdConfig(mode="descending", download_fraction=0.5),
+        keep_states=5,
     )
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
         workers = _run(replace(config, listen=agg.target), demo, tmp_path, dict.fromkeys(sites, 0))
@@ -141,5 +147,6 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
         for w in workers:
             assert [r.round for r in w.reports] == ([1, 3] if w.config.site_id == "site-a" else [2, 4])
             for report in w.reports:
-                # One block of four travels (compressed), not the model.
+                # One block of four travels (compressed), not the model; down, at most two blocks.
                 assert report.bytes_up <= block_bytes < full_bytes / 4
+                assert 0 < report.bytes_down <= 2 * block_bytes

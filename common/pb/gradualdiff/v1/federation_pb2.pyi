@@ -372,6 +372,7 @@ class RoundSpec(_message.Message):
     ASSIGNED_LORA_RANK_FIELD_NUMBER: _builtins.int
     BASE_ROUND_FIELD_NUMBER: _builtins.int
     SITS_OUT_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_BLOCKS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     round: _builtins.int
     """1-based; 0 in a reply means "no round yet" """
@@ -396,6 +397,13 @@ class RoundSpec(_message.Message):
     def trainable_tensors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """when non-empty, this site trains exactly these (e.g. its FedCyBGD block)"""
 
+    @_builtins.property
+    def download_blocks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """FedCyBGD download compression: fetch only these blocks (name prefixes) of
+        the latest state, with FetchDiffRequest.only_prefixes, and train against
+        the base model's own values everywhere else. Empty = sync as usual.
+        """
+
     def __init__(
         self,
         *,
@@ -410,10 +418,11 @@ class RoundSpec(_message.Message):
         assigned_lora_rank: _builtins.int = ...,
         base_round: _builtins.int = ...,
         sits_out: _builtins.bool = ...,
+        download_blocks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "base_round", b"base_round", "deadline_unix_ms", b"deadline_unix_ms", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "sits_out", b"sits_out", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_lora_rank", b"assigned_lora_rank", "base_round", b"base_round", "deadline_unix_ms", b"deadline_unix_ms", "download_blocks", b"download_blocks", "quorum", b"quorum", "round", b"round", "run_finished", b"run_finished", "run_id", b"run_id", "sits_out", b"sits_out", "state", b"state", "trainable_tensors", b"trainable_tensors", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,21 +563,29 @@ class FetchDiffRequest(_message.Message):
     SITE_ID_FIELD_NUMBER: _builtins.int
     HAVE_ROUND_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    ONLY_PREFIXES_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     have_round: _builtins.int
     """the published round the worker holds (0 = the initial state)"""
     snapshot: _builtins.bool
     """send the whole state at the latest round, whatever the chain would cost"""
+    @_builtins.property
+    def only_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A partial snapshot of the latest state: only tensors whose names start
+        with one of these prefixes (at most 4,096; RoundSpec.download_blocks).
+        """
+
     def __init__(
         self,
         *,
         site_id: _builtins.str = ...,
         have_round: _builtins.int = ...,
         snapshot: _builtins.bool = ...,
+        only_prefixes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_round", b"have_round", "site_id", b"site_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["have_round", b"have_round", "only_prefixes", b"only_prefixes", "site_id", b"site_id", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
