@@ -173,6 +173,7 @@ def training_spec_of(settings: DemoSettings) -> Any:
     return TrainingSpec(
         method=Method[str(extra.get("method", "gradualdiff")).upper()],
         mode=TrainMode[str(extra.get("mode", "full")).upper()],
+        trainable_patterns=tuple(extra.get("trainable_patterns", ())),
         lora=LoraSpec(
             rank=int(lora.get("rank", 8)),
             alpha=float(lora.get("alpha", 16.0)),
