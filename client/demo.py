@@ -213,6 +213,9 @@ def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
     run_dir.mkdir(parents=True)
     spec = training_spec_of(settings)
     write_init_state(root / "model", run_dir / "init.safetensors", spec)
+    from server.statefile import StateReader
+
+    trainable_bytes = sum(t.numel * 4 for t in StateReader(run_dir / "init.safetensors").manifest)
     port = _free_port()
     config, token_files = _write_config(root, run_dir, settings, port)
     evaluator = GlobalEvaluator(root, settings)
@@ -278,6 +281,7 @@ def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
         "bytes_up_per_round": [r["bytes_up"] for r in rounds],
         "bytes_down_per_round": [r.get("bytes_down", 0) for r in rounds],
         "full_model_bytes": full_model,
+        "trainable_fp32_bytes": trainable_bytes,
         "sites": list(SITES),
         "local_steps": settings.local_steps,
         "worker_peak_rss_bytes": max((v for pid, v in peaks.items() if pid != procs.procs[0].pid), default=0),
