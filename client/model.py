@@ -112,10 +112,10 @@ def _with_lora(model: Any, spec: TrainingSpec, rank: int) -> Any:
         target_modules=list(spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft asks transformers a deprecated question (is_gradient_checkpointing); not ours to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+    # peft asks transformers a deprecated question (is_gradient_checkpointing); not ours to fix.
+    # A process-wide filter: catch_warnings() is not thread-safe, and workers may load in threads.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    return get_peft_model(model, config)
 
 
 def trainable_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
