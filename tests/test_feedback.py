@@ -10,7 +10,6 @@ top-1% uploads.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -175,52 +174,18 @@ def test_a_tensor_that_changed_shape_starts_from_zero(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_workers_with_top1_percent_uploads(tmp_path: Path) -> None:
-    from client.demo_init import init_demo
-    from client.init_state import write_init_state
-    from client.worker import Worker, WorkerConfig
     from common.spec import TrainingSpec
-    from server.config import RoundPolicy
-    from tests.scripted import AdminClient, Aggregator, make_config, token_of
+    from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
+    from tests.scripted import AdminClient, Aggregator
 
-    demo = tmp_path / "demo"
-    init_demo(demo, examples_per_site=80, eval_examples=30, pretrain_steps=0)
+    demo = tiny_demo(tmp_path / "demo")
     codec = Codec(cast=Cast.BF16, lossy=Lossy.TOPK, topk_fraction=0.01)
     spec = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32, upload_codec=codec)
-    config = make_config(
-        tmp_path,
-        ["site-a", "site-b"],
-        training=spec,
-        heartbeat_interval_s=0.3,
-        missed_beats=20,
-        rounds=2,
-        round=RoundPolicy(min_sites_to_open=2),
-    )
-    init = tmp_path / "model-init.safetensors"
-    write_init_state(demo / "model", init, spec)
-    config = replace(config, init_state=init)
-    fp32_bytes = sum(t.nbytes for t in manifest_of(_load(init)))
+    config = demo_config(tmp_path, demo, ["site-a", "site-b"], spec, rounds=2)
+    fp32_bytes = sum(t.nbytes for t in manifest_of(_load(tmp_path / "model-init.safetensors")))
     with Aggregator(config) as agg:
-        workers = [
-            Worker(
-                WorkerConfig(
-                    aggregator=agg.target,
-                    site_id=s,
-                    token=token_of(s),
-                    model=demo / "model",
-                    data=demo / "data" / f"{s}.jsonl",
-                    state_dir=tmp_path / s,
-                    quiet=True,
-                )
-            )
-            for s in ("site-a", "site-b")
-        ]
-        codes: list[int] = []
-        threads = [threading.Thread(target=lambda w=w: codes.append(w.run())) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=240)
-        assert codes == [0, 0]
+        workers = [demo_worker(agg.target, s, demo, tmp_path) for s in ("site-a", "site-b")]
+        assert run_workers(workers) == [0, 0]
         with AdminClient(agg.target) as admin:
             assert admin.status().finished
             for number in (1, 2):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,58 +13,25 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.demo_init import init_demo
 from client.export import state_file_of_round
-from client.init_state import write_init_state
-from client.worker import Worker, WorkerConfig
+from client.worker import Worker
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
-from server.config import CyBgdConfig, RoundPolicy, ServerConfig
-from tests.scripted import AdminClient, Aggregator, ScriptedSite, assert_same_bits, make_config, token_of
+from server.config import CyBgdConfig
+from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
+from tests.scripted import AdminClient, Aggregator, ScriptedSite, assert_same_bits
 
 BASE = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    init_demo(root, examples_per_site=40, eval_examples=10, pretrain_steps=0)
-    return root
+    return tiny_demo(tmp_path_factory.mktemp("demo"), examples_per_site=40, eval_examples=10)
 
 
-def _config(
-    tmp: Path, demo: Path, sites: list[str], spec: TrainingSpec, rounds: int, **kw: Any
-) -> ServerConfig:
-    config = make_config(tmp, sites, training=spec, heartbeat_interval_s=0.3, missed_beats=40, rounds=rounds,
-                         round=RoundPolicy(min_sites_to_open=len(sites)), **kw)  # fmt: skip
-    init = tmp / "model-init.safetensors"
-    write_init_state(demo / "model", init, spec)
-    return replace(config, init_state=init)
-
-
-def _run(config: ServerConfig, demo: Path, tmp: Path, ranks: dict[str, int]) -> list[Worker]:
-    workers = [
-        Worker(
-            WorkerConfig(
-                aggregator=config.listen,
-                site_id=site,
-                token=token_of(site),
-                model=demo / "model",
-                data=demo / "data" / f"{site}.jsonl",
-                state_dir=tmp / site,
-                quiet=True,
-                lora_rank=rank,
-            )
-        )
-        for site, rank in ranks.items()
-    ]
-    codes: list[int] = []
-    threads = [threading.Thread(target=lambda w=w: codes.append(w.run())) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert codes == [0] * len(workers)
+def _run(target: str, demo: Path, tmp: Path, ranks: dict[str, int]) -> list[Worker]:
+    workers = [demo_worker(target, site, demo, tmp, lora_rank=rank) for site, rank in ranks.items()]
+    assert run_workers(workers) == [0] * len(workers)
     return workers
 
 
@@ -78,7 +43,7 @@ def test_flexlora_mixed_ranks_through_the_worker(tmp_path: Path, demo: Path) -> 
         mode=TrainMode.LORA,
         lora=LoraSpec(rank=4, target_modules=("q_proj", "v_proj")),
     )
-    config = _config(tmp_path, demo, ["site-a", "site-b"], spec, rounds=2)
+    config = demo_config(tmp_path, demo, ["site-a", "site-b"], spec, rounds=2)
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
         # A site may not declare more than the run's rank.
         with ScriptedSite(agg.target, "site-a") as greedy:
@@ -92,7 +57,7 @@ def test_flexlora_mixed_ranks_through_the_worker(tmp_path: Path, demo: Path) -> 
                 )
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "lora_rank" in str(err.value.details())
-        workers = _run(replace(config, listen=agg.target), demo, tmp_path, {"site-a": 2, "site-b": 4})
+        workers = _run(agg.target, demo, tmp_path, {"site-a": 2, "site-b": 4})
         by_site = {w.config.site_id: w for w in workers}
         up_a = [r.bytes_up for r in by_site["site-a"].reports]
         up_b = [r.bytes_up for r in by_site["site-b"].reports]
@@ -121,7 +86,7 @@ def test_flexlora_mixed_ranks_through_the_worker(tmp_path: Path, demo: Path) -> 
 def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path) -> None:
     spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
     sites = ["site-a", "site-b"]
-    config = _config(
+    config = demo_config(
         tmp_path,
         demo,
         sites,
@@ -131,7 +96,7 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
         keep_states=5,
     )
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
-        workers = _run(replace(config, listen=agg.target), demo, tmp_path, dict.fromkeys(sites, 0))
+        workers = _run(agg.target, demo, tmp_path, dict.fromkeys(sites, 0))
         states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(5)]
         full_bytes = sum(t.numel() * 4 for t in states[0].values())
         # descending over 4 blocks: site-a (index 0) trains layers.3., site-b layers.2., in turn.

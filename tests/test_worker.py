@@ -19,58 +19,19 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.data import IGNORE, read_jsonl, tokenize
-from client.demo_init import init_demo
 from client.export import export, state_file_of_round
-from client.init_state import write_init_state
 from client.model import fingerprint
-from client.worker import Worker, WorkerConfig
 from common.spec import TrainingSpec
-from server.config import RoundPolicy, ServerConfig
 from server.records import RoundRecord
-from tests.scripted import AdminClient, Aggregator, assert_same_bits, make_config, token_of, wait_for
+from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
+from tests.scripted import AdminClient, Aggregator, assert_same_bits, token_of, wait_for
 
 SPEC = TrainingSpec(local_steps=3, batch_size=8, learning_rate=1e-3, max_seq_len=32)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    init_demo(root, examples_per_site=80, eval_examples=30, pretrain_steps=0)
-    return root
-
-
-def _config(
-    tmp: Path, demo: Path, sites: list[str], rounds: int, *, fingerprint: str = "", missed_beats: int = 20
-) -> ServerConfig:
-    config = make_config(
-        tmp,
-        sites,
-        training=SPEC,
-        heartbeat_interval_s=0.3,
-        missed_beats=missed_beats,
-        rounds=rounds,
-        base_model_fingerprint=fingerprint,
-        # Round 1 waits for every site: a worker started in a subprocess loads its model more slowly
-        # than one in a thread, and would otherwise find round 1 already closed without it.
-        round=RoundPolicy(min_sites_to_open=len(sites)),
-    )
-    init = tmp / "model-init.safetensors"
-    write_init_state(demo / "model", init, SPEC)
-    return replace(config, init_state=init)
-
-
-def _worker(target: str, site: str, demo: Path, tmp: Path, data: str) -> Worker:
-    return Worker(
-        WorkerConfig(
-            aggregator=target,
-            site_id=site,
-            token=token_of(site),
-            model=demo / "model",
-            data=demo / "data" / f"{data}.jsonl",
-            state_dir=tmp / site,
-            quiet=True,
-        )
-    )
+    return tiny_demo(tmp_path_factory.mktemp("demo"))
 
 
 def test_prompt_tokens_carry_no_loss(demo: Path) -> None:
@@ -93,15 +54,13 @@ def test_prompt_tokens_carry_no_loss(demo: Path) -> None:
 def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
     # With the base model's fingerprint configured, the sites start from their own copy of the base:
     # no snapshot travels, only differences.
-    config = _config(tmp_path, demo, ["site-a", "site-b"], rounds=2, fingerprint=fingerprint(demo / "model"))
+    sites = ["site-a", "site-b"]
+    config = demo_config(
+        tmp_path, demo, sites, SPEC, rounds=2, base_model_fingerprint=fingerprint(demo / "model")
+    )
     with Aggregator(config) as agg:
-        workers = [_worker(agg.target, s, demo, tmp_path, s) for s in ("site-a", "site-b")]
-        codes: list[int] = []
-        threads = [threading.Thread(target=lambda w=w: codes.append(w.run())) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=240)
+        workers = [demo_worker(agg.target, s, demo, tmp_path) for s in sites]
+        codes = run_workers(workers)
         assert codes == [0, 0], "both workers end cleanly when the run finishes"
         with AdminClient(agg.target) as admin:
             status = admin.status()
@@ -145,9 +104,9 @@ def test_killed_worker_rejoins_and_nothing_is_counted_twice(tmp_path: Path, demo
     spec = replace(SPEC, local_steps=60)
     # A restart imports torch and transformers again: under a loaded CI machine that can take longer
     # than 20 beats of 0.3 s, and the round would close without the site. Allow a minute of silence.
-    config = replace(_config(tmp_path, demo, ["site-a", "site-b"], rounds=2, missed_beats=200), training=spec)
+    config = demo_config(tmp_path, demo, ["site-a", "site-b"], spec, rounds=2, missed_beats=200)
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
-        a = _worker(agg.target, "site-a", demo, tmp_path, "site-a")
+        a = demo_worker(agg.target, "site-a", demo, tmp_path)
         a_thread = threading.Thread(target=a.run)
         a_thread.start()
         token_file = tmp_path / "site-b.token"
