@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck proto proto-check bench clean
+.PHONY: setup demo test lint typecheck proto proto-check bench compare plots clean
 
 setup: $(STAMP)
 
@@ -34,9 +34,21 @@ proto: setup
 proto-check: setup
 	$(PY) -m common.protogen --check
 
-bench: setup
+# matplotlib draws the PNG plots of bench and compare: an extra, never a runtime dependency.
+plots: setup
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[dev,plots]"
+
+# Flower and NVIDIA FLARE get venvs of their own (bench/.venv-flower, bench/.venv-nvflare), made by
+# bench.compare_peers on first use.
+bench: plots
 	$(PY) -m bench.codec
 	$(PY) -m bench.aggregator
+	$(PY) -m bench.limits
+	$(PY) -m bench.compare_peers
+
+# Every method and codec on the demo task: docs/methods.md and its plots (about 15 minutes on 2 cores).
+compare: plots
+	$(PY) -m bench.compare --dir compare-run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-run
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-run compare-run

@@ -1,0 +1,223 @@
+"""The limits of this machine that bound a round: memcpy, zstd on our shards, loopback gRPC, torch's weighted add.
+
+bench/codec.py already measures a memcpy and single-thread zstd
+decompression of our frames, and bench/aggregator.py the latter again
+beside ingest; this adds the rest, each as the median of several runs with
+the spread, on the same GPT-2-small-shaped delta:
+
+- memcpy into a preallocated buffer (``np.copyto``);
+- zstd level 1, one thread, compressing the byte-shuffled 1 MiB blocks our
+  encoder frames, and decompressing those frames;
+- gRPC over 127.0.0.1, a client stream of 1 MiB raw-bytes messages (identity
+  serializers, no protobuf) into a server in another process;
+- torch ``acc.add_(delta, alpha=w)`` in fp32, on 1 thread and on every core.
+
+    python -m bench.limits [--runs 5] [--quick]
+
+Writes the "limits" section of docs/benchmarks.md and keys ``limits_*`` of
+docs/benchmarks.json (not with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+import zstandard
+
+from bench.procs import Procs, free_port
+from bench.round_overhead import _frames
+from bench.workload import MB, gpt2_small_shapes, machine, median_spread, realistic_delta, write_section
+from common.codec import encode
+from common.delta import Codec
+
+ROOT = Path(__file__).resolve().parent.parent
+SINK = "/bench.Sink/Stream"
+CHUNK = 1 << 20
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def grpc_sink(port: int) -> None:
+    """Run in a child process: a gRPC server whose one client-streaming method counts the bytes it gets."""
+
+    def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        total = 0
+        for message in requests:
+            total += len(message)
+        return str(total).encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Sink",
+        {
+            "Stream": grpc.stream_unary_rpc_method_handler(
+                stream, request_deserializer=_identity, response_serializer=_identity
+            )
+        },
+    )
+    options = [("grpc.max_receive_message_length", 8 * CHUNK)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_stream_MBps(total_bytes: int, runs: int) -> list[float]:
+    """MB/s of a 1 MiB-message client stream into a server process over loopback, per run."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp, Procs(Path(tmp)) as procs:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        procs.start(
+            "sink", [sys.executable, "-m", "bench.limits", "--grpc-sink", str(port)], env=env, cwd=ROOT
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        call = channel.stream_unary(SINK, request_serializer=_identity, response_deserializer=_identity)
+        payload = os.urandom(CHUNK)
+        count = total_bytes // CHUNK
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            got = int(call(iter([payload] * count), timeout=600))
+            rates.append(got / (time.perf_counter() - start) / MB)
+        channel.close()
+    return rates
+
+
+def zstd_rates(delta: dict[str, torch.Tensor], runs: int) -> tuple[list[float], list[float], float]:
+    """Single-thread zstd level 1 MB/s (of uncompressed bytes) on our shards: compress, decompress; wire bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = Path(tmp) / "delta.payload"
+        with payload.open("wb") as sink:
+            layout = encode(delta, Codec(), sink)
+        frames = _frames(payload.read_bytes(), layout)
+    dctx = zstandard.ZstdDecompressor()
+    blocks = [dctx.decompress(f, max_output_size=raw) for f, raw in frames]
+    raw_bytes = sum(len(b) for b in blocks)
+    cctx = zstandard.ZstdCompressor(level=1)
+    comp, decomp = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for b in blocks:
+            cctx.compress(b)
+        comp.append(raw_bytes / (time.perf_counter() - start) / MB)
+        start = time.perf_counter()
+        for f, raw in frames:
+            dctx.decompress(f, max_output_size=raw)
+        decomp.append(raw_bytes / (time.perf_counter() - start) / MB)
+    return comp, decomp, float(layout.total_bytes)
+
+
+def add_rates(nbytes: int, runs: int, threads: int) -> list[float]:
+    """GB/s of fp32 ``acc.add_(delta, alpha=w)`` over ``nbytes`` on ``threads`` threads (bytes of delta read)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        delta = torch.randn(nbytes // 4)
+        acc = torch.zeros_like(delta)
+        acc.add_(delta, alpha=0.5)  # touch the pages first
+        rates = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            acc.add_(delta, alpha=0.5)
+            rates.append(nbytes / (time.perf_counter() - start) / MB)
+    finally:
+        torch.set_num_threads(before)
+    return rates
+
+
+def memcpy_rates(nbytes: int, runs: int) -> list[float]:
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(nbytes / (time.perf_counter() - start) / MB)
+    return rates
+
+
+def measure(runs: int, quick: bool) -> dict[str, list[float]]:
+    shapes = gpt2_small_shapes()
+    if quick:
+        shapes = {k: v for i, (k, v) in enumerate(shapes.items()) if i % 8 == 0}
+    delta = realistic_delta(shapes)
+    raw = sum(t.numel() * 4 for t in delta.values())
+    comp, decomp, _ = zstd_rates(delta, runs)
+    del delta
+    cores = os.cpu_count() or 1
+    return {
+        "memcpy_MBps": memcpy_rates(raw, runs),
+        "zstd_compress_MBps": comp,
+        "zstd_decompress_MBps": decomp,
+        "grpc_raw_stream_MBps": grpc_stream_MBps((1 << 28) if quick else (1 << 30), runs),
+        "torch_add_1thread_MBps": add_rates(raw, runs, 1),
+        f"torch_add_{cores}threads_MBps": add_rates(raw, runs, cores),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--quick", action="store_true", help="a 1/8-size delta, 256 MiB streams; writes no docs"
+    )
+    parser.add_argument("--grpc-sink", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.grpc_sink:
+        grpc_sink(args.grpc_sink)
+        return 0
+    results = measure(3 if args.quick else args.runs, args.quick)
+    labels = {
+        "memcpy_MBps": "memcpy (`np.copyto`, preallocated destination)",
+        "zstd_compress_MBps": "zstd level 1 compress, 1 thread, our shuffled 1 MiB blocks (MB in)",
+        "zstd_decompress_MBps": "zstd decompress, 1 thread, our frames (MB out)",
+        "grpc_raw_stream_MBps": "gRPC client stream over 127.0.0.1, 1 MiB raw-bytes messages, 1 GiB",
+    }
+    lines = [
+        "## Limits of this machine (bench/limits.py)",
+        "",
+        f"Machine: {machine()}. Median of {len(results['memcpy_MBps'])} runs (min–max); the data is the",
+        "GPT-2-small-shaped fp32 delta of the codec bench (497.8 MB), encoded with the exact codec.",
+        "",
+        "| limit | MB/s |",
+        "|---|---|",
+    ]
+    figures: dict[str, object] = {}
+    for key, values in results.items():
+        med, lo, hi = median_spread(values)
+        label = labels.get(key) or (
+            f"torch fp32 `acc.add_(delta, alpha=w)`, {key.split('_')[2].replace('threads', ' threads').replace('1thread', '1 thread')} (MB of delta)"
+        )
+        lines.append(f"| {label} | {med:.0f} ({lo:.0f}–{hi:.0f}) |")
+        figures[f"limits_{key}"] = round(med, 1)
+        figures[f"limits_{key}_min"] = round(lo, 1)
+        figures[f"limits_{key}_max"] = round(hi, 1)
+    table = "\n".join(lines)
+    print(table)
+    if not args.quick:
+        write_section("limits", table, figures)
+        print("wrote docs/benchmarks.md and docs/benchmarks.json")
+    else:
+        print({k: round(statistics.median(v), 1) for k, v in results.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
