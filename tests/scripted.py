@@ -578,3 +578,26 @@ class Harness:
             site.close()
         self.admin.close()
         self.agg.stop()
+
+
+MakeHarness = Callable[..., Harness]
+
+
+@contextlib.contextmanager
+def harnesses(tmp: Path, **defaults: object) -> Iterator[MakeHarness]:
+    """A factory of Harnesses (each in its own folder under ``tmp``), all closed on exit.
+
+    ``defaults`` apply to every Harness unless its call overrides them (e.g. ``init=WIDE``).
+    """
+    made: list[Harness] = []
+
+    def make(sites: Mapping[str, int], **overrides: object) -> Harness:
+        h = Harness(tmp / f"run{len(made)}", sites, **(defaults | overrides))  # type: ignore[arg-type]
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()

@@ -27,11 +27,13 @@ from tests.scripted import (
     AdminClient,
     Daemon,
     Harness,
+    MakeHarness,
     ScriptedSite,
     State,
     add,
     assert_same_bits,
     free_port,
+    harnesses,
     random_delta,
     rpc_code,
     small_state,
@@ -50,18 +52,9 @@ CHUNK = 1024
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Any]:
-    made: list[Harness] = []
-
-    def make(sites: dict[str, int], **overrides: Any) -> Harness:
-        overrides.setdefault("init", WIDE)
-        h = Harness(tmp_path / f"run{len(made)}", sites, **overrides)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+def harness(tmp_path: Path) -> Iterator[MakeHarness]:
+    with harnesses(tmp_path, init=WIDE) as make:
+        yield make
 
 
 def lossy_upload(

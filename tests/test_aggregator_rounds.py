@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -31,10 +30,12 @@ from tests.scripted import (
     ROOT,
     AdminClient,
     Harness,
+    MakeHarness,
     State,
     add,
     apply_fetched,
     assert_same_bits,
+    harnesses,
     partial_delta,
     random_delta,
     rpc_code,
@@ -48,21 +49,11 @@ OPEN = federation_pb2.ROUND_STATE_OPEN
 COLLECTING = federation_pb2.ROUND_STATE_COLLECTING
 AGGREGATING = federation_pb2.ROUND_STATE_AGGREGATING
 
-MakeHarness = Callable[..., Harness]
-
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[MakeHarness]:
-    made: list[Harness] = []
-
-    def make(sites: dict[str, int], **overrides: Any) -> Harness:
-        h = Harness(tmp_path / f"run{len(made)}", sites, **overrides)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with harnesses(tmp_path) as make:
+        yield make
 
 
 def push(h: Harness, site: str, delta: State, round_number: int, base_round: int, **kw: object) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,13 @@ from tests.codec_helpers import flip, frame_offsets
 from tests.scripted import (
     AdminClient,
     Harness,
+    MakeHarness,
     ScriptedSite,
     State,
     accumulator_dtype,
     add,
     assert_same_bits,
+    harnesses,
     partial_delta,
     random_delta,
     rpc_code,
@@ -48,22 +50,11 @@ SHARD = 16 * 1024  # tensor bytes per shard: the wide state below makes ~10 shar
 CHUNK = 4 * 1024  # bytes per chunk: ~35 chunks per upload
 WIDE = small_state(seed=5, width=128)  # 39,680 fp32 values, 155 KiB
 
-MakeHarness = Callable[..., Harness]
-
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[MakeHarness]:
-    made: list[Harness] = []
-
-    def make(sites: dict[str, int], **overrides: Any) -> Harness:
-        overrides.setdefault("init", WIDE)
-        h = Harness(tmp_path / f"run{len(made)}", sites, **overrides)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    with harnesses(tmp_path, init=WIDE) as make:
+        yield make
 
 
 def encoded(site: ScriptedSite, delta: State, **kw: Any) -> tuple[DeltaHeader, bytes]:
