@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common.spec import TrainingSpec, TrainMode
+from common.spec import OPTIMIZER_MARK, TrainingSpec, TrainMode
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,13 @@ def trainable_state(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(loaded: LoadedModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Overwrite the trainable tensors with ``state`` (names and shapes must match exactly)."""
+    """Overwrite the trainable tensors with ``state`` (names and shapes must match exactly).
+
+    Optimizer state carried in the state (names with ``#``) is not a parameter and is skipped.
+    """
     params = dict(loaded.model.named_parameters())
     missing = [n for n in loaded.trainable if n not in state]
-    extra = [n for n in state if n not in params]
+    extra = [n for n in state if n not in params and OPTIMIZER_MARK not in n]
     if missing or extra:
         raise ValueError(
             f"state does not match the model's trainable tensors: missing {missing[:3]}, unknown {extra[:3]}"

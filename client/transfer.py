@@ -22,6 +22,7 @@ from common.codec import decode_chunks, iter_chunks
 from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.serde import chunk_from_proto, chunk_to_proto
+from common.spec import OPTIMIZER_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ def _apply(
     header = chunks[0].header
     assert header is not None
     names = {t.name for t in header.layout.manifest}
+    for spec in header.layout.manifest:
+        # Optimizer state travelling with FedCyBGD blocks is zero at round 0: a worker that started
+        # from its own copy of the base model holds none of it yet.
+        if OPTIMIZER_MARK in spec.name and spec.name not in state:
+            state[spec.name] = torch.zeros(spec.shape)
     if header.kind is DeltaKind.SNAPSHOT:
         if names != set(state) and not (partial and names <= set(state)):
             raise ValueError(f"snapshot of round {header.round} has other tensors than this worker trains")

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from client import optimizer_state
 from client.data import Example, batches, read_jsonl, split, tokenize
 from client.feedback import UploadFeedback, upload_accepted
 from client.local_state import LocalState
@@ -349,6 +350,8 @@ class Worker:
         if spec_msg.assigned_lora_rank:
             start = slice_state(start, spec_msg.assigned_lora_rank)
         names = list(spec_msg.trainable_tensors) or loaded.trainable
+        params, carried = optimizer_state.split(names)  # FedCyBGD: AdamW state may travel with the block
+        optimizer_state.fill_missing(start, carried, loaded)
         load_trainable(loaded, start)
         if pending is None:
             s.phase, s.step, s.total = PHASE_TRAINING, 0, spec.local_steps
@@ -362,7 +365,12 @@ class Worker:
                 tick(loss)
 
             try:
-                with training_only(loaded, names) as part:
+                with training_only(loaded, params) as part:
+                    adamw = (
+                        optimizer_state.restored_adamw(part, start, carried, spec.learning_rate)
+                        if carried
+                        else None
+                    )
                     result = train_steps(
                         part,
                         data,
@@ -371,7 +379,10 @@ class Worker:
                         on_step=on_step,
                         should_stop=lambda: s.stop.is_set() or s.abort_round == number,
                         prox_mu=spec.prox_mu,
+                        optimizer=adamw,
                     )
+                    if adamw is not None:
+                        moved = optimizer_state.optimizer_tensors(part, adamw, carried)
             except Aborted as exc:
                 logger.warning("[round %d] training aborted: %s", number, exc)
                 load_trainable(loaded, start)
@@ -380,6 +391,8 @@ class Worker:
                 self.progress.close()
             eval_loss = evaluate(loaded, held_out, spec.batch_size) if held_out else 0.0
             trained = trainable_state(loaded)
+            if carried:
+                trained |= moved
             delta = {name: trained[name] - start[name] for name in names}
             load_trainable(loaded, start)
             upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"

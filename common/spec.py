@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from common.delta import Codec
 
 
+# FedCyBGD's optimizer state when it travels with a block: tensors "<param>#exp_avg",
+# "<param>#exp_avg_sq" and "<block prefix>#step" beside the weights in the global state.
+OPTIMIZER_MARK = "#"
+
+
 class Method(enum.IntEnum):
     """Federated method (wire enum gradualdiff.v1.Method)."""
 

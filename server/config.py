@@ -67,6 +67,10 @@ class CyBgdConfig:
     # n other blocks updated so far; every other block stays at the base model's values there.
     # 1.0 = a normal sync of the whole state.
     download_fraction: float = 1.0
+    # AdamW state of a block between turns: "reset" (each turn starts afresh) or "travel" (the
+    # moments and step count ride with the block in the global state, so the next site to train
+    # the block continues the same optimizer; 3x the block's bytes each way).
+    optimizer_state: str = "reset"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

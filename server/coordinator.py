@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from common.codec import encode, validate_layout
@@ -47,7 +48,7 @@ from server.config import RoundPolicy, ServerConfig
 from server.flexlora_round import FlexUpload
 from server.flexlora_round import next_state as flexlora_next_state
 from server.folding import FoldWorker
-from server.methods import Assignment, FlexLoraPlan, make_plan
+from server.methods import Assignment, FlexLoraPlan, make_plan, with_optimizer_state
 from server.publish import (
     Published,
     publish,
@@ -67,7 +68,7 @@ from server.records import (
     UploadState,
 )
 from server.spool import Spool
-from server.statefile import StateReader
+from server.statefile import StateReader, write_state
 from server.store import Store
 from server.uploads import UploadSession
 
@@ -195,6 +196,11 @@ class Coordinator:
             cybgd_mode=config.cybgd.mode,
             download_fraction=config.cybgd.download_fraction,
         )
+        if config.cybgd.optimizer_state not in ("reset", "travel"):
+            raise FailedPrecondition(
+                f"cybgd.optimizer_state is {config.cybgd.optimizer_state!r}; must be reset or travel",
+                field="cybgd.optimizer_state",
+            )
         if config.training.method is not Method.GRADUALDIFF and (
             config.optimizer.name != "fedavg" or config.optimizer.lr != 1.0
         ):
@@ -234,7 +240,13 @@ class Coordinator:
             )
         run_id = self.config.run_id or f"run-{uuid.uuid4().hex[:12]}"
         check_id(run_id, "run_id")
-        state_blob, snapshot, _ = store_initial_state(self.blobs, self.config.init_state, run_id)
+        init = self.config.init_state
+        cy = self.config.cybgd
+        if self.config.training.method is Method.FEDCYBGD and cy.optimizer_state == "travel":
+            init = self._init_with_optimizer_state(init)
+        state_blob, snapshot, _ = store_initial_state(self.blobs, init, run_id)
+        if init != self.config.init_state:
+            init.unlink(missing_ok=True)
         policy = self.config.round
         run = RunRecord(
             run_id=run_id,
@@ -259,6 +271,18 @@ class Coordinator:
             self.store.put(genesis)
         logger.info("[run] created run=%s from %s", run_id, self.config.init_state)
         return run
+
+    def _init_with_optimizer_state(self, init: Path) -> Path:
+        reader = StateReader(init)
+        manifest = with_optimizer_state(reader.manifest)
+        names = {t.name for t in reader.manifest}
+        path = self.blobs.temp_path(".safetensors")
+        write_state(
+            path,
+            manifest,
+            lambda spec: reader.read(spec.name) if spec.name in names else torch.zeros(spec.shape),
+        )
+        return path
 
     def _latest_published(self) -> RoundRecord:
         rows = self.store.select(RoundRecord, "state = ?", (int(RoundState.PUBLISHED),), order="round DESC")

@@ -29,7 +29,7 @@ from functools import lru_cache
 from common.delta import TensorSpec
 from common.dtypes import DType
 from common.lora import is_lora_a, is_lora_b, lora_pairs
-from common.spec import Method, TrainingSpec, TrainMode
+from common.spec import OPTIMIZER_MARK, Method, TrainingSpec, TrainMode
 from server import cybgd
 
 
@@ -201,6 +201,21 @@ def _turns(mode: str, n_sites: int, n_blocks: int, cycle: int, seed: int) -> lis
         else:
             turns.append((b, [c]))
     return turns
+
+
+def with_optimizer_state(
+    manifest: Sequence[TensorSpec], pattern: str = cybgd.DEFAULT_PREFIX_PATTERN
+) -> list[TensorSpec]:
+    """FedCyBGD with optimizer_state = "travel": the AdamW moments of every block parameter and one
+    step count per block, as tensors beside the weights (zero at round 0)."""
+    blocks = cybgd.find_blocks([t.name for t in manifest], pattern)
+    out = list(manifest)
+    for t in manifest:
+        if cybgd.block_of(t.name, blocks) is not None:
+            out.append(TensorSpec(f"{t.name}{OPTIMIZER_MARK}exp_avg", DType.F32, t.shape))
+            out.append(TensorSpec(f"{t.name}{OPTIMIZER_MARK}exp_avg_sq", DType.F32, t.shape))
+    out += [TensorSpec(f"{b}{OPTIMIZER_MARK}step", DType.F32, (1,)) for b in blocks]
+    return out
 
 
 def make_plan(

@@ -115,3 +115,26 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
                 # One block of four travels (compressed), not the model; down, at most two blocks.
                 assert report.bytes_up <= block_bytes < full_bytes / 4
                 assert 0 < report.bytes_down <= 2 * block_bytes
+
+
+@pytest.mark.slow
+def test_cybgd_optimizer_state_travels_with_the_block(tmp_path: Path, demo: Path) -> None:
+    spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
+    sites = ["site-a", "site-b"]
+    config = demo_config(tmp_path, demo, sites, spec, rounds=4, keep_states=5,
+                         cybgd=CyBgdConfig(mode="ascending", optimizer_state="travel"))  # fmt: skip
+    with Aggregator(config) as agg, AdminClient(agg.target) as admin:
+        _run(agg.target, demo, tmp_path, dict.fromkeys(sites, 0))
+        for number in range(1, 5):
+            assert admin.round(number).state == 5
+        states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(5)]
+    steps = [{b: float(s[f"model.layers.{b}.#step"][0]) for b in range(4)} for s in states]
+    # ascending, N = 2: site-a trains block 0 in rounds 1 and 3, site-b block 1 in rounds 2 and 4. The
+    # AdamW of the second turn continues the first's: its step count goes on from 3 to 6.
+    assert steps[0] == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert steps[1] == {0: 3, 1: 0, 2: 0, 3: 0}
+    assert steps[3] == {0: 6, 1: 3, 2: 0, 3: 0}
+    assert steps[4] == {0: 6, 1: 6, 2: 0, 3: 0}
+    moment = "model.layers.0.mlp.down_proj.weight#exp_avg_sq"
+    assert states[1][moment].abs().sum() > 0 and not torch.equal(states[3][moment], states[1][moment])
+    assert not states[4]["model.layers.2.mlp.down_proj.weight#exp_avg"].any()  # never trained
