@@ -78,6 +78,20 @@ def variants() -> list[Variant]:
             sections='[cybgd]\nmode = "ascending"\n',
             rounds_factor=len(SITES),
         ),
+        Variant(
+            "fedcybgd-asc-travel",
+            "the same, AdamW state travelling with each block",
+            {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]},
+            sections='[cybgd]\nmode = "ascending"\noptimizer_state = "travel"\n',
+            rounds_factor=len(SITES),
+        ),
+        Variant(
+            "fedcybgd-asc-dl50",
+            "the same as fedcybgd-asc, downloading its own block and half of the others",
+            {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]},
+            sections='[cybgd]\nmode = "ascending"\ndownload_fraction = 0.5\n',
+            rounds_factor=len(SITES),
+        ),
     ]
 
 
@@ -147,6 +161,11 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         out["top1_ef_vs_exact_eval_loss_ratio"] = r
     if (r := _ratio(rows, "top1%+ef", "exact", "bytes_up")) is not None:
         out["top1_ef_vs_exact_bytes_up_ratio"] = r
+    for name in ("fedcybgd-asc-travel", "fedcybgd-asc-dl50"):
+        if name in by and "fedcybgd-asc" in by:
+            out[f"{name.replace('-', '_')}_bytes_down_vs_fedcybgd_asc"] = (
+                by[name]["bytes_down"] / by["fedcybgd-asc"]["bytes_down"]
+            )
     if "fedcybgd-asc" in by:
         cy = by["fedcybgd-asc"]
         # One upload per site per FedCyBGD round (cycle): its bytes against the trainable state's
@@ -257,6 +276,8 @@ def write_docs(result: dict[str, Any]) -> None:
             "top1_ef_vs_exact_bytes_up_ratio": "top-1% + error feedback vs exact, bytes up (goal ≤ 0.01)",
             "fedcybgd_upload_fraction_of_trainable_fp32": "FedCyBGD bytes up per site per cycle vs its trainable state's fp32 bytes "
             "(4 decoder layers: 1/L = 0.25 before the codec)",
+            "fedcybgd_asc_travel_bytes_down_vs_fedcybgd_asc": "FedCyBGD with the optimizer travelling vs reset, bytes down",
+            "fedcybgd_asc_dl50_bytes_down_vs_fedcybgd_asc": "FedCyBGD downloading half of the other blocks vs all, bytes down",
             "exact_codec_fraction_of_fp32": "for scale: the exact codec's upload vs the fp32 bytes of what it sends",
         }
         for key, value in keys.items():
@@ -275,7 +296,9 @@ def write_docs(result: dict[str, Any]) -> None:
         "  sites (arithmetic, atlas, stories), with a fresh optimizer each turn: the global model swings",
         "  towards whichever domain trained last, so its eval loss oscillates from turn to turn. The",
         "  authors' runs used IID shards. In ascending mode with N = 3 sites and L = 4 layers, block 3 is",
-        "  never trained (pitfall 2 of ALGORITHMS.md §3).",
+        "  never trained (pitfall 2 of ALGORITHMS.md §3). `-travel` carries each block's AdamW state from",
+        "  turn to turn (3x the block's bytes each way); `-dl50` fetches a site's own block and half of the",
+        "  other updated blocks and trains against the base model's values for the rest.",
         "- **FedAvgM and FedAdam** run with untuned server learning rates here; they are shown to exercise",
         "  the server optimizers, not to rank them.",
         "- Worker peak memory is dominated by the Python, torch and transformers processes themselves at",
