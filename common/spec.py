@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from common.delta import Codec
 
-
 # FedCyBGD's optimizer state when it travels with a block: tensors "<param>#exp_avg",
 # "<param>#exp_avg_sq" and "<block prefix>#step" beside the weights in the global state.
 OPTIMIZER_MARK = "#"
