@@ -29,6 +29,7 @@ from bench.workload import (
     gpt2_small_shapes,
     machine,
     median_spread,
+    payload_frames,
     peak_rss_bytes,
     realistic_delta,
     repeat,
@@ -36,7 +37,6 @@ from bench.workload import (
     write_section,
 )
 from common.codec import DeltaStreamDecoder, allocate, encode, iter_chunks
-from common.codec.layout import expected_frame_sizes
 from common.delta import Cast, Codec, DeltaHeader, PayloadLayout
 from common.pb.gradualdiff.v1 import delta_pb2
 from common.serde import header_from_proto, header_to_proto
@@ -73,12 +73,7 @@ def zstd_limit(payload: Path, layout: PayloadLayout) -> tuple[float, int]:
     """Seconds for one thread to decompress every frame of the payload, and the bytes it produced."""
     data = payload.read_bytes()
     dctx = zstandard.ZstdDecompressor()
-    frames = []
-    offset = 0
-    for shard in layout.shards:
-        for size, raw in zip(shard.frame_bytes, expected_frame_sizes(shard, layout), strict=True):
-            frames.append((memoryview(data)[offset : offset + size], raw))
-            offset += size
+    frames = payload_frames(data, layout)
     start = time.perf_counter()
     produced = 0
     for frame, raw in frames:

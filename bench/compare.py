@@ -38,6 +38,7 @@ class Variant:
 
 def variants() -> list[Variant]:
     lora = {"mode": "lora", "learning_rate": LORA_LR, "lora": {"rank": 8, "alpha": 16.0}}
+    cybgd = {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]}
     return [
         Variant("exact", "GradualDiff-Fed, full fine-tuning, exact codec (the demo)"),
         Variant("bf16", "the same, differences cast to bf16", {"upload_codec": {"cast": "bf16"}}),
@@ -74,21 +75,21 @@ def variants() -> list[Variant]:
         Variant(
             "fedcybgd-asc",
             "FedCyBGD ascending: each site trains one decoder block per turn",
-            {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]},
+            cybgd,
             sections='[cybgd]\nmode = "ascending"\n',
             rounds_factor=len(SITES),
         ),
         Variant(
             "fedcybgd-asc-travel",
             "the same, AdamW state travelling with each block",
-            {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]},
+            cybgd,
             sections='[cybgd]\nmode = "ascending"\noptimizer_state = "travel"\n',
             rounds_factor=len(SITES),
         ),
         Variant(
             "fedcybgd-asc-dl50",
             "the same as fedcybgd-asc, downloading its own block and half of the others",
-            {"method": "fedcybgd", "mode": "subset", "trainable_patterns": [r"^model\.layers\."]},
+            cybgd,
             sections='[cybgd]\nmode = "ascending"\ndownload_fraction = 0.5\n',
             rounds_factor=len(SITES),
         ),

@@ -36,10 +36,15 @@ import torch
 import zstandard
 
 from bench.procs import Procs, free_port
-from bench.round_overhead import _frames
-from bench.workload import MB, gpt2_small_shapes, machine, median_spread, realistic_delta, write_section
-from common.codec import encode
-from common.delta import Codec
+from bench.workload import (
+    MB,
+    encoded_frames,
+    gpt2_small_shapes,
+    machine,
+    median_spread,
+    realistic_delta,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SINK = "/bench.Sink/Stream"
@@ -99,11 +104,7 @@ def grpc_stream_MBps(total_bytes: int, runs: int) -> list[float]:
 
 def zstd_rates(delta: dict[str, torch.Tensor], runs: int) -> tuple[list[float], list[float], float]:
     """Single-thread zstd level 1 MB/s (of uncompressed bytes) on our shards: compress, decompress; wire bytes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        payload = Path(tmp) / "delta.payload"
-        with payload.open("wb") as sink:
-            layout = encode(delta, Codec(), sink)
-        frames = _frames(payload.read_bytes(), layout)
+    frames, wire_bytes = encoded_frames(delta)
     dctx = zstandard.ZstdDecompressor()
     blocks = [dctx.decompress(f, max_output_size=raw) for f, raw in frames]
     raw_bytes = sum(len(b) for b in blocks)
@@ -118,7 +119,7 @@ def zstd_rates(delta: dict[str, torch.Tensor], runs: int) -> tuple[list[float], 
         for f, raw in frames:
             dctx.decompress(f, max_output_size=raw)
         decomp.append(raw_bytes / (time.perf_counter() - start) / MB)
-    return comp, decomp, float(layout.total_bytes)
+    return comp, decomp, float(wire_bytes)
 
 
 def add_rates(nbytes: int, runs: int, threads: int) -> list[float]:

@@ -51,11 +51,10 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from bench.procs import Procs, TreeSampler, free_port, loopback_bytes, status_kib
-from bench.workload import MB, gpt2_small_shapes, realistic_delta
+from bench.workload import MB, encoded_frames, gpt2_small_shapes, realistic_delta
 from common.channel import auth_metadata
 from common.codec import encode
-from common.codec.layout import expected_frame_sizes
-from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout, UploadMetrics
+from common.delta import Codec, DeltaHeader, DeltaKind, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
 ADMIN = "bench-admin"
@@ -349,11 +348,7 @@ def codec_work(shapes: dict[str, tuple[int, ...]], runs: int = 3) -> dict[str, f
     torch.set_num_threads(1)
     try:
         delta = realistic_delta(shapes, seed=2)
-        with tempfile.TemporaryDirectory() as tmp:
-            payload = Path(tmp) / "delta.payload"
-            with payload.open("wb") as sink:
-                layout = encode(delta, Codec(), sink)
-            frames = _frames(payload.read_bytes(), layout)
+        frames, wire_bytes = encoded_frames(delta)
         dctx = zstandard.ZstdDecompressor()
         blocks = [dctx.decompress(f, max_output_size=raw) for f, raw in frames]
         cctx = zstandard.ZstdCompressor(level=1)
@@ -376,19 +371,9 @@ def codec_work(shapes: dict[str, tuple[int, ...]], runs: int = 3) -> dict[str, f
         "compress_s": compress,
         "decompress_s": decompress,
         "add_s": add,
-        "wire_bytes": float(layout.total_bytes),
+        "wire_bytes": float(wire_bytes),
         "raw_bytes": float(sum(t.numel() * 4 for t in delta.values())),
     }
-
-
-def _frames(data: bytes, layout: PayloadLayout) -> list[tuple[memoryview, int]]:
-    frames = []
-    offset = 0
-    for shard in layout.shards:
-        for size, raw in zip(shard.frame_bytes, expected_frame_sizes(shard, layout), strict=True):
-            frames.append((memoryview(data)[offset : offset + size], raw))
-            offset += size
-    return frames
 
 
 def compute_limit(work: dict[str, float], k: int, cores: int) -> float:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from common.delta import PayloadLayout
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MB = 1e6
 
@@ -122,3 +124,30 @@ def write_section(name: str, markdown: str, figures: dict[str, object]) -> None:
     data = json.loads(data_path.read_text()) if data_path.exists() else {}
     data.update(figures)
     data_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def encoded_frames(delta: dict[str, torch.Tensor]) -> tuple[list[tuple[memoryview, int]], int]:
+    """``delta`` encoded with the exact codec: its zstd frames (compressed bytes, decoded size), and its wire bytes."""
+    import tempfile
+
+    from common.codec import encode
+    from common.delta import Codec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = Path(tmp) / "delta.payload"
+        with payload.open("wb") as sink:
+            layout = encode(delta, Codec(), sink)
+        return payload_frames(payload.read_bytes(), layout), layout.total_bytes
+
+
+def payload_frames(data: bytes, layout: PayloadLayout) -> list[tuple[memoryview, int]]:
+    """The zstd frames of an encoded payload: (compressed bytes, decoded size) each, in order."""
+    from common.codec.layout import expected_frame_sizes
+
+    frames = []
+    offset = 0
+    for shard in layout.shards:
+        for size, raw in zip(shard.frame_bytes, expected_frame_sizes(shard, layout), strict=True):
+            frames.append((memoryview(data)[offset : offset + size], raw))
+            offset += size
+    return frames
