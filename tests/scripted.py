@@ -601,3 +601,12 @@ def harnesses(tmp: Path, **defaults: object) -> Iterator[MakeHarness]:
     finally:
         for h in made:
             h.close()
+
+
+def final_state(h: Harness) -> State:
+    """The state round 1 published (asserting it did), as site ``a`` fetches it."""
+    status = h.admin.wait_round(1)
+    assert status.state == federation_pb2.ROUND_STATE_PUBLISHED, status.failure_reason
+    number, state = h["a"].snapshot()
+    assert number == 1
+    return state

@@ -26,12 +26,12 @@ from server.config import ServerConfig, load_config
 from tests.scripted import (
     AdminClient,
     Daemon,
-    Harness,
     MakeHarness,
     ScriptedSite,
     State,
     add,
     assert_same_bits,
+    final_state,
     free_port,
     harnesses,
     random_delta,
@@ -69,14 +69,6 @@ def lossy_upload(
     kw.setdefault("shard_bytes", SHARD)
     head, payload = site.header(tensors, 1, 0, codec=codec, **kw)
     return head, payload, sent
-
-
-def final_state(h: Harness) -> State:
-    status = h.admin.wait_round(1)
-    assert status.state == PUBLISHED, status.failure_reason
-    number, state = h["a"].snapshot()
-    assert number == 1
-    return state
 
 
 def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harness: Any) -> None:

@@ -35,6 +35,7 @@ from tests.scripted import (
     accumulator_dtype,
     add,
     assert_same_bits,
+    final_state,
     harnesses,
     partial_delta,
     random_delta,
@@ -87,14 +88,6 @@ def received(h: Harness, upload_id: str, nbytes: int) -> None:
     """Wait until the aggregator's session of ``upload_id`` has received ``nbytes`` (white-box)."""
     session = wait_for(lambda: h.agg.coordinator._sessions.get(upload_id), what="the upload session")
     wait_for(lambda: session.bytes_received == nbytes, what=f"{nbytes} bytes of {upload_id} to arrive")
-
-
-def final_state(h: Harness) -> State:
-    status = h.admin.wait_round(1)
-    assert status.state == PUBLISHED, status.failure_reason
-    number, state = h["a"].snapshot()
-    assert number == 1
-    return state
 
 
 # ---------------------------------------------------------------- idempotency
