@@ -148,6 +148,13 @@ def header_from_proto(msg: pb.DeltaHeader) -> DeltaHeader:
     )
 
 
+def header_from_bytes(raw: bytes) -> DeltaHeader:
+    """A header stored as serialized protobuf (``header_to_proto(h).SerializeToString()``), read back."""
+    msg = pb.DeltaHeader()
+    msg.ParseFromString(raw)
+    return header_from_proto(msg)
+
+
 def chunk_to_proto(chunk: Chunk) -> pb.DeltaChunk:
     msg = pb.DeltaChunk(offset=chunk.offset, data=chunk.data, crc32=chunk.crc32, last=chunk.last)
     if chunk.header is not None:

@@ -38,7 +38,7 @@ class Metrics:
         alive = Gauge(
             "gdfed_sites_alive", "Sites heartbeating within their allowance", registry=self.registry
         )
-        alive.set_function(lambda: float(coordinator.status().sites_alive))
+        alive.set_function(lambda: float(coordinator.admin.status().sites_alive))
         coordinator.metrics_hook = self.observe
         self._http: Any = None
 

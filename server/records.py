@@ -1,13 +1,27 @@
 """The aggregator's durable records: run, rounds, sites, uploads (plain dataclasses).
 
 These are what ``server.store`` keeps in SQLite and what the servicers turn
-into protobuf replies; nothing here knows about either.
+into protobuf replies; nothing here knows about either. ``check_id`` is the
+rule for the ids that name them (run, site, upload), wherever they come in.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
+
+from common.errors import InvalidArgument
+
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_id(value: str, field: str) -> None:
+    """Raise InvalidArgument unless ``value`` is 1..64 chars of [A-Za-z0-9._-]."""
+    if not _ID.match(value):
+        raise InvalidArgument(
+            f"{field} {value!r} must be 1..64 characters of [A-Za-z0-9._-]", field=field, limit=64
+        )
 
 
 class RoundState(enum.IntEnum):

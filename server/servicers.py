@@ -22,7 +22,8 @@ from common.errors import GdfedError, InvalidArgument, PermissionDenied, RoundCl
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
 from common.serde import chunk_from_proto, chunk_to_proto, codec_to_proto
 from server.auth import Authenticator
-from server.coordinator import Coordinator, Receipt, RoundView
+from server.coordinator import Coordinator, RoundView
+from server.intake import Receipt
 from server.records import RoundRecord, SiteRecord, UploadState
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
         site = self._auth.site(context)
-        plan = self._c.fetch_plan(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
+        plan = self._c.fetching.plan(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
         try:
             for item in plan:
                 sent = 0
@@ -201,13 +202,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                             return
                         sent += len(chunk.data)
                         yield chunk_to_proto(chunk)
-                self._c.count_bytes_out(item.round, sent)
+                self._c.fetching.count_bytes_out(item.round, sent)
         finally:
             for item in plan:
                 if item.temporary:
                     item.path.unlink(missing_ok=True)
         if plan and not request.only_prefixes:  # a partial snapshot is not a synced state
-            self._c.mark_synced(site, plan[-1].round)
+            self._c.fetching.mark_synced(site, plan[-1].round)
 
     @rpc
     def PushDelta(
@@ -233,7 +234,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         chunk = chunk_from_proto(first)
         if chunk.header is None:
             raise InvalidArgument("the first chunk must carry the header", field="header")
-        opened = self._c.open_upload(site, chunk.header, chunk.offset)
+        opened = self._c.intake.open_upload(site, chunk.header, chunk.offset)
         if isinstance(opened, Receipt):
             return _receipt(opened)
         session = opened
@@ -257,7 +258,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.UploadOffsetRequest, context: grpc.ServicerContext
     ) -> federation_pb2.UploadOffsetReply:
         site = self._auth.site(context)
-        offset, complete = self._c.upload_offset(site, request.upload_id)
+        offset, complete = self._c.intake.upload_offset(site, request.upload_id)
         return federation_pb2.UploadOffsetReply(committed_offset=offset, complete=complete)
 
 
@@ -284,7 +285,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._version = version
 
     def _status(self) -> admin_pb2.RunStatus:
-        status = self._c.status()
+        status = self._c.admin.status()
         run, current, policy = status.run, status.current, status.policy
         return admin_pb2.RunStatus(
             run_id=run.run_id,
@@ -321,7 +322,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             failure_reason=record.failure_reason,
             close_reason=record.close_reason,
         )
-        _, participants, uploads = self._c.round_detail(record.round)
+        _, participants, uploads = self._c.admin.round_detail(record.round)
         by_site = {u.site_id: u for u in uploads if u.state is UploadState.ACCEPTED}
         by_site |= {u.site_id: u for u in uploads if u.site_id not in by_site}
         accepted = [u for u in uploads if u.state is UploadState.ACCEPTED]
@@ -361,7 +362,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._auth.admin(context)
         if request.limit > 1000:
             raise InvalidArgument(f"limit is {request.limit}; the maximum is 1000", field="limit", limit=1000)
-        records = self._c.rounds_page(request.limit or 50, request.before)
+        records = self._c.admin.rounds_page(request.limit or 50, request.before)
         return admin_pb2.ListRoundsReply(rounds=[self._round(r) for r in records])
 
     @rpc
@@ -369,7 +370,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.GetRoundRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RoundStatus:
         self._auth.admin(context)
-        record, _, _ = self._c.round_detail(request.round)
+        record, _, _ = self._c.admin.round_detail(request.round)
         return self._round(record)
 
     @rpc
@@ -377,7 +378,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListSitesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListSitesReply:
         self._auth.admin(context)
-        return admin_pb2.ListSitesReply(sites=[_site(s) for s in self._c.sites()])
+        return admin_pb2.ListSitesReply(sites=[_site(s) for s in self._c.admin.sites()])
 
     @stream_rpc
     def Watch(
@@ -411,28 +412,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.pause(_reason(request.reason)))
+        return self._control(lambda: self._c.admin.pause(_reason(request.reason)))
 
     @rpc
     def Resume(
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.resume(_reason(request.reason)))
+        return self._control(lambda: self._c.admin.resume(_reason(request.reason)))
 
     @rpc
     def CloseRound(
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.close_round(_reason(request.reason)))
+        return self._control(lambda: self._c.admin.close_round(_reason(request.reason)))
 
     @rpc
     def EvictSite(
         self, request: admin_pb2.EvictSiteRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.evict(request.site_id, _reason(request.reason)))
+        return self._control(lambda: self._c.admin.evict(request.site_id, _reason(request.reason)))
 
     @rpc
     def SetRoundPolicy(
@@ -441,7 +442,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._auth.admin(context)
         has_quorum = request.HasField("quorum")
         return self._control(
-            lambda: self._c.set_policy(
+            lambda: self._c.admin.set_policy(
                 min_sites=request.quorum.min_sites if has_quorum else None,
                 min_sample_fraction=request.quorum.min_sample_fraction if has_quorum else None,
                 deadline_s=request.round_deadline_s or None,

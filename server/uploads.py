@@ -22,7 +22,7 @@ from server.records import UploadRecord
 from server.spool import Spool
 
 if TYPE_CHECKING:
-    from server.coordinator import Coordinator, Receipt
+    from server.intake import Intake, Receipt
 
 COMMIT_EVERY = 8 * MIB  # fsync and record the resume offset this often
 
@@ -33,7 +33,7 @@ class UploadSession:
     def __init__(
         self,
         *,
-        coordinator: Coordinator,
+        intake: Intake,
         record: UploadRecord,
         header: DeltaHeader,
         acc: Accumulation,
@@ -46,7 +46,7 @@ class UploadSession:
         self.site_id = record.site_id
         self.round = record.round
         self.acc = acc
-        self._coordinator = coordinator
+        self._intake = intake
         self._header = header
         self._layout = header.layout
         self._spool = spool
@@ -91,16 +91,16 @@ class UploadSession:
         with self._cond:
             while self._outstanding and not self._failure and not self._cancelled:
                 self._cond.wait(0.5)
-                if not self._coordinator.round_accepts(self.round):
+                if not self._intake.round_accepts(self.round):
                     break
         try:
             self._raise_if_stopped()
         except GdfedError as exc:
-            self._coordinator.end_session(self)
+            self._intake.end_session(self)
             if not isinstance(exc, RoundClosed):
-                self._coordinator.reject_upload(self, exc)
+                self._intake.reject_upload(self, exc)
             raise
-        return self._coordinator.accept_upload(self, time.monotonic() - self._started)
+        return self._intake.accept_upload(self, time.monotonic() - self._started)
 
     def interrupt(self) -> None:
         """The stream broke off: make the received bytes durable and record where to resume."""
@@ -108,12 +108,12 @@ class UploadSession:
             self._commit()
             self._writer.close()
         finally:
-            self._coordinator.end_session(self)
+            self._intake.end_session(self)
 
     def fail(self, error: GdfedError) -> None:
         """A chunk was refused: the upload is rejected for good."""
         self._writer.close()
-        self._coordinator.reject_upload(self, error)
+        self._intake.reject_upload(self, error)
 
     @property
     def failed(self) -> bool:
@@ -127,14 +127,14 @@ class UploadSession:
 
     def _commit(self) -> None:
         offset = self._writer.sync()
-        self._coordinator.commit_offset(self, offset)
+        self._intake.commit_offset(self, offset)
 
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:
             raise self._failure
         if self._cancelled:
             raise RoundClosed(f"upload {self.upload_id!r} stopped: {self._cancelled}", field="upload_id")
-        if not self._coordinator.round_accepts(self.round):
+        if not self._intake.round_accepts(self.round):
             raise RoundClosed(
                 f"round {self.round} closed before upload {self.upload_id!r} finished", field="round"
             )

@@ -86,7 +86,7 @@ def folded(h: Harness, upload_id: str) -> set[int]:
 
 def received(h: Harness, upload_id: str, nbytes: int) -> None:
     """Wait until the aggregator's session of ``upload_id`` has received ``nbytes`` (white-box)."""
-    session = wait_for(lambda: h.agg.coordinator._sessions.get(upload_id), what="the upload session")
+    session = wait_for(lambda: h.agg.coordinator.intake._sessions.get(upload_id), what="the upload session")
     wait_for(lambda: session.bytes_received == nbytes, what=f"{nbytes} bytes of {upload_id} to arrive")
 
 

@@ -1,0 +1,337 @@
+"""Upload intake: PushDelta's header checks, the live upload sessions, and acceptance.
+
+``open_upload`` validates a header against the open round and starts (or
+resumes) an ``UploadSession``; the session reports back here as it commits
+offsets and as it is accepted, rejected or ends. Acceptance is durable and
+happens at most once per upload id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from common.codec import validate_layout
+from common.codec.compact import wire_manifest
+from common.delta import DeltaHeader, DeltaKind
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    GdfedError,
+    InvalidArgument,
+    PermissionDenied,
+    RoundClosed,
+)
+from common.serde import header_from_bytes, header_to_proto
+from server.config import ServerConfig
+from server.folding import FoldWorker
+from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id
+from server.spool import Spool
+from server.store import Store
+from server.uploads import UploadSession
+
+if TYPE_CHECKING:
+    from server.coordinator import Coordinator, Emit
+
+# Under the coordinator's logger name, which these lines had before they moved here: the daemon's log
+# format prints the name, and log filters and level settings key on it.
+logger = logging.getLogger("server.coordinator")
+
+MAX_SAMPLES = 1 << 29  # keeps n·Δ exact in the fp64 accumulator
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    upload_id: str
+    round: int
+    bytes_received: int
+    accepted: bool
+    duplicate: bool
+
+
+class Intake:
+    """Takes uploads into the open round.
+
+    Given ``rounds``, the round state machine (the run, the open round and its accumulation,
+    the method's plan, the published rounds); the run's ``store``, ``spool`` and fold worker
+    (``folder``); the coordinator's ``lock`` and its condition ``changed``, notified when an
+    upload is accepted or a session ends (``Coordinator.stop`` waits for the sessions);
+    ``config`` for the limits; ``emit`` for events and ``metrics``, the metrics hook.
+    The live sessions, one per upload id, are kept here, under the lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        rounds: Coordinator,
+        store: Store,
+        spool: Spool,
+        folder: FoldWorker,
+        lock: threading.RLock,
+        changed: threading.Condition,
+        config: ServerConfig,
+        emit: Emit,
+        metrics: Callable[[str, float], None],
+    ) -> None:
+        self._rounds = rounds
+        self._store = store
+        self._spool = spool
+        self._folder = folder
+        self._lock = lock
+        self._changed = changed
+        self._config = config
+        self._emit = emit
+        self._metrics = metrics
+        self._sessions: dict[str, UploadSession] = {}
+
+    def upload_offset(self, site_id: str, upload_id: str) -> tuple[int, bool]:
+        check_id(upload_id, "upload_id")
+        with self._lock:
+            upload = self._store.get(UploadRecord, upload_id)
+            if upload is None:
+                return 0, False
+            if upload.site_id != site_id:
+                raise PermissionDenied(f"upload {upload_id!r} belongs to another site", field="upload_id")
+            return upload.committed_offset, upload.state is UploadState.ACCEPTED
+
+    def open_upload(self, site_id: str, header: DeltaHeader, first_offset: int) -> UploadSession | Receipt:
+        """Validate an upload's header and start (or resume) receiving it."""
+        check_id(header.upload_id, "upload_id")
+        if header.site_id != site_id:
+            raise PermissionDenied(
+                f"header.site_id is {header.site_id!r} but the token belongs to {site_id!r}: a site uploads only for itself",
+                field="site_id",
+            )
+        with self._lock:
+            existing = self._store.get(UploadRecord, header.upload_id)
+            if existing is not None and existing.site_id != site_id:
+                raise PermissionDenied(
+                    f"upload {header.upload_id!r} belongs to another site", field="upload_id"
+                )
+            if existing is not None and existing.state is UploadState.ACCEPTED:
+                return Receipt(header.upload_id, existing.round, existing.total_bytes, True, True)
+            self._check_upload(site_id, header)
+            if existing is not None and existing.state is not UploadState.RECEIVING:
+                raise FailedPrecondition(
+                    f"upload {header.upload_id!r} was {existing.state.name.lower()} ({existing.reason}); "
+                    "send it again under a new upload id",
+                    field="upload_id",
+                )
+            if existing is not None and header_from_bytes(existing.header) != header:
+                raise InvalidArgument(
+                    f"upload id {header.upload_id!r} was started with a different header; use a new id",
+                    field="upload_id",
+                )
+            committed = existing.committed_offset if existing else 0
+            if first_offset not in (0, committed):
+                raise FailedPrecondition(
+                    f"stream starts at offset {first_offset}; resume at the committed offset {committed} or at 0",
+                    field="offset",
+                )
+            other = self._sessions.get(header.upload_id)
+            if other is not None:
+                other.cancel("superseded by a new stream of the same upload")
+            record = existing or UploadRecord(
+                upload_id=header.upload_id,
+                round=header.round,
+                site_id=site_id,
+                sample_count=header.sample_count,
+                total_bytes=header.layout.total_bytes,
+                header=header_to_proto(header).SerializeToString(),
+                started_ms=self._rounds.now_ms(),
+                train_loss=header.metrics.train_loss,
+                eval_loss=header.metrics.eval_loss,
+            )
+            record.committed_offset = first_offset
+            with self._store.transaction():
+                self._store.put(record)
+            current = self._rounds.current_round()
+            acc = self._rounds.acc
+            assert current is not None and acc is not None
+            self._rounds.progress(current, RoundState.COLLECTING)
+            session = UploadSession(
+                intake=self,
+                record=record,
+                header=header,
+                acc=acc,
+                spool=self._spool,
+                folder=self._folder,
+                start=first_offset,
+                max_chunk_bytes=self._config.limits.max_chunk_bytes,
+            )
+            self._sessions[header.upload_id] = session
+            logger.info(
+                "[upload] round=%d site=%s upload=%s %s at %d of %d bytes",
+                header.round,
+                site_id,
+                header.upload_id,
+                "resumed" if first_offset else "started",
+                first_offset,
+                header.layout.total_bytes,
+            )
+            return session
+
+    def _check_upload(self, site_id: str, header: DeltaHeader) -> None:
+        rounds = self._rounds
+        site = rounds.joined_site(site_id)
+        if site.state is SiteState.EVICTED:
+            raise PermissionDenied(f"site {site_id!r} was evicted", field="site_id")
+        if header.run_id != rounds.run.run_id:
+            raise FailedPrecondition(
+                f"header.run_id is {header.run_id!r}; this run is {rounds.run.run_id!r}", field="run_id"
+            )
+        current = rounds.current_round()
+        if current is None or header.round != current.round:
+            now = current.round if current else 0
+            raise FailedPrecondition(
+                f"header.round is {header.round}; the open round is {now}", field="round"
+            )
+        if not current.state.accepts_uploads:
+            raise RoundClosed(
+                f"round {current.round} is {current.state.name.lower()}; it takes no more uploads",
+                field="round",
+            )
+        if rounds.run.finished:
+            raise FailedPrecondition("the run is finished", field="round")
+        if header.kind is not DeltaKind.DIFF:
+            raise InvalidArgument(f"header.kind is {header.kind.name}; uploads are DIFF", field="kind")
+        if not 1 <= header.sample_count <= MAX_SAMPLES:
+            raise InvalidArgument(
+                f"header.sample_count is {header.sample_count}; must be 1..{MAX_SAMPLES}",
+                field="sample_count",
+                limit=MAX_SAMPLES,
+            )
+        latest = rounds.latest_published()
+        if header.base_round != latest.round:
+            raise FailedPrecondition(
+                f"header.base_round is {header.base_round}; deltas of round {current.round} are taken against round "
+                f"{latest.round} (fetch it first)",
+                field="base_round",
+            )
+        assignment = rounds.assignment(current.round, site)
+        if not assignment.trains:
+            raise FailedPrecondition(
+                f"site {site_id!r} has no part in round {current.round} ({rounds.plan.describe()})",
+                field="site_id",
+            )
+        expected = wire_manifest(
+            rounds.plan.upload_manifest(assignment), header.layout.codec
+        )  # lossy: compact names
+        validate_layout(header.layout, self._config.limits, expected=expected)
+        for upload in self._store.select(
+            UploadRecord,
+            "round = ? AND site_id = ? AND state = ?",
+            (current.round, site_id, int(UploadState.ACCEPTED)),
+        ):
+            if upload.upload_id != header.upload_id:
+                raise AlreadyExists(
+                    f"site {site_id!r} already has upload {upload.upload_id!r} accepted in round {current.round}",
+                    field="upload_id",
+                )
+
+    def commit_offset(self, session: UploadSession, offset: int) -> None:
+        """Record a durable offset, unless a newer stream of the same upload has replaced ``session``."""
+        with self._lock:
+            current = self._sessions.get(session.upload_id)
+            if current is not None and current is not session:
+                return
+            upload = self._store.get(UploadRecord, session.upload_id)
+            if upload is not None and upload.state is UploadState.RECEIVING:
+                upload.committed_offset = offset
+                self._store.put(upload)
+
+    def round_accepts(self, round_number: int) -> bool:
+        """``Coordinator.round_accepts``, for the sessions: no lock and no query (called for every chunk)."""
+        return self._rounds.round_accepts(round_number)
+
+    def accept_upload(self, session: UploadSession, seconds: float) -> Receipt:
+        """Count a fully received and folded upload, durably, exactly once."""
+        with self._lock:
+            self._forget(session)
+            record = self._store.get(UploadRecord, session.upload_id)
+            assert record is not None
+            if record.state is UploadState.ACCEPTED:
+                return Receipt(record.upload_id, record.round, record.total_bytes, True, True)
+            if not self._rounds.round_accepts(record.round) or not session.acc.accept(
+                record.upload_id, record.sample_count
+            ):
+                raise RoundClosed(
+                    f"round {record.round} closed before upload {record.upload_id!r} finished", field="round"
+                )
+            seq = len(self._rounds.accepted_records(record.round)) + 1
+            record.state = UploadState.ACCEPTED
+            record.seq = seq
+            record.committed_offset = record.total_bytes
+            record.accepted_ms = self._rounds.now_ms()
+            record.upload_seconds = seconds
+            current = self._rounds.current_round()
+            assert current is not None
+            current.bytes_in += record.total_bytes
+            with self._store.transaction():
+                self._store.put(record)
+                self._store.put(current)
+            logger.info(
+                "[upload] round=%d site=%s upload=%s accepted (#%d, %d samples, %d bytes, %.2fs)",
+                record.round,
+                record.site_id,
+                record.upload_id,
+                seq,
+                record.sample_count,
+                record.total_bytes,
+                seconds,
+            )
+            self._metrics("bytes_in", record.total_bytes)
+            self._metrics("upload_seconds", seconds)
+            self._emit(
+                "upload_accepted", round_number=record.round, site_id=record.site_id, detail=record.upload_id
+            )
+            self._changed.notify_all()
+            return Receipt(record.upload_id, record.round, record.total_bytes, True, False)
+
+    def reject_upload(self, session: UploadSession, error: GdfedError) -> None:
+        with self._lock:
+            self._forget(session)
+            record = self._store.get(UploadRecord, session.upload_id)
+            if record is not None and record.state is UploadState.RECEIVING:
+                record.state = UploadState.REJECTED
+                record.reason = error.message
+                self._store.put(record)
+            logger.warning(
+                "[upload] round=%d site=%s upload=%s rejected: %s",
+                session.round,
+                session.site_id,
+                session.upload_id,
+                error.message,
+            )
+            self._emit(
+                "upload_rejected", round_number=session.round, site_id=session.site_id, detail=error.message
+            )
+
+    def end_session(self, session: UploadSession) -> None:
+        with self._lock:
+            self._forget(session)
+
+    def _forget(self, session: UploadSession) -> None:
+        # Only the current stream of an upload may remove it; a superseded one must not.
+        if self._sessions.get(session.upload_id) is session:
+            del self._sessions[session.upload_id]
+            self._changed.notify_all()  # stop() waits for the sessions to end
+
+    @property
+    def receiving(self) -> int:
+        """How many uploads are being received now (read under the lock)."""
+        return len(self._sessions)
+
+    def cancel_site(self, site_id: str, reason: str) -> None:
+        """Stop the uploads of ``site_id`` that are being received (caller holds the lock)."""
+        for session in list(self._sessions.values()):
+            if session.site_id == site_id:
+                session.cancel(reason)
+
+    def cancel_all(self, reason: str) -> None:
+        """Stop every upload being received (caller holds the lock)."""
+        for session in list(self._sessions.values()):
+            session.cancel(reason)
