@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 import torch
 
-from common.codec import decode_chunks, iter_chunks
+from common.codec import DeltaStreamDecoder, allocate, iter_chunks
+from common.codec.decoder import place_piece
 from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.serde import chunk_from_proto, chunk_to_proto
@@ -61,63 +62,153 @@ def fetch(
     progress: Callable[[int], None] = lambda n: None,
     timeout: float = 3600,
 ) -> Synced:
-    """Bring ``state`` (held at ``held_round``) to the latest published round, in place.
+    """Bring ``state`` (held at ``held_round``) to the latest published round, in place (one attempt).
 
     With ``only_prefixes`` only those tensors are fetched (a partial snapshot) and overwritten.
+    A caller that retries a broken stream must use :class:`Sync`, which resumes from the
+    round reached instead of applying a difference twice.
     """
-    request = federation_pb2.FetchDiffRequest(
-        site_id=site_id, have_round=held_round, snapshot=snapshot, only_prefixes=list(only_prefixes)
-    )
-    current: list[Chunk] = []
-    round_number, nbytes, deltas, got_snapshot = held_round, 0, 0, False
-    for message in stub.FetchDiff(request, metadata=metadata, timeout=timeout):
-        chunk = chunk_from_proto(message)
-        if chunk.header is not None and current:
-            round_number, was_snapshot = _apply(current, state, round_number, partial=bool(only_prefixes))
-            got_snapshot |= was_snapshot
-            deltas += 1
-            current = []
-        current.append(chunk)
-        nbytes += len(chunk.data)
-        progress(len(chunk.data))
-    if current:
-        round_number, was_snapshot = _apply(current, state, round_number, partial=bool(only_prefixes))
-        got_snapshot |= was_snapshot
-        deltas += 1
-    return Synced(round_number, nbytes, deltas, got_snapshot)
+    return Sync(
+        stub,
+        metadata,
+        site_id,
+        held_round,
+        state,
+        snapshot=snapshot,
+        only_prefixes=only_prefixes,
+        progress=progress,
+        timeout=timeout,
+    )()
 
 
-def _apply(
-    chunks: list[Chunk], state: dict[str, torch.Tensor], held: int, *, partial: bool = False
-) -> tuple[int, bool]:
-    header = chunks[0].header
-    assert header is not None
-    names = {t.name for t in header.layout.manifest}
-    for spec in header.layout.manifest:
-        # Optimizer state travelling with FedCyBGD blocks is zero at round 0: a worker that started
-        # from its own copy of the base model holds none of it yet.
-        if OPTIMIZER_MARK in spec.name and spec.name not in state:
-            state[spec.name] = torch.zeros(spec.shape)
-    if header.kind is DeltaKind.SNAPSHOT:
-        if names != set(state) and not (partial and names <= set(state)):
-            raise ValueError(f"snapshot of round {header.round} has other tensors than this worker trains")
-        for spec in header.layout.manifest:
-            # The held state mirrors the aggregator's, which may differ in shape from what this
-            # site's model trains (FlexLoRA: rank-R adapters, sliced to the site's rank per round).
-            if tuple(state[spec.name].shape) != tuple(spec.shape):
-                state[spec.name] = torch.empty(spec.shape, dtype=state[spec.name].dtype)
-        decode_chunks(chunks, into=state)
-        return header.round, True
-    if header.base_round != held:
-        raise ValueError(
-            f"difference of round {header.round} applies to round {header.base_round}; this worker holds {held}"
+class Sync:
+    """Fetches and applies the global state; calling it again after a failure resumes safely.
+
+    A FetchDiff stream carries a chain of deltas. Each is decoded as its chunks
+    arrive (download and decoding overlap, and the compressed bytes are never
+    all held) into buffers of its own, and applied to ``state`` only once all
+    of it has decoded and checked: a delta is applied whole or not at all.
+    ``round`` advances as each one is applied, so when the stream breaks after
+    some deltas, the next call asks for the rest from there; starting again
+    from the round first held would add those differences twice.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        metadata: tuple[tuple[str, str], ...],
+        site_id: str,
+        held_round: int,
+        state: dict[str, torch.Tensor],
+        *,
+        snapshot: bool = False,
+        only_prefixes: Sequence[str] = (),
+        progress: Callable[[int], None] = lambda n: None,
+        timeout: float = 3600,
+    ) -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._site_id = site_id
+        self._state = state
+        self._want_snapshot = snapshot
+        self._only = tuple(only_prefixes)
+        self._progress = progress
+        self._timeout = timeout
+        self.round = held_round
+        self.bytes = 0
+        self.deltas = 0
+        self.snapshot = False
+
+    def __call__(self) -> Synced:
+        request = federation_pb2.FetchDiffRequest(
+            site_id=self._site_id,
+            have_round=self.round,
+            snapshot=self._want_snapshot and not self.snapshot,
+            only_prefixes=list(self._only),
         )
-    if not names <= set(state):
-        raise ValueError(f"difference of round {header.round} names tensors this worker does not train")
-    _, diff = decode_chunks(chunks)
-    for name, value in diff.items():
-        state[name].add_(value.to(state[name].dtype))
-    return header.round, False
+        current: _Incoming | None = None
+        try:
+            for message in self._stub.FetchDiff(request, metadata=self._metadata, timeout=self._timeout):
+                chunk = chunk_from_proto(message)
+                if chunk.header is not None:
+                    if current is not None:
+                        self._finish(current)
+                    current = _Incoming(chunk.header, self._state, self.round, partial=bool(self._only))
+                assert current is not None
+                current.feed(chunk)
+                self.bytes += len(chunk.data)
+                self._progress(len(chunk.data))
+            if current is not None:
+                self._finish(current)
+                current = None
+        finally:
+            if current is not None:
+                current.close()
+        return Synced(self.round, self.bytes, self.deltas, self.snapshot)
+
+    def _finish(self, incoming: _Incoming) -> None:
+        self.round = incoming.apply()
+        self.snapshot |= incoming.header.kind is DeltaKind.SNAPSHOT
+        self.deltas += 1
+
+
+class _Incoming:
+    """One delta of a FetchDiff stream, decoded as it arrives into buffers apart from the state."""
+
+    def __init__(
+        self, header: DeltaHeader, state: dict[str, torch.Tensor], held: int, *, partial: bool
+    ) -> None:
+        self.header = header
+        self._state = state
+        names = {t.name for t in header.layout.manifest}
+        if header.kind is DeltaKind.SNAPSHOT:
+            known = set(state) | {t.name for t in header.layout.manifest if OPTIMIZER_MARK in t.name}
+            if names != known and not (partial and names <= known):
+                raise ValueError(
+                    f"snapshot of round {header.round} has other tensors than this worker trains"
+                )
+        else:
+            if header.base_round != held:
+                raise ValueError(
+                    f"difference of round {header.round} applies to round {header.base_round}; "
+                    f"this worker holds {held}"
+                )
+            # Optimizer state travelling with FedCyBGD blocks is zero at round 0: a worker that started
+            # from its own copy of the base model holds none of it yet.
+            if not {n for n in names if OPTIMIZER_MARK not in n} <= set(state):
+                raise ValueError(
+                    f"difference of round {header.round} names tensors this worker does not train"
+                )
+        self._buffers = allocate(header.layout.manifest)
+        self._decoder = DeltaStreamDecoder(into=self._buffers)
+
+    def feed(self, chunk: Chunk) -> None:
+        for piece in self._decoder.feed(chunk):
+            place_piece(self._buffers[piece.name], piece)
+
+    def apply(self) -> int:
+        """Check that the whole delta arrived and decoded, then apply it; returns the round reached."""
+        for piece in self._decoder.finish():
+            place_piece(self._buffers[piece.name], piece)
+        state = self._state
+        for spec in self.header.layout.manifest:
+            if OPTIMIZER_MARK in spec.name and spec.name not in state:
+                state[spec.name] = torch.zeros(spec.shape)
+        if self.header.kind is DeltaKind.SNAPSHOT:
+            for name, value in self._buffers.items():
+                # The held state mirrors the aggregator's, which may differ in shape from what this
+                # site's model trains (FlexLoRA: rank-R adapters, sliced to the site's rank per round).
+                if tuple(state[name].shape) == tuple(value.shape):
+                    state[name].copy_(value)
+                else:
+                    state[name] = value.to(state[name].dtype)
+        else:
+            for name, value in self._buffers.items():
+                state[name].add_(value.to(state[name].dtype))
+        return self.header.round
+
+    def close(self) -> None:
+        self._decoder.close()
 
 
 def push(

@@ -40,7 +40,7 @@ from client.model import (
 )
 from client.progress import Progress
 from client.train import Aborted, evaluate, train_steps
-from client.transfer import RETRYABLE, RoundOver, fetch, push
+from client.transfer import RETRYABLE, RoundOver, Sync, push
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
@@ -309,19 +309,18 @@ class Worker:
     ) -> Any:
         self._status.phase = PHASE_SYNCING
         with self.progress.bytes(f"{self.config.site_id} fetch") as bar:
-            synced = self._call(
-                "fetch",
-                lambda: fetch(
-                    self._stub,
-                    self._meta,
-                    self.config.site_id,
-                    held_round,
-                    state,
-                    snapshot=snapshot,
-                    only_prefixes=only,
-                    progress=bar,
-                ),
+            # One Sync across retries: after a broken stream it resumes from the round it reached.
+            sync = Sync(
+                self._stub,
+                self._meta,
+                self.config.site_id,
+                held_round,
+                state,
+                snapshot=snapshot,
+                only_prefixes=only,
+                progress=bar,
             )
+            synced = self._call("fetch", sync)
         logger.info(
             "[sync] round %d -> %d: %d delta(s)%s, %d bytes",
             held_round,
