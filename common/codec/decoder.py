@@ -275,7 +275,7 @@ class ShardAssembler:
         self._begins, self._ends = offsets[:-1], offsets[1:]
         self._shard = next((i for i, end in enumerate(self._ends) if end > start), len(self._ends))
         self._capacity = max((shard.compressed_bytes for shard in layout.shards), default=0)
-        self._spare: list[bytearray] = []
+        self._spare: list[U8Array] = []
         self._buffer: memoryview | None = None
         self._filled = 0
         if self._shard < len(self._ends):
@@ -315,13 +315,14 @@ class ShardAssembler:
     def release(self, buffer: memoryview) -> None:
         """Hand a shard's buffer back once it is decoded, so the next shard reuses its pages."""
         base = buffer.obj
-        if isinstance(base, bytearray) and len(self._spare) < 2:
+        if isinstance(base, np.ndarray) and len(self._spare) < 2:
             self._spare.append(base)
 
     def _open(self) -> None:
-        # A fresh buffer costs page faults on every byte; reused ones do not.
-        backing = self._spare.pop() if self._spare else bytearray(self._capacity)
-        self._buffer = memoryview(backing)[: self.layout.shards[self._shard].compressed_bytes]
+        # A fresh buffer costs page faults on every byte; reused ones do not. np.empty, not bytearray:
+        # the bytes are overwritten by the chunks, and bytearray(n) would first zero all n of them.
+        backing = self._spare.pop() if self._spare else np.empty(self._capacity, dtype=np.uint8)
+        self._buffer = backing.data[: self.layout.shards[self._shard].compressed_bytes]
         self._filled = 0
 
     def _take(self, data: memoryview) -> int:
