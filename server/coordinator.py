@@ -154,6 +154,9 @@ class Coordinator:
         self._subscribers: list[queue.Queue[Event]] = []
         self._admin_close = False
         self._stop = threading.Event()
+        # Set when something a tick acts on has happened (an upload accepted, a round published), so
+        # the loop acts now rather than up to tick_s later; it still ticks every tick_s for deadlines.
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.metrics_hook: Callable[[str, float], None] = lambda name, value: None
         self.run = self._load_or_create_run()
@@ -590,6 +593,7 @@ class Coordinator:
             self._changed.notify_all()
             close_round = current.round
         self._aggregate(close_round)
+        self._wake.set()  # the next round may open now
 
     def _fail_round(self, record: RoundRecord, reason: str) -> None:
         record.state = rounds.advance(record.state, RoundState.FAILED)
@@ -802,11 +806,19 @@ class Coordinator:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.tick_s):
+        while True:
+            self._wake.wait(self.config.tick_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.tick()
             except Exception:
                 logger.exception("[round] tick failed; the loop goes on")
+
+    def wake(self) -> None:
+        """Have the round loop tick now (an upload was accepted: the quorum may be met)."""
+        self._wake.set()
 
     def stop_rounds(self) -> None:
         """Stop the round loop (liveness, quorum, deadlines) and wake long polls; the first step of a shutdown.
@@ -815,6 +827,7 @@ class Coordinator:
         must not drop the sites, or close their round, for beats they cannot send.
         """
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         with self._lock:

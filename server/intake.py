@@ -289,6 +289,7 @@ class Intake:
                 "upload_accepted", round_number=record.round, site_id=record.site_id, detail=record.upload_id
             )
             self._changed.notify_all()
+            self._rounds.wake()
             return Receipt(record.upload_id, record.round, record.total_bytes, True, False)
 
     def reject_upload(self, session: UploadSession, error: GdfedError) -> None:
