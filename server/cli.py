@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-concurrent-uploads", type=int, help="uploads streamed at once; more wait (default 4)"
     )
+    parser.add_argument(
+        "--stream-window-bytes",
+        type=int,
+        help="HTTP/2 window per received stream (default 4 MiB); a stream's rate is at most window / RTT",
+    )
     parser.add_argument("--metrics-listen", help="host:port for the Prometheus endpoint")
     parser.add_argument("--tls-cert", type=Path, dest="tls.cert")
     parser.add_argument("--tls-key", type=Path, dest="tls.key")

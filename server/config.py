@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.codec.layout import DecodeLimits, validate_codec
-from common.delta import GIB, Cast, Codec, Lossy
+from common.delta import GIB, MIB, Cast, Codec, Lossy
 from common.errors import InvalidArgument
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
 
@@ -101,6 +101,11 @@ class ServerConfig:
     max_upload_bytes: int = 64 * GIB
     # Uploads streamed at once; more wait their turn (bounded memory; the fold worker is one thread anyway).
     max_concurrent_uploads: int = 4
+    # HTTP/2 flow-control window of each stream the daemon receives, fixed (BDP probing off). With
+    # probing on, gRPC grew the windows of uploads waiting for a slot until the daemon buffered
+    # hundreds of MB, up to GBs, for them. A stream's throughput is at most window / round-trip time:
+    # 4 MiB is 84 MB/s at 50 ms; raise it for long, fast links.
+    stream_window_bytes: int = 4 * MIB
     base_model_fingerprint: str = ""
     keep_states: int = 2  # published states (and their snapshots) kept on disk
     # Running-sum precision. fp32: the sum costs 1x the trainable state; another arrival order
@@ -239,6 +244,7 @@ class _TopLevel:
     missed_beats: int | None = None
     max_upload_bytes: int | None = None
     max_concurrent_uploads: int | None = None
+    stream_window_bytes: int | None = None
     base_model_fingerprint: str | None = None
     keep_states: int | None = None
     accumulator: str | None = None

@@ -40,3 +40,16 @@ def test_parser_lists_codec_demo():
     parser = cli.build_parser()
     args = parser.parse_args(["codec-demo", "--layers", "2", "--width", "8"])
     assert (args.command, args.layers, args.width) == ("codec-demo", 2, 8)
+
+
+def test_stream_window_comes_from_toml_and_flags_and_is_bounded(tmp_path):
+    from server.app import server_options
+    from server.config import load_config
+
+    path = tmp_path / "aggregator.toml"
+    path.write_text("stream_window_bytes = 8388608\n")
+    assert ("grpc.http2.lookahead_bytes", 8388608) in server_options(load_config(path, {}))
+    flagged = load_config(path, {"stream_window_bytes": 1 << 20})
+    assert ("grpc.http2.lookahead_bytes", 1 << 20) in server_options(flagged)
+    with pytest.raises(ValueError, match=r"stream_window_bytes = 1000: must be between 65536"):
+        server_options(load_config(path, {"stream_window_bytes": 1000}))
