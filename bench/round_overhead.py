@@ -5,7 +5,7 @@ process); each site is its own process (``python -m bench.round_overhead
 --site ...``), started the way bench/peers.py starts Flower's SuperNodes and
 NVFlare's clients. A site does, per round, what the worker does minus the
 model: await the round, fetch the global difference and add it to the state
-it holds (client.transfer.fetch), "train" by adding a fixed small step (a
+it holds (client.transfer.Sync), "train" by adding a fixed small step (a
 precomputed random buffer; the upload is ``(state + step) - state`` in fp32,
 so it carries the rounding pattern of a real difference), encode with the
 default exact codec, push (client.transfer.push).
@@ -100,7 +100,7 @@ def local_step(state: dict[str, torch.Tensor], step: torch.Tensor) -> dict[str, 
 
 def site_main(args: argparse.Namespace) -> int:
     """One site: join, then await / fetch+apply / train / encode / push until the run is finished."""
-    from client.transfer import fetch, push
+    from client.transfer import Sync, push
 
     torch.set_num_threads(1)  # as the demo's workers sharing a machine (--threads 1)
     state = load_file(args.init)
@@ -150,7 +150,7 @@ def site_main(args: argparse.Namespace) -> int:
             target = spec.base_round if not spec.run_finished else spec.round
             if spec.run_finished or held != target:
                 start = time.perf_counter()
-                synced = fetch(stub, meta, args.site, held, state)
+                synced = Sync(stub, meta, args.site, held, state)()
                 if synced.round != held:
                     record(
                         event="applied",

@@ -50,37 +50,6 @@ class RoundOver(Exception):
     """The round this upload was for is closed; the worker moves on to the next."""
 
 
-def fetch(
-    stub: Any,
-    metadata: tuple[tuple[str, str], ...],
-    site_id: str,
-    held_round: int,
-    state: dict[str, torch.Tensor],
-    *,
-    snapshot: bool = False,
-    only_prefixes: Sequence[str] = (),
-    progress: Callable[[int], None] = lambda n: None,
-    timeout: float = 3600,
-) -> Synced:
-    """Bring ``state`` (held at ``held_round``) to the latest published round, in place (one attempt).
-
-    With ``only_prefixes`` only those tensors are fetched (a partial snapshot) and overwritten.
-    A caller that retries a broken stream must use :class:`Sync`, which resumes from the
-    round reached instead of applying a difference twice.
-    """
-    return Sync(
-        stub,
-        metadata,
-        site_id,
-        held_round,
-        state,
-        snapshot=snapshot,
-        only_prefixes=only_prefixes,
-        progress=progress,
-        timeout=timeout,
-    )()
-
-
 class Sync:
     """Fetches and applies the global state; calling it again after a failure resumes safely.
 

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 
-from client.transfer import Sync, fetch
+from client.transfer import Sync
 from common.codec import encode, iter_chunks
 from common.delta import Codec, DeltaHeader, DeltaKind
 from common.errors import DataLoss
@@ -143,7 +143,7 @@ def test_a_chain_is_applied_in_order(serve) -> None:
     deltas, stored = _chain(3)
     stub = serve(Script(stored))
     state = _base()
-    synced = fetch(stub, (), "site-a", 0, state)
+    synced = Sync(stub, (), "site-a", 0, state)()
     assert (synced.round, synced.deltas, synced.snapshot) == (3, 3, False)
     assert synced.bytes == sum(s.header.layout.total_bytes for s in stored)
     for name, value in _expected(_base(), deltas).items():
