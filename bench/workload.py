@@ -98,10 +98,22 @@ def repeat(fn: Callable[[], object], runs: int) -> list[float]:
     return times
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture: hosts change from day to day, and with them the limits."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """One line naming the machine the numbers come from."""
     return (
-        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
 

@@ -1,13 +1,14 @@
-"""The per-block fast finiteness check on shuffled planes (common.codec.blocks.top_plane_finite)."""
+"""Per-block codec work: the fast finiteness check on shuffled planes, the fused bf16 upcast."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec.blocks import top_plane_finite
+from common.codec.blocks import decode_block, top_plane_finite
 from common.codec.shuffle import shuffle
 from common.dtypes import DType, itemsize
 
@@ -63,3 +64,18 @@ def test_a_single_infinity_answers_maybe(dtype: DType) -> None:
 
 def test_integers_have_no_fast_path() -> None:
     assert not top_plane_finite(np.zeros(64, dtype=np.uint8), DType.I32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(st.integers(min_value=0, max_value=2**16 - 1), min_size=0, max_size=300),
+    shuffled=st.booleans(),
+)
+def test_bf16_upcast_paths_agree_bit_for_bit(words: list[int], shuffled: bool) -> None:
+    """The fused bf16 → fp32 unshuffle gives the bits of the plain path: bf16 bits << 16, NaNs included."""
+    bits = np.array(words, dtype=np.uint16)
+    wire = bits.view(np.uint8)
+    frame = zstandard.ZstdCompressor(level=1).compress((shuffle(wire, 2) if shuffled else wire).tobytes())
+    out = np.full(4 * bits.size, 0xA5, dtype=np.uint8)
+    decode_block(frame, out, DType.BF16, DType.F32, shuffled, "frame")
+    assert out.view(np.uint32).tolist() == (bits.astype(np.uint32) << 16).tolist()

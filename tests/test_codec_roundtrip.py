@@ -574,6 +574,28 @@ def test_shuffle_is_a_byte_transpose():
     assert out.tolist() == block.tolist()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.sampled_from([1, 2, 4, 8]),
+    data=st.binary(max_size=512),
+    misalign=st.integers(0, 3),
+)
+def test_shuffle_is_the_byte_transpose_and_unshuffle_inverts_it(
+    size: int, data: bytes, misalign: int
+) -> None:
+    """Every item size, any length, and source and destination not word-aligned (pieces of tensors)."""
+    usable = len(data) - len(data) % size
+    block = np.frombuffer(b"\0" * misalign + data[:usable], dtype=np.uint8)[misalign:]
+    backing = np.full(block.size + misalign, 0xEE, dtype=np.uint8)
+    out = backing[misalign:]
+    planes = shuffle(block, size)
+    # The wire format: byte j of every item, for j = 0, 1, ... (what other decoders rely on).
+    assert planes.tobytes() == block.reshape(-1, size).T.tobytes()
+    unshuffle_into(planes, out, size)
+    assert out.tobytes() == block.tobytes()
+    assert (backing[:misalign] == 0xEE).all()
+
+
 # --- serde ---------------------------------------------------------------------------------------
 
 header_texts = st.text(max_size=20)
