@@ -753,10 +753,21 @@ class Coordinator:
     def _collect_garbage(self) -> None:
         """Keep the last ``keep_states`` published states and snapshots (round 0 always)."""
         published = self.store.select(RoundRecord, "state = ? AND round > 0", (int(RoundState.PUBLISHED),))
-        for record in published[: max(0, len(published) - self.config.keep_states)]:
+        cut = max(0, len(published) - self.config.keep_states)
+        # Blobs are named by content: a round whose difference was all zeros has its predecessor's
+        # state file, so a blob still named by a kept round (or round 0) must stay.
+        kept = {b for r in published[cut:] for b in (r.state_blob, r.snapshot_blob) if b}
+        kept |= {
+            b
+            for r in self.store.select(RoundRecord, "round = 0")
+            for b in (r.state_blob, r.snapshot_blob)
+            if b
+        }
+        for record in published[:cut]:
             if record.state_blob or record.snapshot_blob:
-                self.blobs.delete(record.state_blob) if record.state_blob else None
-                self.blobs.delete(record.snapshot_blob) if record.snapshot_blob else None
+                for blob in (record.state_blob, record.snapshot_blob):
+                    if blob and blob not in kept:
+                        self.blobs.delete(blob)
                 record.state_blob = record.snapshot_blob = ""
                 record.snapshot_header = b""
                 self.store.put(record)

@@ -332,6 +332,22 @@ def test_fetch_chain_or_snapshot_gives_the_same_state(harness: MakeHarness) -> N
     assert rpc_code(lambda: site.fetch(4)) is grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_zero_differences_keep_every_state_file_a_round_names(harness: MakeHarness) -> None:
+    """Blobs are named by content: rounds that change nothing share one state file, and GC must keep it."""
+    h = harness({"a": 10}, keep_states=1)
+    h.join_all()
+    site = h["a"]
+    zero = {name: torch.zeros_like(t) for name, t in h.init.items()}
+    for number in (1, 2, 3):
+        assert site.await_round(number - 1).round == number
+        push(h, "a", zero, number, number - 1)
+        assert h.admin.wait_round(number).state == PUBLISHED
+    number, snapshot = site.snapshot()
+    assert number == 3
+    assert_same_bits(snapshot, h.init)
+    assert_same_bits(apply_fetched(h.init, site.fetch(0)), h.init)
+
+
 # ---------------------------------------------------------------- admin
 
 
