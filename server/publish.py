@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from common.codec import decode_file, encode, validate_layout
 from common.codec.decoder import ShardDecoder
-from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
+from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
 from common.dtypes import DType
 from common.serde import header_to_proto
 from server.accumulation import Accumulation
@@ -94,8 +95,8 @@ def store_initial_state(
     """
     reader = StateReader(init)
     temp = blobs.temp_path(".safetensors")
-    write_state(temp, reader.manifest, lambda spec: reader.read(spec.name))
-    state_blob = blobs.adopt(temp)
+    digest = write_state(temp, reader.manifest, lambda spec: reader.read(spec.name))
+    state_blob = blobs.adopt(temp, digest)
     snapshot = store_snapshot(blobs, state_blob, run_id, 0)
     return state_blob, snapshot, StateReader(blobs.path(state_blob)).manifest
 
@@ -139,27 +140,49 @@ def publish_diff(
     broadcast: Codec,
     started: float | None = None,
 ) -> Published:
-    """Store the global difference D_r and the state θ_r = θ_{r-1} + D_r (``diff`` is consumed)."""
+    """Store the global difference D_r and the state θ_r = θ_{r-1} + D_r (``diff`` is consumed).
+
+    With an exact broadcast the state file is written on a thread of its own
+    while the difference is encoded: the encoder keeps both cores busy, the
+    state writer mostly waits on reads, writes and the fsync, and workers wait
+    for the whole publication. (Measured on a GPT-2-small state: encode
+    1.2–1.4 s, state write + fsync 0.6–2.3 s.) Both are done before this
+    returns, so a published round still names a state file that is on disk.
+    """
     start = time.perf_counter() if started is None else started
     previous = StateReader(blobs.path(previous_state))
     manifest = previous.manifest
-    stored_diff, layout = store_payload(
-        blobs,
-        diff,
-        broadcast,
-        run_id=run_id,
-        round_number=round_number,
-        base_round=base_round,
-        kind=DeltaKind.DIFF,
-        manifest=fp32_manifest(manifest),
-    )
-    if layout.codec.cast is not layout.codec.cast.NONE:
+
+    def store_diff() -> tuple[StoredPayload, PayloadLayout]:
+        return store_payload(
+            blobs,
+            diff,
+            broadcast,
+            run_id=run_id,
+            round_number=round_number,
+            base_round=base_round,
+            kind=DeltaKind.DIFF,
+            manifest=fp32_manifest(manifest),
+        )
+
+    def store_state(applied: Mapping[str, torch.Tensor]) -> str:
+        temp = blobs.temp_path(".safetensors")
+        digest = write_state(
+            temp, manifest, lambda spec: _apply(previous.read(spec.name), applied[spec.name])
+        )
+        return blobs.adopt(temp, digest)
+
+    if broadcast.cast is Cast.NONE:
+        # Nothing mutates ``diff`` (the encoder copies what it shuffles; _apply adds into the fresh read).
+        with ThreadPoolExecutor(1, thread_name_prefix="gdfed-state") as writer:
+            state_future = writer.submit(store_state, diff)
+            stored_diff, _ = store_diff()
+            state_blob = state_future.result()
+    else:
+        stored_diff, layout = store_diff()
         # Workers apply the decoded (rounded) difference; so must the state here.
         with blobs.path(stored_diff.blob).open("rb") as source:
-            diff = decode_file(layout, source)
-    temp = blobs.temp_path(".safetensors")
-    write_state(temp, manifest, lambda spec: _apply(previous.read(spec.name), diff[spec.name]))
-    state_blob = blobs.adopt(temp)
+            state_blob = store_state(decode_file(layout, source))
     return Published(stored_diff, state_blob, time.perf_counter() - start)
 
 

@@ -10,6 +10,7 @@ pages in the process's resident set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -26,11 +27,13 @@ _LEN = struct.Struct("<Q")
 
 def write_state(
     path: Path, manifest: Sequence[TensorSpec], tensor: Callable[[TensorSpec], torch.Tensor]
-) -> None:
+) -> str:
     """Write a safetensors file of ``manifest``, asking ``tensor(spec)`` for each tensor in order.
 
     Written to a temporary name, fsynced and renamed, so a crash leaves either
-    the old file or the complete new one.
+    the old file or the complete new one. Returns the file's SHA-256 (hex),
+    taken from the bytes as they are written, so a content-addressed store
+    need not read the file back to name it.
     """
     entries: dict[str, object] = {}
     offset = 0
@@ -44,18 +47,24 @@ def write_state(
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
     with tmp.open("wb") as f:
-        f.write(_LEN.pack(len(header)) + header)
+        head = _LEN.pack(len(header)) + header
+        f.write(head)
+        digest.update(head)
         for spec in manifest:
             value = tensor(spec).detach().to("cpu", to_torch(spec.dtype)).contiguous()
             if tuple(value.shape) != spec.shape:
                 raise ValueError(
                     f"tensor {spec.name!r} has shape {list(value.shape)}, expected {list(spec.shape)}"
                 )
-            f.write(value.reshape(-1).view(torch.uint8).numpy().data)
+            data = value.reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            digest.update(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return digest.hexdigest()
 
 
 class StateReader:
