@@ -130,10 +130,15 @@ def tune_malloc() -> None:
     """Keep glibc from hoarding freed chunk buffers in one arena per RPC thread.
 
     Every upload thread allocates and frees 1 MiB messages; by default glibc
-    gives each thread its own arena and raises its mmap threshold, so freed
-    buffers stay resident and RSS grows with the number of concurrent
-    uploads. Two arenas and a fixed 512 KiB mmap threshold (1 MiB buffers go
-    straight back to the OS) keep the daemon's memory flat in K.
+    gives each thread its own arena and raises its mmap threshold as it
+    goes, so freed buffers stay resident and RSS grows with the number of
+    concurrent uploads. Two arenas keep that bounded. The mmap threshold is
+    fixed at 4 MiB, above the 1 MiB chunk buffers: those are then reused
+    from the two arenas instead of being mapped, faulted in page by page
+    and unmapped for every message. Measured at K = 4 on a GPT-2-small
+    state against the earlier 512 KiB threshold: 28 % fewer page faults,
+    20-28 % less kernel CPU in the daemon, peak RSS within 40 MB, still
+    flat in K (bench.aggregator).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -141,7 +146,7 @@ def tune_malloc() -> None:
         return
     m_mmap_threshold, m_arena_max = -3, -8
     libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, 512 * 1024)
+    libc.mallopt(m_mmap_threshold, 4 * 1024 * 1024)
 
 
 def serve(config: ServerConfig) -> int:
