@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from common.delta import DeltaKind, UploadMetrics
+from common.delta import Cast, Codec, DeltaKind, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.config import RoundPolicy
 from tests.scripted import (
@@ -346,6 +346,24 @@ def test_zero_differences_keep_every_state_file_a_round_names(harness: MakeHarne
     assert number == 3
     assert_same_bits(snapshot, h.init)
     assert_same_bits(apply_fetched(h.init, site.fetch(0)), h.init)
+
+
+def test_a_bf16_broadcast_publishes_the_state_workers_will_hold(harness: MakeHarness) -> None:
+    """With a lossy cast the new state adds the decoded (rounded) difference, not the exact mean."""
+    h = harness({"a": 10}, broadcast_codec=Codec(cast=Cast.BF16))
+    h.join_all()
+    site = h["a"]
+    delta = random_delta(81, h.init)
+    assert site.await_round(0).round == 1
+    push(h, "a", delta, 1, 0)
+    assert h.admin.wait_round(1).state == PUBLISHED
+    fetched = site.fetch(0)
+    assert [(head.kind, head.layout.codec.cast) for head, _ in fetched] == [(DeltaKind.DIFF, Cast.BF16)]
+    held = apply_fetched(h.init, fetched)
+    _, snapshot = site.snapshot()
+    assert_same_bits(snapshot, held)
+    exact = add(h.init, h.mean([(delta, 10)]))
+    assert any(not torch.equal(snapshot[k], exact[k]) for k in exact)  # the rounding did reach the state
 
 
 # ---------------------------------------------------------------- admin
