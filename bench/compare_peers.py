@@ -212,7 +212,7 @@ def render(data: dict[str, Any]) -> tuple[str, dict[str, object]]:
         'last: "Finished FedAvg"). Each covers one broadcast of the global model, training, one upload per site',
         "and the aggregation. *Overhead* = round − the longest local training of the round.",
         "*Compute limit*: the codec work of a round, measured one thread at a time on our shards, divided by the",
-        f"{data['cores']} cores: K × zstd-1 compression at the sites ({work['compress_s']:.2f} s each) + K × (zstd",
+        f"{data['cores']} cores: K × zstd-1 compression (the encoder's parameters) at the sites ({work['compress_s']:.2f} s each) + K × (zstd",
         f"decompression {work['decompress_s']:.2f} s + fp32 weighted add {work['add_s']:.2f} s) at the aggregator +",
         "one compression of the global difference + K × (decompression + add) at the sites. (Byte shuffling,",
         "hashing, CRCs, gRPC and Python are not in it: they are the overhead the goal bounds.)",

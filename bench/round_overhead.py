@@ -54,6 +54,7 @@ from bench.procs import Procs, TreeSampler, free_port, loopback_bytes, status_ki
 from bench.workload import MB, encoded_frames, gpt2_small_shapes, realistic_delta
 from common.channel import auth_metadata
 from common.codec import encode
+from common.codec.blocks import new_compressor
 from common.delta import Codec, DeltaHeader, DeltaKind, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
@@ -339,8 +340,8 @@ def run_ours(
 def codec_work(shapes: dict[str, tuple[int, ...]], runs: int = 3) -> dict[str, float]:
     """Single-thread seconds, per delta of these shapes, of the round's codec primitives on our shards.
 
-    ``compress``: zstd level 1 of the (already byte-shuffled) blocks our
-    encoder frames; ``decompress``: zstd of those frames; ``add``: torch
+    ``compress``: zstd level 1, with the encoder's parameters, of the
+    (already byte-shuffled) blocks our encoder frames; ``decompress``: zstd of those frames; ``add``: torch
     ``acc.add_(delta, alpha=w)`` over the whole state. Each is the minimum of
     ``runs``: the limit is what the machine can do, not what it did while busy.
     """
@@ -351,7 +352,7 @@ def codec_work(shapes: dict[str, tuple[int, ...]], runs: int = 3) -> dict[str, f
         frames, wire_bytes = encoded_frames(delta)
         dctx = zstandard.ZstdDecompressor()
         blocks = [dctx.decompress(f, max_output_size=raw) for f, raw in frames]
-        cctx = zstandard.ZstdCompressor(level=1)
+        cctx = new_compressor(1, shuffled=True)
 
         def timed(fn: Any) -> float:
             best = math.inf

@@ -1,4 +1,4 @@
-"""Per-block codec work: the fast finiteness check on shuffled planes, the fused bf16 upcast."""
+"""Per-block codec work: zstd parameters for byte planes, the fast finiteness check, the fused bf16 upcast."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec.blocks import decode_block, top_plane_finite
+from common.codec.blocks import PLANE_HASH_LOG, compress_block, decode_block, new_compressor, top_plane_finite
 from common.codec.shuffle import shuffle
 from common.dtypes import DType, itemsize
 
@@ -79,3 +79,52 @@ def test_bf16_upcast_paths_agree_bit_for_bit(words: list[int], shuffled: bool) -
     out = np.full(4 * bits.size, 0xA5, dtype=np.uint8)
     decode_block(frame, out, DType.BF16, DType.F32, shuffled, "frame")
     assert out.view(np.uint32).tolist() == (bits.astype(np.uint32) << 16).tolist()
+
+
+def _weight_difference(count: int, seed: int) -> np.ndarray:
+    """``(w + step) - w`` in fp32, the shape of a real fine-tuning difference (zeroed low bits)."""
+    rng = np.random.default_rng(seed)
+    weights = (rng.standard_normal(count) * 0.02).astype(np.float32)
+    return ((weights + (rng.standard_normal(count) * 1e-4).astype(np.float32)) - weights).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.BF16])
+def test_byte_planes_compress_at_least_as_well_as_plain_level_one(dtype: DType) -> None:
+    """The small hash table the encoder uses for planes costs no ratio on a weight difference.
+
+    (It is there for speed: bench/codec.py measures that.) The frame must also
+    declare its content size, which the decoder's bound check requires.
+    """
+    values = _weight_difference(1 << 18, seed=3)
+    wire = (
+        values.view(np.uint8)
+        if dtype is DType.F32
+        else (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    )
+    frame, digest = compress_block(wire, dtype, True, 1)
+    plain = zstandard.ZstdCompressor(level=1).compress(shuffle(wire, itemsize(dtype)).tobytes())
+    assert len(frame) <= len(plain)
+    assert zstandard.frame_content_size(frame) == wire.size
+    params = zstandard.get_frame_parameters(frame)
+    assert params.content_size == wire.size
+    out = np.empty(wire.size if dtype is DType.F32 else 2 * wire.size, dtype=np.uint8)
+    finite, got = decode_block(frame, out, dtype, DType.F32, True, "frame")
+    assert finite and got == digest
+    expected = values.view(np.uint32) if dtype is DType.F32 else (values.view(np.uint32) >> 16) << 16
+    assert out.view(np.uint32).tolist() == expected.tolist()
+
+
+def test_only_fast_levels_of_shuffled_blocks_get_the_small_table() -> None:
+    data = shuffle(_weight_difference(1 << 16, seed=4).view(np.uint8), 4).tobytes()
+    tuned = zstandard.ZstdCompressionParameters.from_level(
+        1, hash_log=PLANE_HASH_LOG, write_content_size=True
+    )
+    assert new_compressor(1, True).compress(data) == zstandard.ZstdCompressor(
+        compression_params=tuned
+    ).compress(data)
+    assert new_compressor(1, False).compress(data) == zstandard.ZstdCompressor(
+        level=1, write_content_size=True
+    ).compress(data)
+    assert new_compressor(3, True).compress(data) == zstandard.ZstdCompressor(
+        level=3, write_content_size=True
+    ).compress(data)
