@@ -86,7 +86,7 @@ class UploadSession:
                 f"resume from {self._writer.synced}",
                 field="offset",
             )
-        self._writer.sync()
+        self._writer.finish()
         self._writer.close()
         with self._cond:
             while self._outstanding and not self._failure and not self._cancelled:
