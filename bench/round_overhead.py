@@ -56,6 +56,7 @@ from common.channel import auth_metadata
 from common.codec import encode
 from common.codec.blocks import new_compressor
 from common.delta import Codec, DeltaHeader, DeltaKind, UploadMetrics
+from common.files import rewrite
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
 ADMIN = "bench-admin"
@@ -167,7 +168,8 @@ def site_main(args: argparse.Namespace) -> int:
             delta = local_step(state, step)
             train_s = time.perf_counter() - start
             start = time.perf_counter()
-            with payload.open("wb") as sink:
+            # As the worker does: over the blocks of the last payload (common.files.rewrite).
+            with rewrite(payload) as sink:
                 layout = encode(delta, Codec(), sink)
             del delta
             encode_s = time.perf_counter() - start

@@ -5,6 +5,8 @@
     <state_dir>/pending/<id>.header       an upload not yet acknowledged: its DeltaHeader...
     <state_dir>/pending/<id>.payload      ...and its encoded payload, to resume from the
                                           offset the aggregator acknowledged
+    <state_dir>/recycled/                 spent payload files, which the next payload is
+                                          written over (common.files.Recycler)
 
 Files are written to a temporary name and renamed, so a crash leaves the old
 file or the new one, never half of one.
@@ -21,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.delta import DeltaHeader
-from common.files import fsync_file
+from common.files import Recycler, fsync_file
 from common.pb.gradualdiff.v1 import delta_pb2
 from common.serde import header_from_proto, header_to_proto
 
@@ -46,6 +48,8 @@ class LocalState:
         self.root = root
         self._pending = root / "pending"
         self._pending.mkdir(parents=True, exist_ok=True)
+        # One upload per round, each as large as the last: one spent payload to write over.
+        self.recycler = Recycler(root / "recycled", keep=1)
 
     def load_held(self, run_id: str) -> Held | None:
         """The held state, if it belongs to ``run_id``."""
@@ -97,4 +101,7 @@ class LocalState:
     def clear_pending(self) -> None:
         """Forget every pending upload (acknowledged, or its round is over)."""
         for path in self._pending.iterdir():
-            path.unlink()
+            if path.suffix == ".payload":
+                self.recycler.retire(path)
+            else:
+                path.unlink()

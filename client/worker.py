@@ -44,6 +44,7 @@ from client.transfer import RETRYABLE, RoundOver, Sync, push
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
+from common.files import rewrite
 from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
 from common.serde import codec_from_proto
@@ -398,7 +399,7 @@ class Worker:
             payload = self.local.payload_path(upload_id)
             # Lossy codec: compact forms of e + Δ, the new residual kept on disk (client.feedback).
             tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
-            with payload.open("wb") as sink:
+            with rewrite(payload, self.local.recycler) as sink:
                 layout = encode(tensors, spec.upload_codec, sink)
             header = DeltaHeader(
                 layout=layout,

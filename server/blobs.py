@@ -4,7 +4,9 @@ A payload is addressed by its layout's SHA-256 (the hash tree over its
 frames), which the encoder computes anyway; a state file by the SHA-256 of
 its bytes. Files are written under ``tmp/``, fsynced, then renamed into
 ``blobs/ab/<digest>``: a crash never leaves a half-written blob under a
-valid name.
+valid name. Deleted blobs wait in ``recycled/`` for a new state file to be
+written over them (common.files.Recycler): a round writes a state as large
+as the one it retires.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import os
 import uuid
 from pathlib import Path
 
-from common.files import fsync_dir, fsync_file
+from common.files import Recycler, fsync_dir, fsync_file
+
+# A round retires one state file (and now and then a snapshot); two cover it.
+KEEP_RECYCLED = 2
 
 
 class BlobStore:
@@ -26,6 +31,7 @@ class BlobStore:
         self._tmp = root / "tmp"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self.recycler = Recycler(root / "recycled", KEEP_RECYCLED)
         for stale in self._tmp.iterdir():
             # Leftovers of a write that crashed before its rename; never referenced.
             stale.unlink()
@@ -57,7 +63,7 @@ class BlobStore:
     def delete(self, digest: str) -> None:
         path = self.path(digest)
         if path.exists():
-            path.unlink()
+            self.recycler.retire(path)
 
 
 def file_sha256(path: Path) -> str:

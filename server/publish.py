@@ -168,7 +168,10 @@ def publish_diff(
     def store_state(applied: Mapping[str, torch.Tensor]) -> str:
         temp = blobs.temp_path(".safetensors")
         digest = write_state(
-            temp, manifest, lambda spec: _apply(previous.read(spec.name), applied[spec.name])
+            temp,
+            manifest,
+            lambda spec: _apply(previous.read(spec.name), applied[spec.name]),
+            blobs.recycler,
         )
         return blobs.adopt(temp, digest)
 

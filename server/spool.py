@@ -17,10 +17,10 @@ footprint is the last round's uploads, never more than its peak in a round.
 from __future__ import annotations
 
 import os
-import threading
-import uuid
 from pathlib import Path
 from typing import BinaryIO
+
+from common.files import Recycler
 
 MAX_RECYCLED = 64
 
@@ -30,10 +30,7 @@ class Spool:
 
     def __init__(self, root: Path, max_recycled: int = MAX_RECYCLED) -> None:
         self.root = root
-        self._recycled = root / "recycled"
-        self._recycled.mkdir(parents=True, exist_ok=True)
-        self._max_recycled = max_recycled
-        self._lock = threading.Lock()  # uploads open and finish on concurrent gRPC threads
+        self._recycler = Recycler(root / "recycled", max_recycled)
 
     def path(self, upload_id: str) -> Path:
         return self.root / f"{upload_id}.part"
@@ -41,7 +38,7 @@ class Spool:
     def open_at(self, upload_id: str, offset: int) -> SpoolWriter:
         """A writer appending at ``offset`` (the committed offset; later bytes are dropped)."""
         path = self.path(upload_id)
-        if not path.exists() and offset == 0 and self._take_recycled(path):
+        if not path.exists() and offset == 0 and self._recycler.take(path):
             # Keep the old bytes: they are overwritten in place, and finish() cuts what is left over.
             f = path.open("r+b")
         else:
@@ -49,16 +46,6 @@ class Spool:
             f.truncate(offset)
             f.seek(offset)
         return SpoolWriter(f, offset)
-
-    def _take_recycled(self, path: Path) -> bool:
-        with self._lock:
-            for candidate in self._recycled.glob("*.part"):
-                try:
-                    candidate.rename(path)
-                except FileNotFoundError:
-                    continue
-                return True
-        return False
 
     def read(self, upload_id: str, start: int, size: int) -> bytes:
         with self.path(upload_id).open("rb") as f:
@@ -82,13 +69,8 @@ class Spool:
     def delete(self, upload_id: str) -> None:
         """Done with an upload's bytes: keep the file for reuse while there is room, else remove it."""
         path = self.path(upload_id)
-        if not path.exists():
-            return
-        with self._lock:
-            if sum(1 for _ in self._recycled.glob("*.part")) < self._max_recycled:
-                path.rename(self._recycled / f"{uuid.uuid4().hex}.part")
-                return
-        path.unlink()
+        if path.exists():
+            self._recycler.retire(path)
 
     def existing(self) -> list[str]:
         return sorted(p.stem for p in self.root.glob("*.part"))

@@ -21,19 +21,24 @@ import torch
 
 from common.delta import TensorSpec
 from common.dtypes import DType, itemsize, to_torch
+from common.files import Recycler, fsync_file, rewrite
 
 _LEN = struct.Struct("<Q")
 
 
 def write_state(
-    path: Path, manifest: Sequence[TensorSpec], tensor: Callable[[TensorSpec], torch.Tensor]
+    path: Path,
+    manifest: Sequence[TensorSpec],
+    tensor: Callable[[TensorSpec], torch.Tensor],
+    recycler: Recycler | None = None,
 ) -> str:
     """Write a safetensors file of ``manifest``, asking ``tensor(spec)`` for each tensor in order.
 
     Written to a temporary name, fsynced and renamed, so a crash leaves either
     the old file or the complete new one. Returns the file's SHA-256 (hex),
     taken from the bytes as they are written, so a content-addressed store
-    need not read the file back to name it.
+    need not read the file back to name it. With a ``recycler`` the file is
+    written over the blocks of a spent one.
     """
     entries: dict[str, object] = {}
     offset = 0
@@ -48,7 +53,7 @@ def write_state(
     header += b" " * (-len(header) % 8)
     tmp = path.with_name(path.name + ".tmp")
     digest = hashlib.sha256()
-    with tmp.open("wb") as f:
+    with rewrite(tmp, recycler) as f:
         head = _LEN.pack(len(header)) + header
         f.write(head)
         digest.update(head)
@@ -61,8 +66,7 @@ def write_state(
             data = value.reshape(-1).view(torch.uint8).numpy().data
             f.write(data)
             digest.update(data)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_file(tmp)  # after rewrite() cut the file to its length
     os.replace(tmp, path)
     return digest.hexdigest()
 

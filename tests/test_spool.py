@@ -22,7 +22,7 @@ def test_a_recycled_file_holds_exactly_the_new_upload(tmp_path: Path) -> None:
     _spool_upload(spool, "first", os.urandom(10_000))
     spool.delete("first")
     assert not spool.path("first").exists()
-    [recycled] = list((tmp_path / "spool" / "recycled").glob("*.part"))
+    [recycled] = list((tmp_path / "spool" / "recycled").glob("*.spent"))
     inode = recycled.stat().st_ino
 
     second = os.urandom(4_000)
@@ -31,7 +31,7 @@ def test_a_recycled_file_holds_exactly_the_new_upload(tmp_path: Path) -> None:
     assert path.stat().st_ino == inode  # the same file, taken over
     assert path.read_bytes() == second  # nothing of the first upload is left behind
     assert spool.read("second", 1000, 2000) == second[1000:3000]
-    assert not list((tmp_path / "spool" / "recycled").glob("*.part"))
+    assert not list((tmp_path / "spool" / "recycled").glob("*.spent"))
 
 
 def test_a_resumed_upload_drops_uncommitted_bytes_of_a_recycled_file(tmp_path: Path) -> None:
@@ -57,5 +57,5 @@ def test_at_most_max_recycled_files_are_kept(tmp_path: Path) -> None:
         _spool_upload(spool, name, os.urandom(1_000))
     for name in ("a", "b", "c"):
         spool.delete(name)
-    assert len(list((tmp_path / "spool" / "recycled").glob("*.part"))) == 2
+    assert len(list((tmp_path / "spool" / "recycled").glob("*.spent"))) == 2
     assert spool.existing() == []
