@@ -10,7 +10,11 @@ when all K are accepted. Measured per K:
   the whole round including publication (VmHWM);
 - beside the limit: one thread decompressing exactly those shards with zstd.
 
-    python -m bench.aggregator [--ks 1 4 16] [--quick]
+Each K is measured on a round after ``--warmup`` untimed rounds at the same K
+(default 1): a daemon runs round after round, and its first round allocates
+what later rounds reuse (spool files, the blocks of the state file).
+
+    python -m bench.aggregator [--ks 1 4 16] [--warmup 1] [--quick]
 
 Writes the "aggregator" section of docs/benchmarks.md and keys ``aggregator_*``
 of docs/benchmarks.json.
@@ -206,6 +210,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before each K's measured one")
     parser.add_argument("--quick", action="store_true", help="a 1/8-size model; writes no docs")
     args = parser.parse_args()
     shapes = gpt2_small_shapes()
@@ -230,6 +235,8 @@ def main() -> int:
         try:
             baseline = status_kib(daemon.proc.pid, "VmRSS") * 1024 / MB
             for k in args.ks:
+                for _ in range(args.warmup):
+                    run_round(daemon, k, layout, payload, raw_bytes)
                 row = run_round(daemon, k, layout, payload, raw_bytes)
                 rows.append(row)
                 print(
@@ -248,7 +255,8 @@ def main() -> int:
         "",
         f"The daemon (`gdfed serve`, its own process) with a GPT-2-small-shaped fp32 trainable state "
         f"({raw_bytes / MB:.1f} MB); K sites push the same exact-codec delta ({layout.total_bytes / MB:.1f} MB on the wire) "
-        f"at once over 127.0.0.1; the round closes when all K are accepted. Machine: {machine()}.",
+        f"at once over 127.0.0.1; the round closes when all K are accepted; each K measured on the round after "
+        f"{args.warmup} untimed one(s) at that K (steady state: spool files and state blocks reused). Machine: {machine()}.",
         f"Ingest = K × {raw_bytes / MB:.1f} MB decoded / (first chunk → last acceptance). The limit: one thread",
         f"decompressing the same shards with zstd, {limit_MBps:.0f} MB/s. Daemon RSS after start: {baseline:.0f} MB "
         f"(torch and the process); its VmHWM over the whole run: {hwm:.0f} MB.",
