@@ -105,7 +105,9 @@ def site_main(args: argparse.Namespace) -> int:
     from client.transfer import Sync, push
 
     torch.set_num_threads(1)  # as the demo's workers sharing a machine (--threads 1)
-    state = load_file(args.init)
+    # Private memory, as a worker's trained weights are: load_file's tensors map the file
+    # copy-on-write, and the first round's apply would copy every page of them.
+    state = {name: value.clone() for name, value in load_file(args.init).items()}
     step = torch.randn(STEP_ELEMENTS, generator=torch.Generator().manual_seed(args.seed)) * STEP_STD
     channel = grpc.insecure_channel(args.target)
     stub = federation_pb2_grpc.FederationStub(channel)
