@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.aggregate import all_finite
+
 __all__ = ["SVD_METHODS", "LoraFactors", "ModuleSum", "full_update", "redistribute"]
 
 SVD_METHODS = ("full", "randomized")
@@ -305,7 +307,7 @@ def redistribute(
     if delta_w.ndim != 2:
         raise ValueError(f"ΔW must be 2-D (d_out, d_in), got shape {tuple(delta_w.shape)}")
     m = delta_w.to(torch.float32)  # (d_out, d_in)
-    if not bool(torch.isfinite(m).all()):
+    if not all_finite(m):
         raise ValueError("ΔW has NaN or Inf entries; a client upload was probably corrupt or diverged")
     if not wanted:
         return {}

@@ -23,6 +23,7 @@ from server.aggregate import (
     FedYogi,
     ServerOptimizer,
     WeightedSum,
+    all_finite,
     make_optimizer,
 )
 
@@ -414,3 +415,21 @@ def test_make_optimizer_by_name() -> None:
         make_optimizer("fedadam", beta1=1.0)
     with pytest.raises(ValueError, match="tau must be finite and > 0"):
         make_optimizer("fedadagrad", tau=0.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=300),
+    where=st.integers(min_value=0, max_value=299),
+    bad=st.sampled_from([float("nan"), float("inf"), float("-inf"), None]),
+)
+def test_all_finite_finds_any_nan_or_infinity(size: int, where: int, bad: float | None) -> None:
+    values = torch.randn(size) * 1e30
+    if bad is not None:
+        values[where % size] = bad
+    assert all_finite(values) == (bad is None)
+    assert all_finite(values.reshape(1, -1)) == (bad is None)
+
+
+def test_all_finite_of_an_empty_tensor() -> None:
+    assert all_finite(torch.empty(0))
