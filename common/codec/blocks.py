@@ -146,6 +146,11 @@ def top_plane_finite(planes: U8Array, wire: DType) -> bool:
 def compress_block(block: U8Array, dtype: DType, shuffled: bool, level: int) -> tuple[bytes, bytes]:
     """One block of a piece, shuffled if asked, as a zstd frame; with the frame's SHA-256."""
     data = shuffle(block, itemsize(dtype)) if shuffled else block
+    return compress_frame(data, shuffled, level)
+
+
+def compress_frame(data: U8Array, shuffled: bool, level: int) -> tuple[bytes, bytes]:
+    """Bytes ready for zstd (byte planes when ``shuffled``) as one frame; with the frame's SHA-256."""
     frame = _compressor(level, shuffled).compress(data.data)
     return frame, sha256(frame)
 
