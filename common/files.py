@@ -57,10 +57,21 @@ class Recycler:
         path.unlink(missing_ok=True)
 
     def take(self, path: Path) -> bool:
-        """Move the largest spent file to ``path`` (which must not exist); False when there is none."""
+        """Move the largest spent file to ``path`` (which must not exist); False when there is none.
+
+        A file this process still has open is skipped: a reader that opened it
+        before it was retired (a snapshot being encoded from an old state, a
+        slow FetchDiff stream) must go on reading what it opened, as it would
+        from a deleted file. Where open files cannot be listed, nothing is reused.
+        """
+        busy = _open_files()
+        if busy is None:
+            return False
         with self._lock:
             spent = []
             for candidate in self.directory.glob("*.spent"):
+                if str(candidate.resolve()) in busy:
+                    continue
                 try:
                     spent.append((candidate.stat().st_size, candidate))
                 except FileNotFoundError:
@@ -72,6 +83,20 @@ class Recycler:
                     continue
                 return True
         return False
+
+
+def _open_files() -> set[str] | None:
+    """Paths of the files this process has open (Linux /proc), or None where that is unknown."""
+    fd_dir = "/proc/self/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    paths = set()
+    for fd in fds:
+        with suppress(OSError):
+            paths.add(os.readlink(f"{fd_dir}/{fd}"))
+    return paths
 
 
 @contextmanager

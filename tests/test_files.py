@@ -59,3 +59,19 @@ def test_retire_beyond_keep_deletes(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert len(list((tmp_path / "recycled").glob("*.spent"))) == 1
     recycler.retire(tmp_path / "missing")  # nothing there: no error
+
+
+def test_a_spent_file_still_open_here_is_not_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that opened a file before it was retired keeps reading what it opened."""
+    monkeypatch.chdir(tmp_path)  # a relative directory: open files are listed by absolute path
+    recycler = Recycler(Path("recycled"), keep=2)
+    state = tmp_path / "state"
+    state.write_bytes(b"round 7 state")
+    with state.open("rb") as reader:
+        recycler.retire(state)
+        assert not recycler.take(tmp_path / "next")
+        with rewrite(tmp_path / "next", recycler) as f:
+            f.write(b"round 9 state")
+        assert reader.read() == b"round 7 state"
+    assert recycler.take(tmp_path / "later")
+    assert (tmp_path / "later").read_bytes() == b"round 7 state"
