@@ -1,4 +1,4 @@
-"""Per-block codec work: zstd parameters for byte planes, the fast finiteness check, the fused bf16 upcast."""
+"""Per-block codec work: zstd parameters for byte planes, the fast finiteness check, the bf16 upcast."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_integers_have_no_fast_path() -> None:
     shuffled=st.booleans(),
 )
 def test_bf16_upcast_paths_agree_bit_for_bit(words: list[int], shuffled: bool) -> None:
-    """The fused bf16 → fp32 unshuffle gives the bits of the plain path: bf16 bits << 16, NaNs included."""
+    """The bf16 → fp32 decode, shuffled or not, gives bf16 bits << 16, NaNs included."""
     bits = np.array(words, dtype=np.uint16)
     wire = bits.view(np.uint8)
     frame = zstandard.ZstdCompressor(level=1).compress((shuffle(wire, 2) if shuffled else wire).tobytes())
