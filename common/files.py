@@ -108,7 +108,16 @@ def rewrite(path: Path, recycler: Recycler | None = None) -> Iterator[BinaryIO]:
     block ends without error the file is cut where the writing stopped, so
     nothing of the old contents is left past it.
     """
-    reuse = path.exists() or (recycler is not None and recycler.take(path))
-    with path.open("r+b" if reuse else "wb") as f:
+    with open_over(path, recycler) as f:
         yield f
         f.truncate()
+
+
+def open_over(path: Path, recycler: Recycler | None = None) -> BinaryIO:
+    """``path`` opened for writing from its start, over an existing file or a spent one's blocks.
+
+    Unlike ``open("wb")`` nothing is emptied first: the caller cuts the file
+    (``truncate()``) once the last byte is written.
+    """
+    reuse = path.exists() or (recycler is not None and recycler.take(path))
+    return path.open("r+b" if reuse else "wb")

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from common.files import Recycler
+from common.files import Recycler, open_over
 
 MAX_RECYCLED = 64
 
@@ -38,13 +38,12 @@ class Spool:
     def open_at(self, upload_id: str, offset: int) -> SpoolWriter:
         """A writer appending at ``offset`` (the committed offset; later bytes are dropped)."""
         path = self.path(upload_id)
-        if not path.exists() and offset == 0 and self._recycler.take(path):
-            # Keep the old bytes: they are overwritten in place, and finish() cuts what is left over.
-            f = path.open("r+b")
-        else:
-            f = path.open("r+b") if path.exists() else path.open("w+b")
-            f.truncate(offset)
-            f.seek(offset)
+        if offset == 0:
+            # Old bytes (of a recycled file) are overwritten in place; finish() cuts what is left over.
+            return SpoolWriter(open_over(path, self._recycler), 0)
+        f = path.open("r+b") if path.exists() else path.open("w+b")
+        f.truncate(offset)
+        f.seek(offset)
         return SpoolWriter(f, offset)
 
     def read(self, upload_id: str, start: int, size: int) -> bytes:
