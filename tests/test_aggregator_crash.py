@@ -228,3 +228,63 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
     assert status.samples == 40
     _, state = a.snapshot()
     assert_same_bits(state, reference)
+
+
+def test_sigkill_mid_upload_over_a_recycled_spool_file(
+    run: Run, tmp_path_factory: pytest.TempPathFactory, init: State, deltas: dict[str, State]
+) -> None:
+    """Round 2's uploads are written over round 1's spool files (other bytes, about the same size).
+
+    Killed past b's 8 MiB commit, restarted, resumed: the published state must
+    still be bit-identical to an uninterrupted run, so nothing of the old file
+    beyond the committed offset may reach the sum.
+    """
+    second = {"a": random_delta(3, init), "b": random_delta(4, init)}
+    h = Harness(tmp_path_factory.mktemp("reference2"), SAMPLES, init=init)
+    try:
+        h.join_all()
+        for number, batch in ((1, deltas), (2, second)):
+            for name in ("a", "b"):
+                head, payload = h[name].header(batch[name], number, number - 1, shard_bytes=SHARD)
+                assert h[name].push(head, payload, chunk_bytes=MIB).accepted
+            assert h.admin.wait_round(number, timeout=60).state == federation_pb2.ROUND_STATE_PUBLISHED
+        reference = h["a"].snapshot()[1]
+    finally:
+        h.close()
+
+    a, b = run.sites["a"], run.sites["b"]
+    run.start()
+    for site in (a, b):
+        site.join()
+        site.start_beating()
+    for name in ("a", "b"):
+        head, payload = run.sites[name].header(deltas[name], 1, 0, shard_bytes=SHARD)
+        assert run.sites[name].push(head, payload, chunk_bytes=MIB).accepted
+    assert run.admin.wait_round(1, timeout=60).state == federation_pb2.ROUND_STATE_PUBLISHED
+    recycled = run.daemon.config.parent / "state" / "spool" / "recycled"
+    wait_for(
+        lambda: len(list(recycled.glob("*.spent"))) == 2, timeout=30, what="round 1's spool files recycled"
+    )
+
+    head_a, payload_a = a.header(second["a"], 2, 1, shard_bytes=SHARD)
+    assert a.push(head_a, payload_a, chunk_bytes=MIB).accepted
+    assert len(list(recycled.glob("*.spent"))) == 1  # a's upload took one over
+    head_b, payload_b = b.header(second["b"], 2, 1, shard_bytes=SHARD)
+    future, release = _half_stream(b, head_b, payload_b, chunks=9)
+    wait_for(
+        lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
+    )
+    assert not list(recycled.glob("*.spent"))  # and b's the other one
+    run.daemon.kill()
+    _end(future, release)
+    run.start()
+
+    receipt = b.push(head_b, payload_b, start=b.offset(head_b.upload_id).committed_offset, chunk_bytes=MIB)
+    assert receipt.accepted and receipt.bytes_received == len(payload_b)
+    status = run.admin.wait_round(2, timeout=60)
+    assert status.state == federation_pb2.ROUND_STATE_PUBLISHED, status.failure_reason
+    number, state = a.snapshot()
+    assert number == 2
+    assert_same_bits(state, reference)
+    for site in (a, b):
+        site.stop_beating()
