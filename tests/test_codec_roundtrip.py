@@ -576,24 +576,37 @@ def test_shuffle_is_a_byte_transpose():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    size=st.sampled_from([1, 2, 4, 8]),
+    size=st.sampled_from([1, 2, 3, 4, 8, 16]),
     data=st.binary(max_size=512),
     misalign=st.integers(0, 3),
+    reuse=st.booleans(),
 )
 def test_shuffle_is_the_byte_transpose_and_unshuffle_inverts_it(
-    size: int, data: bytes, misalign: int
+    size: int, data: bytes, misalign: int, reuse: bool
 ) -> None:
-    """Every item size, any length, and source and destination not word-aligned (pieces of tensors)."""
+    """Every item size (the kernels special-case 2, 4 and 8), any length, source and destination
+    not word-aligned (pieces of tensors), into a fresh array or a caller's buffer."""
     usable = len(data) - len(data) % size
     block = np.frombuffer(b"\0" * misalign + data[:usable], dtype=np.uint8)[misalign:]
     backing = np.full(block.size + misalign, 0xEE, dtype=np.uint8)
     out = backing[misalign:]
-    planes = shuffle(block, size)
+    planes = shuffle(block, size, np.full(block.size, 0x5A, dtype=np.uint8) if reuse else None)
     # The wire format: byte j of every item, for j = 0, 1, ... (what other decoders rely on).
     assert planes.tobytes() == block.reshape(-1, size).T.tobytes()
     unshuffle_into(planes, out, size)
     assert out.tobytes() == block.tobytes()
     assert (backing[:misalign] == 0xEE).all()
+
+
+def test_shuffle_refuses_sizes_that_do_not_fit() -> None:
+    """The kernels skip bounds checks, so a mismatched size must be refused before they run."""
+    block = np.zeros(12, dtype=np.uint8)
+    with pytest.raises(ValueError, match="whole number"):
+        shuffle(block[:10], 4)
+    with pytest.raises(ValueError, match="out holds 8 bytes"):
+        shuffle(block, 4, np.empty(8, dtype=np.uint8))
+    with pytest.raises(ValueError, match="out holds 16 bytes"):
+        unshuffle_into(block, np.empty(16, dtype=np.uint8), 4)
 
 
 # --- serde ---------------------------------------------------------------------------------------

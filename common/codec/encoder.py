@@ -22,7 +22,7 @@ from common.codec.layout import (
     validate_codec,
     wire_dtypes,
 )
-from common.codec.shuffle import U8Array, shuffle
+from common.codec.shuffle import U8Array, plane_buffer, shuffle
 from common.codec.stheader import build_header
 from common.delta import Codec, PayloadLayout, Piece, ShardSpec, TensorSpec
 from common.dtypes import DType, from_torch, itemsize, to_torch
@@ -101,7 +101,7 @@ _Job = tuple[int, U8Array, DType]
 
 def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> tuple[bytes, bytes]:
     tensor, block, dtype = job
-    data = shuffle(block, itemsize(dtype)) if codec.byte_shuffle else block
+    data = shuffle(block, itemsize(dtype), plane_buffer(block.size)) if codec.byte_shuffle else block
     # The shuffled top byte plane (a quarter of an fp32 block, in cache) settles finiteness for
     # real deltas; the full max/min pass over the block runs only when it cannot.
     if not ((codec.byte_shuffle and top_plane_finite(data, dtype)) or all_finite(block, dtype)):
