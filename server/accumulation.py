@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.buffers import ReusableBuffer
 from common.codec.compact import CompactAssembler, is_lossy
 from common.codec.decoder import DecodedPiece
 from common.delta import PayloadLayout, TensorSpec
@@ -41,6 +42,7 @@ class Accumulation:
         *,
         summing: bool = True,
         uniform: bool = False,
+        memory: ReusableBuffer | None = None,
     ) -> None:
         if precision not in ACCUMULATORS:
             raise ValueError(f"accumulator must be one of {sorted(ACCUMULATORS)}, got {precision!r}")
@@ -52,7 +54,9 @@ class Accumulation:
         # Uniform: every upload weighs 1, not its sample count (FedCyBGD's agg mode: a plain mean).
         self.uniform = uniform
         self.sum = WeightedSum(
-            [(t.name, t.shape) for t in manifest] if summing else [], dtype=ACCUMULATORS[precision]
+            [(t.name, t.shape) for t in manifest] if summing else [],
+            dtype=ACCUMULATORS[precision],
+            memory=memory,
         )
         self.manifest = tuple(manifest)
         self._assemblers: dict[str, CompactAssembler] = {}  # lossy uploads in progress
@@ -129,6 +133,16 @@ class Accumulation:
         """Stop all further folds (waits for one in progress): the round is closing."""
         with self.lock:
             self.detached = True
+
+    def release(self) -> None:
+        """Detach, and hand the sum's memory back for the next round (see WeightedSum.release).
+
+        Only once the published difference, which is made of that memory, is
+        encoded and applied.
+        """
+        with self.lock:
+            self.detached = True
+            self.sum.release()
 
     @property
     def dirty(self) -> bool:

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from common.buffers import ReusableBuffer
+
 __all__ = [
     "OPTIMIZERS",
     "FedAdagrad",
@@ -69,7 +71,11 @@ class WeightedSum:
     """
 
     def __init__(
-        self, specs: Sequence[tuple[str, tuple[int, ...]]], *, dtype: torch.dtype = torch.float64
+        self,
+        specs: Sequence[tuple[str, tuple[int, ...]]],
+        *,
+        dtype: torch.dtype = torch.float64,
+        memory: ReusableBuffer | None = None,
     ) -> None:
         """Allocate one zeroed accumulator per ``(name, shape)`` in ``specs``.
 
@@ -77,6 +83,9 @@ class WeightedSum:
             specs: The round's manifest: tensor names and shapes, in the order ``mean()`` yields them.
             dtype: ``torch.float64`` (default, see the class docstring) or ``torch.float32`` (half
                 the memory, no reproducibility bound).
+            memory: For fp32, where the accumulators live: leased from it as one block (zeroed
+                here) and handed back by :meth:`release`, so a daemon's rounds reuse the same
+                pages. (fp64 sums free each accumulator as ``mean()`` converts it, so they do not.)
 
         Raises:
             ValueError: On an unsupported dtype, a duplicate name or a negative dimension.
@@ -90,7 +99,20 @@ class WeightedSum:
                 raise ValueError(f"tensor {name!r} appears twice in the manifest; names must be unique")
             if any(d < 0 for d in shape):
                 raise ValueError(f"tensor {name!r} has a negative dimension in shape {tuple(shape)}")
-            self._acc[name] = torch.zeros(tuple(shape), dtype=dtype)
+            self._acc[name] = torch.Tensor()  # placeholder: keeps the manifest order
+        self._memory = memory if dtype == torch.float32 else None
+        self._lease: torch.Tensor | None = None
+        if self._memory is None:
+            for name, shape in specs:
+                self._acc[name] = torch.zeros(tuple(shape), dtype=dtype)
+        else:
+            sizes = [math.prod(shape) for _, shape in specs]
+            self._lease = self._memory.lease(4 * sum(sizes))
+            flat = self._lease.view(torch.float32).zero_()
+            offset = 0
+            for (name, shape), size in zip(specs, sizes, strict=True):
+                self._acc[name] = flat[offset : offset + size].view(tuple(shape))
+                offset += size
         self._scratch: torch.Tensor | None = None
         self._total_weight = 0.0
         self._count = 0
@@ -204,6 +226,18 @@ class WeightedSum:
             out = acc.div_(total_weight).to(torch.float32)
             del acc
             yield name, out
+
+    def release(self) -> None:
+        """Hand the accumulators' memory back for the next round's sum.
+
+        Call only once nothing reads the tensors ``mean()`` yielded any more (they
+        are views of that memory); afterwards the object is spent.
+        """
+        self._spent = True
+        self._acc.clear()
+        if self._memory is not None and self._lease is not None:
+            self._memory.give_back(self._lease)
+        self._lease = None
 
     def _scratch_for(self, n: int) -> torch.Tensor:
         size = min(n, _CONVERT_CHUNK)

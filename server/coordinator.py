@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.buffers import ReusableBuffer
 from common.delta import DeltaHeader, TensorSpec
 from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from common.serde import header_from_bytes
@@ -188,6 +189,10 @@ class Coordinator:
         self.optimizer = self._load_optimizer()
         self.folder = FoldWorker(self.spool)
         self.acc: Accumulation | None = None
+        # Kept from round to round: the running sum's memory, and the buffer publication reads the
+        # previous state into (common.buffers: fresh memory costs page faults every round).
+        self._sum_memory = ReusableBuffer()
+        self._read_memory = ReusableBuffer()
         self._open_round = 0  # the round taking uploads (0: none); read without the lock on every chunk
 
         # Metrics replaces metrics_hook after construction: look it up on every call.
@@ -327,6 +332,7 @@ class Coordinator:
             self.config.accumulator,
             summing=self.plan.streaming_fold,
             uniform=self.plan.uniform_weights,
+            memory=self._sum_memory,
         )
         if current.state.accepts_uploads:
             self._open_round = current.round
@@ -518,6 +524,7 @@ class Coordinator:
             self.config.accumulator,
             summing=self.plan.streaming_fold,
             uniform=self.plan.uniform_weights,
+            memory=self._sum_memory,
         )
         self._open_round = number
         self._admin_close = False
@@ -636,8 +643,14 @@ class Coordinator:
             logger.info(
                 "[round] round=%d rebuilding the sum from %d accepted spool(s)", round_number, len(accepted)
             )
+            if acc is not None and acc.round == round_number:
+                acc.release()  # replaced by the rebuilt sum, which may reuse its memory
             acc = Accumulation(
-                round_number, self.manifest, self.config.accumulator, uniform=self.plan.uniform_weights
+                round_number,
+                self.manifest,
+                self.config.accumulator,
+                uniform=self.plan.uniform_weights,
+                memory=self._sum_memory,
             )
             rebuild(acc, [(u.upload_id, header_from_bytes(u.header)) for u in accepted], self.spool)
         previous = self.latest_published()
@@ -651,13 +664,16 @@ class Coordinator:
                 round_number=round_number,
                 base_round=previous.round,
                 broadcast=self.config.broadcast_codec,
+                scratch=self._read_memory,
             )
         except Exception as exc:
+            acc.release()
             logger.exception("[round] round=%d aggregation failed", round_number)
             with self._lock:
                 self.optimizer = self._load_optimizer()  # drop half-applied optimizer steps
                 self._fail_round(record, f"aggregation failed: {exc}")
             return
+        acc.release()
         self._finish_publish(record, accepted, result)
 
     def _aggregate_replacing(self, record: RoundRecord, accepted: list[UploadRecord]) -> None:

@@ -94,10 +94,13 @@ class StateReader:
     def manifest(self) -> tuple[TensorSpec, ...]:
         return tuple(spec for spec, _ in sorted(self._entries.values(), key=lambda e: e[1]))
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, freshly allocated."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor: freshly allocated, or read into the front of ``into`` (1-D uint8, large enough)."""
         spec, begin = self._entries[name]
-        out = torch.empty(spec.shape, dtype=to_torch(spec.dtype))
+        if into is None:
+            out = torch.empty(spec.shape, dtype=to_torch(spec.dtype))
+        else:
+            out = into[: spec.nbytes].view(to_torch(spec.dtype)).view(spec.shape)
         buf = out.reshape(-1).view(torch.uint8).numpy()
         with self.path.open("rb") as f:
             f.seek(self._base + begin)

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.buffers import ReusableBuffer
 from server.aggregate import (
     _CONVERT_CHUNK,
     OPTIMIZERS,
@@ -227,6 +228,53 @@ def test_mean_frees_each_accumulator_as_it_yields_and_is_single_use() -> None:
         acc.mean()
     with pytest.raises(RuntimeError, match="mean\\(\\) was already called"):
         acc.fold("scale", 0, torch.ones(1), 1)
+
+
+def test_sums_in_reused_memory_equal_fresh_ones_round_after_round() -> None:
+    """A daemon's rounds share one block: each round starts from zeros and ends bit-identical to a fresh sum."""
+    specs = [("w", (3, 5)), ("b", (5,)), ("s", ())]
+    memory = ReusableBuffer()
+    gen = torch.Generator().manual_seed(0)
+    block = None
+    for _ in range(3):
+        deltas = [{n: torch.randn(shape, generator=gen) for n, shape in specs} for _ in range(2)]
+        reused = WeightedSum(specs, dtype=torch.float32, memory=memory)
+        fresh = WeightedSum(specs, dtype=torch.float32)
+        for s in (reused, fresh):
+            for k, delta in enumerate(deltas):
+                for name, value in delta.items():
+                    s.fold(name, 0, value.reshape(-1), weight=k + 1)
+                s.add_weight(k + 1)
+        got = dict(reused.mean())
+        for name, want in fresh.mean():
+            assert torch.equal(got[name], want)
+        pointer = next(iter(got.values())).untyped_storage().data_ptr()
+        assert block is None or pointer == block  # the same pages each round
+        block = pointer
+        reused.release()
+    assert memory.nbytes == 4 * (15 + 5 + 1)
+
+
+def test_a_second_sum_while_the_first_holds_the_memory_gets_its_own() -> None:
+    memory = ReusableBuffer()
+    first = WeightedSum([("w", (4,))], dtype=torch.float32, memory=memory)
+    first.fold("w", 0, torch.ones(4), weight=1.0)
+    first.add_weight(1.0)
+    first_mean = dict(first.mean())["w"]
+    second = WeightedSum([("w", (4,))], dtype=torch.float32, memory=memory)
+    second.fold("w", 0, torch.full((4,), 2.0), weight=1.0)
+    second.release()  # its memory was not the kept block: nothing is handed out twice
+    third = WeightedSum([("w", (4,))], dtype=torch.float32, memory=memory)
+    third.fold("w", 0, torch.full((4,), 5.0), weight=1.0)
+    assert first_mean.tolist() == [1.0] * 4  # untouched by the sums that came after it
+    first.release()
+    with pytest.raises(RuntimeError):
+        first.fold("w", 0, torch.ones(4), weight=1.0)
+    fourth = WeightedSum([("w", (4,))], dtype=torch.float32, memory=memory)
+    fourth.add_weight(1.0)
+    fourth_mean = dict(fourth.mean())["w"]
+    assert fourth_mean.untyped_storage().data_ptr() == first_mean.untyped_storage().data_ptr()
+    assert fourth_mean.tolist() == [0.0] * 4  # zeroed when leased
 
 
 def test_mean_with_zero_total_weight_raises_and_stays_usable() -> None:
