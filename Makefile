@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first: the pinned CPU build, so the project's range below never pulls a CUDA one.
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# Compile the codec's numba kernels now (cached next to the module), not in the first daemon.
+	$(PY) -c "import common.codec.shuffle"
 	touch $(STAMP)
 
 demo: setup
