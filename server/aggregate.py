@@ -93,15 +93,16 @@ class WeightedSum:
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"accumulator dtype must be torch.float64 or torch.float32, got {dtype}")
         self._dtype = dtype
-        self._acc: dict[str, torch.Tensor] = {}
+        seen: set[str] = set()
         for name, shape in specs:
-            if name in self._acc:
+            if name in seen:
                 raise ValueError(f"tensor {name!r} appears twice in the manifest; names must be unique")
             if any(d < 0 for d in shape):
                 raise ValueError(f"tensor {name!r} has a negative dimension in shape {tuple(shape)}")
-            self._acc[name] = torch.Tensor()  # placeholder: keeps the manifest order
+            seen.add(name)
         self._memory = memory if dtype == torch.float32 else None
         self._lease: torch.Tensor | None = None
+        self._acc: dict[str, torch.Tensor] = {}
         if self._memory is None:
             for name, shape in specs:
                 self._acc[name] = torch.zeros(tuple(shape), dtype=dtype)

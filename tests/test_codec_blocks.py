@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec.blocks import PLANE_HASH_LOG, compress_block, decode_block, new_compressor, top_plane_finite
+from common.codec.blocks import PLANE_HASH_LOG, compress_frame, decode_block, new_compressor, top_plane_finite
 from common.codec.shuffle import shuffle
 from common.dtypes import DType, itemsize
 
@@ -101,7 +101,7 @@ def test_byte_planes_compress_at_least_as_well_as_plain_level_one(dtype: DType) 
         if dtype is DType.F32
         else (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     )
-    frame, digest = compress_block(wire, dtype, True, 1)
+    frame, digest = compress_frame(shuffle(wire, itemsize(dtype)), True, 1)
     plain = zstandard.ZstdCompressor(level=1).compress(shuffle(wire, itemsize(dtype)).tobytes())
     assert len(frame) <= len(plain)
     assert zstandard.frame_content_size(frame) == wire.size

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import zstandard
 
-from common.codec.shuffle import U8Array, plane_buffer, shuffle, unshuffle_bf16_into_f32, unshuffle_into
+from common.codec.shuffle import U8Array, unshuffle_bf16_into_f32, unshuffle_into
 from common.dtypes import DType, is_float, itemsize, numpy_storage
 from common.errors import LimitExceeded, MalformedShard
 
@@ -136,17 +136,25 @@ def top_plane_finite(planes: U8Array, wire: DType) -> bool:
     if mask is None or planes.size == 0:
         return False
     top = planes[planes.size - planes.size // itemsize(wire) :]
-    scratch: U8Array | None = getattr(_local, "plane", None)
-    if scratch is None or scratch.size < top.size:
-        scratch = _local.plane = np.empty(top.size, dtype=np.uint8)
-    bits = np.bitwise_and(top, mask, out=scratch[: top.size])
+    bits = np.bitwise_and(top, mask, out=thread_scratch("top plane", top.size))
     return int(bits.max()) != mask
 
 
-def compress_block(block: U8Array, dtype: DType, shuffled: bool, level: int) -> tuple[bytes, bytes]:
-    """One block of a piece, shuffled if asked, as a zstd frame; with the frame's SHA-256."""
-    data = shuffle(block, itemsize(dtype), plane_buffer(block.size)) if shuffled else block
-    return compress_frame(data, shuffled, level)
+def thread_scratch(slot: str, nbytes: int) -> U8Array:
+    """The calling thread's reusable byte buffer named ``slot``, at least ``nbytes`` long.
+
+    A fresh array per block costs page faults on every byte; the codec pool's
+    threads use the same few buffers block after block (byte planes to
+    compress, a cast block's wire values, the top plane's exponent bits). A
+    buffer is valid until its thread asks for the same slot again.
+    """
+    buffers: dict[str, U8Array] | None = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < nbytes:
+        buf = buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
 
 
 def compress_frame(data: U8Array, shuffled: bool, level: int) -> tuple[bytes, bytes]:
@@ -218,25 +226,12 @@ def decode_block(
     else:
         wire_values = planes
         if shuffled:
-            wire_values = _staging(planes.size)
+            wire_values = thread_scratch("wire values", planes.size)
             unshuffle_into(planes, wire_values, itemsize(wire))
         _upcast(wire_values, wire, out, target)
     # An upcast keeps inf and NaN as they are, so the wire planes answer for the target too.
     finite = (shuffled and top_plane_finite(planes, wire)) or all_finite(out, target)
     return finite, digest
-
-
-def _staging(nbytes: int) -> U8Array:
-    """The calling thread's buffer for a cast block's wire values, reused block after block.
-
-    A fresh buffer per block costs page faults on every byte. (bf16 into fp32,
-    the common cast, skips it: one kernel widens the planes straight into
-    the destination.)
-    """
-    buf: U8Array | None = getattr(_local, "staging", None)
-    if buf is None or buf.size < nbytes:
-        buf = _local.staging = np.empty(nbytes, dtype=np.uint8)
-    return buf[:nbytes]
 
 
 def _upcast(src: U8Array, wire: DType, out: U8Array, target: DType) -> None:

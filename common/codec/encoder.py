@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from common.codec.blocks import all_finite, compress_block, compress_frame, default_executor, top_plane_finite
+from common.codec.blocks import all_finite, compress_frame, default_executor, thread_scratch, top_plane_finite
 from common.codec.layout import (
     DEFAULT_SHARD_BYTES,
     digest_of_digests,
@@ -22,7 +22,7 @@ from common.codec.layout import (
     validate_codec,
     wire_dtypes,
 )
-from common.codec.shuffle import U8Array, plane_buffer, shuffle
+from common.codec.shuffle import U8Array, shuffle
 from common.codec.stheader import build_header
 from common.delta import Codec, PayloadLayout, Piece, ShardSpec, TensorSpec
 from common.dtypes import DType, from_torch, itemsize, to_torch
@@ -71,7 +71,7 @@ def encode(
     shards: list[ShardSpec] = []
     for pieces in plan_shards(specs, codec, shard_bytes):
         header = build_header(pieces, specs, wire)
-        encoded = [compress_block(np.frombuffer(header, dtype=np.uint8), DType.U8, False, codec.zstd_level)]
+        encoded = [compress_frame(np.frombuffer(header, dtype=np.uint8), False, codec.zstd_level)]
         jobs = list(_blocks(pieces, flats, wire, codec.block_bytes))
         encoded.extend(pool.map(lambda job: _encode_block(job, codec, specs), jobs))
         raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
@@ -101,7 +101,10 @@ _Job = tuple[int, U8Array, DType]
 
 def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> tuple[bytes, bytes]:
     tensor, block, dtype = job
-    data = shuffle(block, itemsize(dtype), plane_buffer(block.size)) if codec.byte_shuffle else block
+    if codec.byte_shuffle:
+        data = shuffle(block, itemsize(dtype), thread_scratch("planes", block.size))
+    else:
+        data = block
     # The shuffled top byte plane (a quarter of an fp32 block, in cache) settles finiteness for
     # real deltas; the full max/min pass over the block runs only when it cannot.
     if not ((codec.byte_shuffle and top_plane_finite(data, dtype)) or all_finite(block, dtype)):

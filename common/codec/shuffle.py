@@ -17,8 +17,6 @@ load it when they import this module (0.3 s).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import numpy.typing as npt
 from numba import njit
@@ -124,21 +122,6 @@ def unshuffle_bf16_into_f32(planes: U8Array, out: U8Array) -> None:
     """
     _check("out", out.size, 2 * planes.size)
     _join_bf16_as_f32(planes, out.view(np.uint32))
-
-
-_buffers = threading.local()
-
-
-def plane_buffer(nbytes: int) -> U8Array:
-    """The calling thread's reusable buffer for one block's byte planes.
-
-    A fresh array per block costs page faults on every byte; the codec pool's
-    threads shuffle block after block into the same one.
-    """
-    buf: U8Array | None = getattr(_buffers, "planes", None)
-    if buf is None or buf.size < nbytes:
-        buf = _buffers.planes = np.empty(nbytes, dtype=np.uint8)
-    return buf[:nbytes]
 
 
 def _warm_up() -> None:
