@@ -1,12 +1,11 @@
-"""Which top-k selection rule? An in-process ablation on the demo task.
+"""Top-k with error feedback, which selection rule and which server step? An in-process ablation.
 
-``make compare`` measures the product's top-1% codec with error feedback at
-1.057 of the exact codec's eval loss (goal: 1.05). This asks whether another
-way of choosing the 1 % would close the gap, before any of them touches the
-wire format. It simulates the demo federation in one process (the demo's
+``make compare`` measured the product's top-1% codec with error feedback at
+1.057 of the exact codec's eval loss (goal: 1.05). This asks what would close
+the gap, before any of it touches the wire format or the worker. It simulates the demo federation in one process (the demo's
 model, three non-IID sites, the worker's own training step, FedAvg by sample
 count, error feedback e ← e + Δ; c = top_k(e); e ← e − c, ALGORITHMS.md §4)
-and varies only the selection, at the same number of sent values:
+and varies the selection, at the same number of sent values:
 
 - ``per-tensor``: each tensor's own top 1 % (what the worker sends; the
   product's ``compact_tensor``, bf16 values);
@@ -14,7 +13,15 @@ and varies only the selection, at the same number of sent values:
   the full vector), the same total count;
 - ``small-dense``: per-tensor, with tensors of at most 4,096 elements (the
   norms) sent whole, as Deep Gradient Compression leaves small layers alone;
-- ``per-row``: each row of a matrix its share of the tensor's 1 %.
+- ``per-row``: each row of a matrix its share of the tensor's 1 %;
+
+and, with per-tensor selection, the rest of the loop:
+
+- ``residual-start``: a site trains from global + e instead of the global
+  model (as CSER-style local models do), so its difference no longer
+  re-derives what it has not yet sent;
+- ``-slrS``: the server's FedAvg step is S times the mean (FedOpt's server
+  learning rate), for top-k and, as the control, for the exact codec.
 
 Each seed changes the data order and the initialisation of nothing else.
 Writes docs/topk-variants.md and prints the table.
@@ -29,6 +36,7 @@ import math
 import statistics
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,12 +90,27 @@ def per_row(c: State) -> State:
     return out
 
 
-RULES: dict[str, Callable[[State], State] | None] = {
-    "exact": None,
-    "per-tensor": per_tensor,
-    "global": global_threshold,
-    "small-dense": small_dense,
-    "per-row": per_row,
+@dataclass(frozen=True)
+class Setup:
+    """One row: how a site picks its 1 % (None: the exact codec), the server's FedAvg step, and
+    whether a site trains from the global model (the product) or from global + its own residual."""
+
+    select: Callable[[State], State] | None
+    server_lr: float = 1.0
+    start_from_residual: bool = False
+
+
+RULES: dict[str, Setup] = {
+    "exact": Setup(None),
+    "per-tensor": Setup(per_tensor),
+    "global": Setup(global_threshold),
+    "small-dense": Setup(small_dense),
+    "per-row": Setup(per_row),
+    "residual-start": Setup(per_tensor, start_from_residual=True),
+    "per-tensor-slr2": Setup(per_tensor, server_lr=2.0),
+    "per-tensor-slr3": Setup(per_tensor, server_lr=3.0),
+    "exact-slr1.5": Setup(None, server_lr=1.5),
+    "exact-slr0.75": Setup(None, server_lr=0.75),
 }
 
 
@@ -105,7 +128,7 @@ class Federation:
         self.weight = {s: len(self.data[s]) / total for s in SITES}
         self.initial = {k: v.detach().clone() for k, v in trainable_state(self.loaded).items()}
 
-    def run(self, rule: Callable[[State], State] | None, rounds: int, seed: int) -> tuple[list[float], int]:
+    def run(self, setup: Setup, rounds: int, seed: int) -> tuple[list[float], int]:
         """Eval loss after each round, and the values sent up in all."""
         model = {k: v.clone() for k, v in self.initial.items()}
         residual = {s: {k: torch.zeros_like(v) for k, v in model.items()} for s in SITES}
@@ -114,7 +137,12 @@ class Federation:
             step = {k: torch.zeros_like(v) for k, v in model.items()}
             for i, site in enumerate(SITES):
                 torch.manual_seed(seed * 7919 + 1000 * number + i)
-                load_trainable(self.loaded, model)
+                # From global + e, the site's training sees what it has not yet sent, so its
+                # difference no longer re-derives it; e + Δ is then simply after - global.
+                start = (
+                    {k: model[k] + residual[site][k] for k in model} if setup.start_from_residual else model
+                )
+                load_trainable(self.loaded, start)
                 pad = self.loaded.tokenizer.pad_token_id
                 data = batches(
                     self.data[site], self.spec.batch_size, pad, seed=seed * 7919 + i * 100_003 + number
@@ -122,16 +150,20 @@ class Federation:
                 train_steps(self.loaded, data, steps=self.spec.local_steps, lr=self.spec.learning_rate)
                 after = trainable_state(self.loaded)
                 delta = {k: after[k].float() - model[k] for k in model}
-                if rule is None:
+                if setup.select is None:
                     sent = delta
                 else:
-                    compensated = {k: delta[k] + residual[site][k] for k in delta}
-                    sent = rule(compensated)
+                    compensated = (
+                        delta
+                        if setup.start_from_residual
+                        else {k: delta[k] + residual[site][k] for k in delta}
+                    )
+                    sent = setup.select(compensated)
                     residual[site] = {k: compensated[k] - sent[k] for k in delta}
                     sent_values += sum(int(torch.count_nonzero(v)) for v in sent.values())
                 for k in step:
                     step[k] += self.weight[site] * sent[k]
-            model = {k: model[k] + step[k] for k in model}
+            model = {k: model[k] + setup.server_lr * step[k] for k in model}
             load_trainable(self.loaded, model)
             losses.append(evaluate(self.loaded, self.eval, 64))
         return losses, sent_values
@@ -161,11 +193,12 @@ def main() -> int:
                 sent[rule] = count
                 print(f"{rule:12s} seed {seed}: final eval loss {losses[-1]:.4f}", flush=True)
     lines = [
-        "# Top-k selection rules compared (in process)",
+        "# Top-k with error feedback: selection rules and server steps compared (in process)",
         "",
         "Written by `python -m bench.topk_variants`; see its docstring. The demo task simulated in one",
         f"process: {args.rounds} rounds of {federation.spec.local_steps} local steps, three sites, FedAvg, error",
-        "feedback; the rules differ only in which 1 % of e + Δ each site sends. Ratio: final eval loss over",
+        "feedback; the rows differ in which 1 % of e + Δ each site sends, where a site starts training, and",
+        "the server's step (see the docstring). Ratio: final eval loss over",
         f"the exact codec's with the same seed, median (min–max) over seeds {', '.join(map(str, args.seeds))}.",
         "",
         "| rule | final eval loss (median) | vs exact | values sent up |",
@@ -174,7 +207,7 @@ def main() -> int:
     for rule, values in finals.items():
         ratios = [v / e for v, e in zip(values, finals["exact"], strict=True)]
         ratio = f"{statistics.median(ratios):.4f} ({min(ratios):.4f}–{max(ratios):.4f})"
-        shown = f"{sent[rule]:,}" if RULES[rule] is not None else "all (dense)"
+        shown = f"{sent[rule]:,}" if RULES[rule].select is not None else "all (dense)"
         lines.append(f"| {rule} | {statistics.median(values):.4f} | {ratio} | {shown} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
