@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from client.worker import Worker, WorkerConfig
     from common.channel import read_token
+    from common.malloc import tune_malloc
 
     if args.threads:
         import torch
@@ -72,4 +73,5 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         seed=args.seed,
     )
+    tune_malloc()
     return Worker(config).run()
