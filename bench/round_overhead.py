@@ -8,7 +8,9 @@ model: await the round, fetch the global difference and add it to the state
 it holds (client.transfer.Sync), "train" by adding a fixed small step (a
 precomputed random buffer; the upload is ``(state + step) - state`` in fp32,
 so it carries the rounding pattern of a real difference), encode with the
-default exact codec, push (client.transfer.push).
+default exact codec, push (client.transfer.push). As the worker, it keeps
+its last upload's tensors until the next fetch decodes into them, and tunes
+malloc as ``gdfed work`` does (common.malloc).
 
 Measured per K and round r:
 
@@ -103,7 +105,9 @@ def local_step(state: dict[str, torch.Tensor], step: torch.Tensor) -> dict[str, 
 def site_main(args: argparse.Namespace) -> int:
     """One site: join, then await / fetch+apply / train / encode / push until the run is finished."""
     from client.transfer import Sync, push
+    from common.malloc import tune_malloc
 
+    tune_malloc()  # as `gdfed work` does
     torch.set_num_threads(1)  # as the demo's workers sharing a machine (--threads 1)
     # Private memory, as a worker's trained weights are: load_file's tensors map the file
     # copy-on-write, and the first round's apply would copy every page of them.
@@ -141,6 +145,7 @@ def site_main(args: argparse.Namespace) -> int:
 
     threading.Thread(target=beat, daemon=True).start()
     held, done = 0, 0
+    spare: dict[str, torch.Tensor] = {}
     payload = Path(args.out).with_suffix(".payload")
     try:
         while True:
@@ -154,7 +159,8 @@ def site_main(args: argparse.Namespace) -> int:
             target = spec.base_round if not spec.run_finished else spec.round
             if spec.run_finished or held != target:
                 start = time.perf_counter()
-                synced = Sync(stub, meta, args.site, held, state)()
+                synced = Sync(stub, meta, args.site, held, state, spare=spare)()
+                spare = {}  # as the worker: dropped before training
                 if synced.round != held:
                     record(
                         event="applied",
@@ -173,7 +179,7 @@ def site_main(args: argparse.Namespace) -> int:
             # As the worker does: over the blocks of the last payload (common.files.rewrite).
             with rewrite(payload) as sink:
                 layout = encode(delta, Codec(), sink)
-            del delta
+            spare, delta = delta, {}  # as the worker: decoded into at the next fetch
             encode_s = time.perf_counter() - start
             header = DeltaHeader(
                 layout=layout,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,12 @@ class Sync:
     ``round`` advances as each one is applied, so when the stream breaks after
     some deltas, the next call asks for the rest from there; starting again
     from the round first held would add those differences twice.
+
+    ``spare``: tensors the caller no longer needs (a worker's last upload),
+    decoded into where they fit the manifest instead of fresh memory; the
+    buffers of each applied difference are reused for the next one in the
+    chain. Fresh memory costs a page fault per page, and on VMs that return
+    freed pages to their host much more (docs/performance.md).
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class Sync:
         only_prefixes: Sequence[str] = (),
         progress: Callable[[int], None] = lambda n: None,
         timeout: float = 3600,
+        spare: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self._stub = stub
         self._metadata = metadata
@@ -83,6 +90,7 @@ class Sync:
         self._only = tuple(only_prefixes)
         self._progress = progress
         self._timeout = timeout
+        self._spare: Mapping[str, torch.Tensor] = spare or {}
         self.round = held_round
         self.bytes = 0
         self.deltas = 0
@@ -102,7 +110,10 @@ class Sync:
                 if chunk.header is not None:
                     if current is not None:
                         self._finish(current)
-                    current = _Incoming(chunk.header, self._state, self.round, partial=bool(self._only))
+                    current = _Incoming(
+                        chunk.header, self._state, self.round, partial=bool(self._only), spare=self._spare
+                    )
+                    self._spare = {}  # the decode owns them now
                 assert current is not None
                 current.feed(chunk)
                 self.bytes += len(chunk.data)
@@ -119,13 +130,23 @@ class Sync:
         self.round = incoming.apply()
         self.snapshot |= incoming.header.kind is DeltaKind.SNAPSHOT
         self.deltas += 1
+        if incoming.header.kind is DeltaKind.DIFF:
+            # Added into the state, not adopted by it (a snapshot may hand its buffers to the
+            # state): free for the next difference of the chain.
+            self._spare = incoming.buffers
 
 
 class _Incoming:
     """One delta of a FetchDiff stream, decoded as it arrives into buffers apart from the state."""
 
     def __init__(
-        self, header: DeltaHeader, state: dict[str, torch.Tensor], held: int, *, partial: bool
+        self,
+        header: DeltaHeader,
+        state: dict[str, torch.Tensor],
+        held: int,
+        *,
+        partial: bool,
+        spare: Mapping[str, torch.Tensor],
     ) -> None:
         self.header = header
         self._state = state
@@ -148,23 +169,23 @@ class _Incoming:
                 raise ValueError(
                     f"difference of round {header.round} names tensors this worker does not train"
                 )
-        self._buffers = allocate(header.layout.manifest)
-        self._decoder = DeltaStreamDecoder(into=self._buffers)
+        self.buffers = allocate(header.layout.manifest, reuse=spare)
+        self._decoder = DeltaStreamDecoder(into=self.buffers)
 
     def feed(self, chunk: Chunk) -> None:
         for piece in self._decoder.feed(chunk):
-            place_piece(self._buffers[piece.name], piece)
+            place_piece(self.buffers[piece.name], piece)
 
     def apply(self) -> int:
         """Check that the whole delta arrived and decoded, then apply it; returns the round reached."""
         for piece in self._decoder.finish():
-            place_piece(self._buffers[piece.name], piece)
+            place_piece(self.buffers[piece.name], piece)
         state = self._state
         for spec in self.header.layout.manifest:
             if OPTIMIZER_MARK in spec.name and spec.name not in state:
                 state[spec.name] = torch.zeros(spec.shape)
         if self.header.kind is DeltaKind.SNAPSHOT:
-            for name, value in self._buffers.items():
+            for name, value in self.buffers.items():
                 # The held state mirrors the aggregator's, which may differ in shape from what this
                 # site's model trains (FlexLoRA: rank-R adapters, sliced to the site's rank per round).
                 if tuple(state[name].shape) == tuple(value.shape):
@@ -172,7 +193,7 @@ class _Incoming:
                 else:
                     state[name] = value.to(state[name].dtype)
         else:
-            for name, value in self._buffers.items():
+            for name, value in self.buffers.items():
                 state[name].add_(value.to(state[name].dtype))
         return self.header.round
 

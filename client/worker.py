@@ -139,6 +139,10 @@ class Worker:
         self.local = LocalState(config.state_dir)
         self.progress = Progress(quiet=config.quiet)
         self._status = _Status()
+        # The last upload's difference tensors, kept from its push to the next fetch (the worker is
+        # idle between) and decoded into there, then dropped before training: the fetch touches no
+        # fresh memory and training's peak is unchanged.
+        self._spare: dict[str, torch.Tensor] = {}
         self._channel = open_channel(
             ChannelConfig(
                 target=config.aggregator,
@@ -269,6 +273,7 @@ class Worker:
                     synced = self._sync(held_round, state)
                     held_round, bytes_down = synced.round, synced.bytes
                     self.local.save_held(run_id, held_round, state)
+                self._spare = {}
                 report = self._round(loaded, round_spec, start, train, held_out, run_id)
                 if report is not None:
                     report.bytes_down = bytes_down
@@ -320,7 +325,9 @@ class Worker:
                 snapshot=snapshot,
                 only_prefixes=only,
                 progress=bar,
+                spare=self._spare,
             )
+            self._spare = {}
             synced = self._call("fetch", sync)
         logger.info(
             "[sync] round %d -> %d: %d delta(s)%s, %d bytes",
@@ -393,7 +400,14 @@ class Worker:
             trained = trainable_state(loaded)
             if carried:
                 trained |= moved
-            delta = {name: trained[name] - start[name] for name in names}
+            # trainable_state's tensors are this round's own copies: subtracting in place spares a
+            # second copy of the trainable state at the round's peak. (Travelling optimizer tensors
+            # may be the optimizer's own; those are subtracted out of place.)
+            own = set(loaded.trainable)
+            delta = {
+                name: trained[name].sub_(start[name]) if name in own else trained[name] - start[name]
+                for name in names
+            }
             load_trainable(loaded, start)
             upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
             payload = self.local.payload_path(upload_id)
@@ -401,6 +415,7 @@ class Worker:
             tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
             with rewrite(payload, self.local.recycler) as sink:
                 layout = encode(tensors, spec.upload_codec, sink)
+            self._spare = delta
             header = DeltaHeader(
                 layout=layout,
                 run_id=run_id,

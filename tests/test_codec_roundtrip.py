@@ -698,3 +698,32 @@ def test_dtype_table_matches_the_wire_enum():
         assert pb.Cast.Name(pb.Cast.ValueType(int(cast))) == f"CAST_{cast.name}"
     for kind in DeltaKind:
         assert pb.DeltaKind.Name(pb.DeltaKind.ValueType(int(kind))) == f"DELTA_KIND_{kind.name}"
+
+
+def test_allocate_takes_fitting_spares_and_allocates_the_rest() -> None:
+    from common.codec import allocate
+
+    manifest = [
+        TensorSpec("w", DType.F32, (4, 3)),
+        TensorSpec("b", DType.F32, (3,)),
+        TensorSpec("h", DType.BF16, (5,)),
+        TensorSpec("tied", DType.F32, (4, 3)),
+        TensorSpec("new", DType.F32, (2,)),
+    ]
+    w = torch.zeros(4, 3)
+    spare = {
+        "w": w,
+        "b": torch.zeros(4),  # another shape
+        "h": torch.zeros(5),  # another dtype
+        "tied": w,  # the same storage as "w": decoding both into it would mix them
+        "unused": torch.zeros(7),
+    }
+    out = allocate(manifest, reuse=spare)
+    assert list(out) == ["w", "b", "h", "tied", "new"]
+    assert out["w"] is w
+    for name in ("b", "h", "tied", "new"):
+        assert out[name] is not spare.get(name)
+        assert out[name].data_ptr() != w.data_ptr()
+    assert [tuple(t.shape) for t in out.values()] == [(4, 3), (3,), (5,), (4, 3), (2,)]
+    assert out["h"].dtype == torch.bfloat16
+    assert allocate(manifest).keys() == out.keys()

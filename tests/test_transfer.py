@@ -222,3 +222,44 @@ def test_a_snapshot_cut_midway_leaves_the_state_untouched(serve) -> None:
             assert torch.equal(state[name], value)
     finally:
         server.stop(grace=None)
+
+
+def test_spare_tensors_are_decoded_into_and_reused_along_the_chain(serve) -> None:
+    deltas, stored = _chain(3)
+    stub = serve(Script(stored))
+    state = _base()
+    spare = {name: torch.full(shape, float("nan")) for name, shape in SHAPES.items()}
+    pointers = {name: t.data_ptr() for name, t in spare.items()}
+    synced = Sync(stub, (), "site-a", 0, state, spare=spare)()
+    assert synced.round == 3
+    for name, value in _expected(_base(), deltas).items():
+        assert torch.equal(state[name], value)
+    # The spare memory held every difference in turn; the last one is still in it.
+    for name, value in spare.items():
+        assert value.data_ptr() == pointers[name]
+        assert torch.equal(value, deltas[-1][name])
+        assert value.data_ptr() != state[name].data_ptr()
+
+
+def test_a_broken_stream_into_spares_leaves_the_state_as_it_was(serve) -> None:
+    deltas, stored = _chain(2)
+    stub = serve(Script(stored, cut_after=[len(stored[0].messages()) + 2]))
+    state = _base()
+    spare = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    sync = Sync(stub, (), "site-a", 0, state, spare=spare)
+    with pytest.raises(grpc.RpcError):
+        sync()
+    assert sync.round == 1
+    for name, value in _expected(_base(), deltas[:1]).items():
+        assert torch.equal(state[name], value)
+
+
+def test_spares_of_another_shape_or_dtype_are_left_alone(serve) -> None:
+    deltas, stored = _chain(1)
+    stub = serve(Script(stored))
+    state = _base()
+    wrong = {"a.weight": torch.zeros(257, 300), "b.bias": torch.zeros(33, dtype=torch.float64)}
+    Sync(stub, (), "site-a", 0, state, spare=wrong)()
+    for name, value in _expected(_base(), deltas).items():
+        assert torch.equal(state[name], value)
+    assert not wrong["a.weight"].any() and not wrong["b.bias"].any()

@@ -491,9 +491,35 @@ def decode_file(
     return tensors
 
 
-def allocate(manifest: Sequence[TensorSpec]) -> dict[str, torch.Tensor]:
-    """Empty tensors for a manifest, to decode into."""
-    return {t.name: torch.empty(t.shape, dtype=to_torch(t.dtype)) for t in manifest}
+def allocate(
+    manifest: Sequence[TensorSpec], reuse: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors for a manifest, to decode into (contents undefined).
+
+    ``reuse``: spare tensors of the caller's (it must not read or hold them
+    elsewhere while the decode owns them); each one whose name, shape and
+    dtype match the manifest's entry is taken as it is, the others are
+    allocated. Memory a process touched before costs no page faults.
+    """
+    reuse = reuse or {}
+    out = {}
+    taken: set[int] = set()  # two spares over one storage (tied weights) must not both be decoded into
+    for t in manifest:
+        dtype = to_torch(t.dtype)
+        spare = reuse.get(t.name)
+        if (
+            spare is not None
+            and spare.dtype == dtype
+            and tuple(spare.shape) == tuple(t.shape)
+            and spare.device.type == "cpu"
+            and spare.is_contiguous()
+            and spare.untyped_storage().data_ptr() not in taken
+        ):
+            taken.add(spare.untyped_storage().data_ptr())
+            out[t.name] = spare
+        else:
+            out[t.name] = torch.empty(t.shape, dtype=dtype)
+    return out
 
 
 def place_piece(target: torch.Tensor, piece: DecodedPiece) -> None:
