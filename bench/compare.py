@@ -160,24 +160,25 @@ def _ratio(rows: list[dict[str, Any]], name: str, of: str, key: str) -> float | 
     return float(by[name][key] / by[of][key])
 
 
+# summary key, row, row it is compared with, figure
+RATIOS = [
+    ("flexlora_mixed_vs_lora_eval_loss_ratio", "flexlora-2/4/8", "lora-r8", "final_eval_loss"),
+    ("flexlora_mixed_vs_homogeneous_eval_loss_ratio", "flexlora-2/4/8", "flexlora-8/8/8", "final_eval_loss"),
+    ("top1_ef_vs_exact_eval_loss_ratio", "top1%+ef", "exact", "final_eval_loss"),
+    ("top1_ef_vs_exact_bytes_up_ratio", "top1%+ef", "exact", "bytes_up"),
+    ("top1_ef_slr2_vs_exact_eval_loss_ratio", "top1%+ef-slr2", "exact", "final_eval_loss"),
+    ("top1_ef_slr2_vs_exact_bytes_up_ratio", "top1%+ef-slr2", "exact", "bytes_up"),
+    ("exact_slr2_vs_exact_eval_loss_ratio", "exact-slr2", "exact", "final_eval_loss"),
+]
+
+
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     rows = result["rows"]
     by = {r["name"]: r for r in rows}
     out: dict[str, Any] = {}
-    if (r := _ratio(rows, "flexlora-2/4/8", "lora-r8", "final_eval_loss")) is not None:
-        out["flexlora_mixed_vs_lora_eval_loss_ratio"] = r
-    if (r := _ratio(rows, "flexlora-2/4/8", "flexlora-8/8/8", "final_eval_loss")) is not None:
-        out["flexlora_mixed_vs_homogeneous_eval_loss_ratio"] = r
-    if (r := _ratio(rows, "top1%+ef", "exact", "final_eval_loss")) is not None:
-        out["top1_ef_vs_exact_eval_loss_ratio"] = r
-    if (r := _ratio(rows, "top1%+ef", "exact", "bytes_up")) is not None:
-        out["top1_ef_vs_exact_bytes_up_ratio"] = r
-    if (r := _ratio(rows, "top1%+ef-slr2", "exact", "final_eval_loss")) is not None:
-        out["top1_ef_slr2_vs_exact_eval_loss_ratio"] = r
-    if (r := _ratio(rows, "top1%+ef-slr2", "exact", "bytes_up")) is not None:
-        out["top1_ef_slr2_vs_exact_bytes_up_ratio"] = r
-    if (r := _ratio(rows, "exact-slr2", "exact", "final_eval_loss")) is not None:
-        out["exact_slr2_vs_exact_eval_loss_ratio"] = r
+    for key, name, of, figure in RATIOS:
+        if (r := _ratio(rows, name, of, figure)) is not None:
+            out[key] = r
     for name in ("fedcybgd-asc-travel", "fedcybgd-asc-dl50"):
         if name in by and "fedcybgd-asc" in by:
             out[f"{name.replace('-', '_')}_bytes_down_vs_fedcybgd_asc"] = (
