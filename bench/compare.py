@@ -338,7 +338,9 @@ def write_docs(result: dict[str, Any]) -> None:
         "- **FedAvgM and FedAdam** run with untuned server learning rates here; they are shown to exercise",
         "  the server optimizers, not to rank them.",
         "- Worker peak memory is dominated by the Python, torch and transformers processes themselves at",
-        "  this model size; it does not yet tell the methods apart.",
+        "  this model size; it does not yet tell the methods apart. Right after an install it reads ~100 MB",
+        "  higher: the freshly written torch and llvmlite libraries map more of their file pages (smaps:",
+        "  anonymous memory the same, `libtorch_cpu.so` 95 against 48 MB).",
     ]
     lines += [""] + [f"![{p}]({p})" for p in plots]
     (DOCS / "methods.md").write_text("\n".join(lines) + "\n")
