@@ -1,11 +1,12 @@
 """Top-k with error feedback, which selection rule and which server step? An in-process ablation.
 
 ``make compare`` measured the product's top-1% codec with error feedback at
-1.057 of the exact codec's eval loss (goal: 1.05). This asks what would close
-the gap, before any of it touches the wire format or the worker. It simulates the demo federation in one process (the demo's
-model, three non-IID sites, the worker's own training step, FedAvg by sample
-count, error feedback e ← e + Δ; c = top_k(e); e ← e − c, ALGORITHMS.md §4)
-and varies the selection, at the same number of sent values:
+1.057 of the exact codec's eval loss (goal: 1.05). This asks what would
+close the gap, before any of it touches the wire format or the worker. It
+simulates the demo federation in one process (the demo's model, three
+non-IID sites, the worker's own training step, FedAvg by sample count,
+error feedback e ← e + Δ; c = top_k(e); e ← e − c, ALGORITHMS.md §4) and
+varies the selection, at the same number of sent values:
 
 - ``per-tensor``: each tensor's own top 1 % (what the worker sends; the
   product's ``compact_tensor``, bf16 values);

@@ -53,7 +53,8 @@ def tune_malloc(*, arenas: int | None = None) -> bool:
     settings = [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
     if arenas is not None:
         settings.insert(0, (M_ARENA_MAX, arenas))
-    ok = all(mallopt(param, value) == 1 for param, value in settings)
-    if not ok:
-        logger.warning("[malloc] mallopt refused a setting; glibc defaults stay in part")
-    return ok
+    # Every setting is tried, even after one is refused.
+    refused = [param for param, value in settings if mallopt(param, value) != 1]
+    if refused:
+        logger.warning("[malloc] mallopt refused parameter(s) %s; glibc's defaults stay for those", refused)
+    return not refused
