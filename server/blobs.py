@@ -4,9 +4,9 @@ A payload is addressed by its layout's SHA-256 (the hash tree over its
 frames), which the encoder computes anyway; a state file by the SHA-256 of
 its bytes. Files are written under ``tmp/``, fsynced, then renamed into
 ``blobs/ab/<digest>``: a crash never leaves a half-written blob under a
-valid name. Deleted blobs wait in ``recycled/`` for a new state file to be
-written over them (common.files.Recycler): a round writes a state as large
-as the one it retires.
+valid name. Deleted blobs wait in ``recycled/`` for a new state file or
+payload to be written over them (common.files.Recycler): a round writes a
+state and a difference about as large as the ones it retires.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common.files import Recycler, fsync_dir, fsync_file
 
-# A round retires one state file (and now and then a snapshot); two cover it.
-KEEP_RECYCLED = 2
+# A round retires one state file and one difference (and now and then a snapshot); four cover it.
+KEEP_RECYCLED = 4
 
 
 class BlobStore:

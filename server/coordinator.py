@@ -37,7 +37,7 @@ from server.accumulation import Accumulation
 from server.aggregate import ServerOptimizer, make_optimizer
 from server.blobs import BlobStore
 from server.config import RoundPolicy, ServerConfig
-from server.fetching import Fetching
+from server.fetching import Fetching, servable_diffs
 from server.flexlora_round import FlexUpload
 from server.flexlora_round import next_state as flexlora_next_state
 from server.folding import FoldWorker
@@ -767,26 +767,45 @@ class Coordinator:
         return self.blobs.adopt(temp)
 
     def _collect_garbage(self) -> None:
-        """Keep the last ``keep_states`` published states and snapshots (round 0 always)."""
+        """Keep the last ``keep_states`` published states and snapshots (round 0 always), and the
+        differences a FetchDiff may still send (server.fetching.servable_diffs).
+
+        Dropped files go to the blob store's recycler: the next round writes its
+        difference and state over their blocks instead of growing the disk and
+        the page cache by a payload a round.
+        """
         published = self.store.select(RoundRecord, "state = ? AND round > 0", (int(RoundState.PUBLISHED),))
+        if not published:
+            return
         cut = max(0, len(published) - self.config.keep_states)
+        servable = servable_diffs(published, self.fetching.snapshot_estimate(published[-1]))
         # Blobs are named by content: a round whose difference was all zeros has its predecessor's
-        # state file, so a blob still named by a kept round (or round 0) must stay.
+        # state file (and two such rounds one difference), so a blob still named by a kept round
+        # (or round 0) must stay.
         kept = {b for r in published[cut:] for b in (r.state_blob, r.snapshot_blob) if b}
+        kept |= {r.diff_blob for r in published if r.round in servable and r.diff_blob}
         kept |= {
             b
             for r in self.store.select(RoundRecord, "round = 0")
             for b in (r.state_blob, r.snapshot_blob)
             if b
         }
-        for record in published[:cut]:
-            if record.state_blob or record.snapshot_blob:
-                for blob in (record.state_blob, record.snapshot_blob):
-                    if blob and blob not in kept:
-                        self.blobs.delete(blob)
+        for index, record in enumerate(published):
+            dropped = []
+            if index < cut and (record.state_blob or record.snapshot_blob):
+                dropped += [record.state_blob, record.snapshot_blob]
                 record.state_blob = record.snapshot_blob = ""
                 record.snapshot_header = b""
-                self.store.put(record)
+            if record.round not in servable and record.diff_blob:
+                dropped.append(record.diff_blob)
+                record.diff_blob = ""
+                record.diff_header = b""
+            if not dropped:
+                continue
+            self.store.put(record)
+            for blob in dropped:
+                if blob and blob not in kept:
+                    self.blobs.delete(blob)
 
     def _check_liveness(self) -> None:
         limit = int(self.config.heartbeat_interval_s * self.config.missed_beats * 1000)

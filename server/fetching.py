@@ -4,6 +4,10 @@ A worker at ``have_round`` gets the chain of published differences up to the
 latest round, or the latest snapshot when the chain is incomplete, larger
 than a snapshot, or a snapshot was asked for. FedCyBGD's partial download is
 a snapshot of some tensors, encoded for the one request.
+
+The same rule says which differences are still worth keeping on disk
+(``servable_diffs``): a difference that every chain through it would make
+larger than a snapshot is never sent again, and the collector drops it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from common.codec import encode
 from common.delta import Codec, DeltaHeader, DeltaKind
@@ -24,6 +29,23 @@ from server.statefile import StateReader
 from server.store import Store
 
 MAX_PREFIXES = 4096
+
+
+def servable_diffs(published: Sequence[RoundRecord], snapshot_estimate: int) -> set[int]:
+    """Rounds (of ``published``, in round order) whose difference some chain may still be served through.
+
+    A chain always ends at the latest round, so the chain through round j is
+    at least rounds j..latest; once their bytes exceed the snapshot's, so does
+    every chain through j, and ``Fetching.plan`` would send the snapshot.
+    """
+    keep: set[int] = set()
+    suffix = 0
+    for record in reversed(published):
+        suffix += record.diff_bytes
+        if suffix > snapshot_estimate:
+            break
+        keep.add(record.round)
+    return keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +88,33 @@ class Fetching:
         self._joined_site = joined_site
         self._latest_published = latest_published
 
+    def open(
+        self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()
+    ) -> list[tuple[FetchItem, BinaryIO]]:
+        """``plan``, with every payload already open for reading (the caller closes them).
+
+        Once open, a payload is read whole even if the collector drops it (the
+        recycler never reuses a file this process holds open). A file dropped
+        between planning and opening means a newer round was published in
+        between: the plan is made again, once.
+        """
+        for attempt in range(2):
+            plan = self.plan(site_id, have_round, snapshot, only_prefixes)
+            opened: list[tuple[FetchItem, BinaryIO]] = []
+            try:
+                for item in plan:
+                    opened.append((item, item.path.open("rb")))
+                return opened
+            except FileNotFoundError:
+                for _, source in opened:
+                    source.close()
+                for item in plan:
+                    if item.temporary:
+                        item.path.unlink(missing_ok=True)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     def plan(
         self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()
     ) -> list[FetchItem]:
@@ -87,10 +136,9 @@ class Fetching:
                 "round > ? AND round <= ? AND state = ?",
                 (have_round, latest.round, int(RoundState.PUBLISHED)),
             )
-            chain_bytes = sum(r.diff_bytes for r in chain)
             complete = all(r.diff_blob and self._blobs.exists(r.diff_blob) for r in chain)
-            estimate = latest.snapshot_bytes or self._genesis_snapshot_bytes()
-            if not (snapshot or not complete or chain_bytes > estimate):
+            servable = servable_diffs(chain, self.snapshot_estimate(latest))
+            if not (snapshot or not complete or not chain or chain[0].round not in servable):
                 return [
                     FetchItem(header_from_bytes(r.diff_header), self._blobs.path(r.diff_blob), r.round)
                     for r in chain
@@ -127,7 +175,11 @@ class Fetching:
         header = DeltaHeader(layout=layout, run_id=self._run_id, round=latest.round, kind=DeltaKind.SNAPSHOT)
         return FetchItem(header, temp, latest.round, temporary=True)
 
-    def _genesis_snapshot_bytes(self) -> int:
+    def snapshot_estimate(self, latest: RoundRecord) -> int:
+        """What a snapshot of ``latest`` costs: its own size once encoded, until then round 0's
+        (weights compress alike from round to round)."""
+        if latest.snapshot_bytes:
+            return latest.snapshot_bytes
         genesis = self._store.get(RoundRecord, 0)
         return genesis.snapshot_bytes if genesis else 0
 

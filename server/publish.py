@@ -25,6 +25,7 @@ from common.codec import decode_file, encode, validate_layout
 from common.codec.decoder import ShardDecoder
 from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
 from common.dtypes import DType
+from common.files import rewrite
 from common.serde import header_to_proto
 from server.accumulation import Accumulation
 from server.aggregate import ServerOptimizer
@@ -77,9 +78,13 @@ def store_payload(
     kind: DeltaKind,
     manifest: Sequence[TensorSpec] | None = None,
 ) -> tuple[StoredPayload, PayloadLayout]:
-    """Encode ``tensors`` into the blob store, with the header a FetchDiff stream will carry."""
+    """Encode ``tensors`` into the blob store, with the header a FetchDiff stream will carry.
+
+    Written over a spent blob's blocks when the store has one (a round's
+    difference takes the place of one the collector dropped).
+    """
     temp = blobs.temp_path(".payload")
-    with temp.open("wb") as sink:
+    with rewrite(temp, blobs.recycler) as sink:
         layout = encode(tensors, codec, sink, manifest=manifest)
     blob = blobs.adopt(temp, layout.sha256.hex())
     header = DeltaHeader(layout=layout, run_id=run_id, round=round_number, base_round=base_round, kind=kind)

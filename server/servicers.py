@@ -192,23 +192,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
         site = self._auth.site(context)
-        plan = self._c.fetching.plan(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
+        plan = self._c.fetching.open(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
         try:
-            for item in plan:
+            for item, source in plan:
                 sent = 0
-                with item.path.open("rb") as source:
-                    for chunk in iter_chunks(item.header, source):
-                        if not context.is_active():
-                            return
-                        sent += len(chunk.data)
-                        yield chunk_to_proto(chunk)
+                for chunk in iter_chunks(item.header, source):
+                    if not context.is_active():
+                        return
+                    sent += len(chunk.data)
+                    yield chunk_to_proto(chunk)
                 self._c.fetching.count_bytes_out(item.round, sent)
         finally:
-            for item in plan:
+            for item, source in plan:
+                source.close()
                 if item.temporary:
                     item.path.unlink(missing_ok=True)
         if plan and not request.only_prefixes:  # a partial snapshot is not a synced state
-            self._c.fetching.mark_synced(site, plan[-1].round)
+            self._c.fetching.mark_synced(site, plan[-1][0].round)
 
     @rpc
     def PushDelta(

@@ -25,6 +25,7 @@ import torch
 from common.delta import Cast, Codec, DeltaKind, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.config import RoundPolicy
+from server.records import RoundRecord
 from tests.scripted import (
     ADMIN_TOKEN,
     ROOT,
@@ -330,6 +331,52 @@ def test_fetch_chain_or_snapshot_gives_the_same_state(harness: MakeHarness) -> N
     assert [head.kind for head, _ in site.fetch(1, snapshot=True)] == [DeltaKind.SNAPSHOT]
     assert site.fetch(3) == []
     assert rpc_code(lambda: site.fetch(4)) is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harness: MakeHarness) -> None:
+    """A difference that makes every chain through it cost more than a snapshot is never sent again:
+    the collector drops it, later rounds write over its file, and a site that far behind gets the snapshot."""
+    h = harness({"a": 10})
+    h.join_all()
+    site = h["a"]
+    store, blobs = h.agg.coordinator.store, h.agg.coordinator.blobs
+    # Three dense rounds (each about a snapshot), then two that change one small tensor.
+    deltas = [random_delta(90 + r, h.init) for r in range(3)]
+    deltas += [partial_delta(95 + r, h.init, ["layers.0.norm.weight"]) for r in range(2)]
+    states: dict[int, State] = {0: h.init}
+    digests: dict[int, str] = {}
+    reused = []
+    for number, delta in enumerate(deltas, start=1):
+        assert site.await_round(number - 1).round == number
+        spent = {p.stat().st_ino for p in blobs.recycler.directory.glob("*.spent")}
+        push(h, "a", delta, number, number - 1)
+        assert h.admin.wait_round(number).state == PUBLISHED
+        states[number] = add(states[number - 1], h.mean([(delta, 10)]))
+        record = store.get(RoundRecord, number)
+        assert record is not None
+        digests[number] = record.diff_blob
+        if number >= 4:  # the dense rounds' files were dropped: this difference took one over
+            reused.append(blobs.path(record.diff_blob).stat().st_ino in spent)
+        # The site one round behind still ends exactly where the aggregator is.
+        assert_same_bits(apply_fetched(states[number - 1], site.fetch(number - 1)), states[number])
+
+    snapshot_bytes = site.fetch(0, snapshot=True)[0][0].layout.total_bytes
+    records = {r.round: r for r in store.select(RoundRecord, "round > 0")}
+    kept = dropped = 0
+    for number in range(1, 6):
+        suffix = sum(records[r].diff_bytes for r in range(number, 6))
+        on_disk = bool(digests[number]) and blobs.path(digests[number]).exists()
+        assert on_disk == (suffix <= snapshot_bytes), (number, suffix, snapshot_bytes)
+        assert bool(records[number].diff_blob) == on_disk
+        kept, dropped = kept + on_disk, dropped + (not on_disk)
+        fetched = site.fetch(number - 1)
+        if on_disk:
+            assert [head.kind for head, _ in fetched] == [DeltaKind.DIFF] * (6 - number)
+        else:
+            assert [(head.kind, head.round) for head, _ in fetched] == [(DeltaKind.SNAPSHOT, 5)]
+        assert_same_bits(apply_fetched(states[number - 1], fetched), states[5])
+    assert kept >= 2 and dropped >= 2  # both answers occur
+    assert reused == [True, True]
 
 
 def test_zero_differences_keep_every_state_file_a_round_names(harness: MakeHarness) -> None:
