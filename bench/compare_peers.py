@@ -7,13 +7,19 @@ GPT-2-small-sized fp32 model, the same K, the same rounds and the same
 trivial local training. Then the compute limit of a round from single-thread
 measurements of our shards.
 
-    python -m bench.compare_peers [--ks 2 4 8] [--peer-ks 2 4] [--rounds 3] [--quick]
+    python -m bench.compare_peers [--ks 2 4 8] [--peer-ks 2 4] [--rounds 3] [--warmup 2] [--quick]
     python -m bench.compare_peers --render bench/out/peers.json   # docs from a saved run
 
 Every result is saved to bench/out/peers.json as it comes (a later failure
 keeps the earlier figures); the "peers" section of docs/benchmarks.md, its
 plot docs/benchmarks-peers.png and keys of docs/benchmarks.json are written
 at the end (not with --quick).
+
+Each system runs ``warmup + rounds`` rounds and every per-round figure is
+taken over the last ``rounds``: a run's first rounds carry one-time costs
+(processes connecting, buffers and files first allocated; our daemon starts
+writing over the files of dropped states and differences from its fourth
+round), and a real run is long.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
         "machine": machine(),
         "cores": os.cpu_count() or 1,
         "rounds": args.rounds,
+        "warmup": args.warmup,
         "quick": args.quick,
         "fp32_bytes": fp32_bytes(shapes),
         "runs": [],
@@ -65,19 +72,18 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
     print("codec work of a round (single thread, our shards)...", flush=True)
     data["codec_work"] = codec_work(shapes)
     save()
+    total = args.warmup + args.rounds
     with tempfile.TemporaryDirectory(prefix="gdfed-peers-") as tmp:
         for k in sorted(set(args.ks) | set(args.peer_ks)):
             plan: list[tuple[str, Callable[[], dict[str, Any]]]] = []
             if k in args.ks:
-                plan.append(("ours", partial(run_ours, k, args.rounds, shapes, Path(tmp) / f"ours-k{k}")))
+                plan.append(("ours", partial(run_ours, k, total, shapes, Path(tmp) / f"ours-k{k}")))
             if k in args.peer_ks and not args.skip_nvflare:
                 plan.append(
-                    ("nvflare", partial(run_nvflare, k, args.rounds, args.quick, Path(tmp) / f"nvflare-k{k}"))
+                    ("nvflare", partial(run_nvflare, k, total, args.quick, Path(tmp) / f"nvflare-k{k}"))
                 )
             if k in args.peer_ks and not args.skip_flower:
-                plan.append(
-                    ("flower", partial(run_flower, k, args.rounds, args.quick, Path(tmp) / f"flower-k{k}"))
-                )
+                plan.append(("flower", partial(run_flower, k, total, args.quick, Path(tmp) / f"flower-k{k}")))
             for system, fn in plan:
                 result = None
                 # Other sessions share this machine: start each run when it is quiet, and run it once
@@ -85,7 +91,7 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
                 for attempt in range(1 + args.retries):
                     idle = wait_quiet()
                     print(
-                        f"[{time.strftime('%H:%M:%S')}] {system} K={k}, {args.rounds} round(s)"
+                        f"[{time.strftime('%H:%M:%S')}] {system} K={k}, {args.warmup} + {args.rounds} round(s)"
                         f" (machine busy {idle:.0%} before it)...",
                         flush=True,
                     )
@@ -108,7 +114,7 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
                 result["system"] = system
                 data["runs"].append(result)
                 save()
-                overheads = [r["overhead_s"] for r in result["rounds"]]
+                overheads = [r["overhead_s"] for r in measured(data, result)]
                 print(
                     f"  {system} K={k}: round overhead {statistics.median(overheads):.1f} s "
                     f"({min(overheads):.1f}-{max(overheads):.1f}), server peak RSS {result['server_peak_rss_MB']:.0f} MB, "
@@ -118,13 +124,18 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
     return data
 
 
+def measured(data: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's rounds after its warm-up (saved runs from before the warm-up existed have none)."""
+    return list(run["rounds"][int(data.get("warmup", 0)) :])
+
+
 def figures_of(data: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (system, K): medians and spreads of what the tables show."""
     out: dict[tuple[str, int], dict[str, Any]] = {}
     work = data["codec_work"]
     for run in data["runs"]:
         system, k = run["system"], int(run["k"])
-        rounds = run["rounds"]
+        rounds = measured(data, run)
         row: dict[str, Any] = {
             "round_s": med([r["round_s"] for r in rounds]),
             "overhead_s": med([r["overhead_s"] for r in rounds]),
@@ -167,12 +178,17 @@ def render(data: dict[str, Any]) -> tuple[str, dict[str, object]]:
     fig = figures_of(data)
     ks = sorted({k for _, k in fig})
     rounds = data["rounds"]
+    warmup = int(data.get("warmup", 0))
     work = data["codec_work"]
     versions = {s: fig[(s, k)]["version"] for s, k in fig if s != "ours"}
     bench_json = DOCS / "benchmarks.json"
     existing = json.loads(bench_json.read_text()) if bench_json.exists() else {}
     ingest_fraction = existing.get("ingest_fraction_of_zstd_limit")
-    figures: dict[str, object] = {"peers_machine": data["machine"], "peers_rounds": rounds}
+    figures: dict[str, object] = {
+        "peers_machine": data["machine"],
+        "peers_rounds": rounds,
+        "peers_warmup_rounds": warmup,
+    }
     for s, v in versions.items():
         figures[f"peers_{s}_version"] = v
 
@@ -184,10 +200,12 @@ def render(data: dict[str, Any]) -> tuple[str, dict[str, object]]:
         "",
         f"One run, one system at a time, on this machine ({data['machine']}; other work on it adds noise).",
         f"Every system federates the same GPT-2-small-sized fp32 state ({data['fp32_bytes'] / MB:.1f} MB, 124,439,808",
-        f'parameters) between K sites on 127.0.0.1 for {rounds} rounds; a site\'s local "training" adds a fixed 16 MiB',
-        "buffer of Gaussian steps (std 1e-4) to every tensor (~0.1–0.5 s). Every program is its own process, started",
-        "the same way (bench/procs.py: a subprocess in its own session, killed as a process group). Medians over the",
-        "rounds (min–max).",
+        f"parameters) between K sites on 127.0.0.1 for {warmup + rounds} rounds; every per-round figure is taken over",
+        f"the last {rounds} (the first {warmup} of every run, ours and theirs, are its warm-up: processes connecting,",
+        "buffers and files first allocated; our daemon writes over the files of dropped states and differences from",
+        'its fourth round on). A site\'s local "training" adds a fixed 16 MiB buffer of Gaussian steps (std 1e-4) to',
+        "every tensor (~0.1–0.5 s). Every program is its own process, started the same way (bench/procs.py: a",
+        "subprocess in its own session, killed as a process group). Medians over the measured rounds (min–max).",
         "",
         "- **gradualdiff-fed**: `python -m common.cli serve --config FILE` and K site processes doing what the worker",
         "  does minus the model (client.transfer: fetch and apply the global difference, push; exact codec both ways).",
@@ -465,7 +483,8 @@ def main() -> int:
     )
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="K for ours")
     parser.add_argument("--peer-ks", type=int, nargs="+", default=[2, 4], help="K for Flower and NVFlare")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds measured, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="rounds run first and left out of the figures")
     parser.add_argument("--quick", action="store_true", help="K=2, 1 round, a 1/8-size model; writes no docs")
     parser.add_argument(
         "--max-foreign", type=float, default=0.2, help="rerun when others used more of the cores than this"
@@ -479,7 +498,7 @@ def main() -> int:
         data = json.loads(args.render.read_text())
     else:
         if args.quick:
-            args.ks, args.peer_ks, args.rounds = [2], [2], 1
+            args.ks, args.peer_ks, args.rounds, args.warmup = [2], [2], 1, 0
         saved = OUT / ("peers-quick.json" if args.quick else "peers.json")
         data = run_all(args, saved)
         print(f"saved {saved}")
