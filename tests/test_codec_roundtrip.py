@@ -34,6 +34,7 @@ from common.codec import (
     manifest_of,
     validate_layout,
 )
+from common.codec.decoder import SHARD_BUFFERS, BufferPool
 from common.codec.layout import block_sizes, expected_frame_sizes, plan_shards
 from common.codec.shuffle import shuffle, unshuffle_into
 from common.codec.stheader import build_header, check_header
@@ -727,3 +728,32 @@ def test_allocate_takes_fitting_spares_and_allocates_the_rest() -> None:
     assert [tuple(t.shape) for t in out.values()] == [(4, 3), (3,), (5,), (4, 3), (2,)]
     assert out["h"].dtype == torch.bfloat16
     assert allocate(manifest).keys() == out.keys()
+
+
+def test_buffer_pool_hands_out_the_smallest_fit_and_keeps_the_largest() -> None:
+    pool = BufferPool(keep=2)
+    small, large = np.empty(10, np.uint8), np.empty(100, np.uint8)
+    pool.give(small)
+    pool.give(large)
+    assert pool.take(5) is small  # the smallest that fits
+    assert pool.take(50) is large
+    fresh = pool.take(5)
+    assert fresh.size == 5 and fresh is not small  # none kept: a new one
+    for size in (30, 20, 10, 40):
+        pool.give(np.empty(size, np.uint8))
+    assert pool.held_bytes == 70  # only the two largest stay
+    assert pool.take(1000).size == 1000
+
+
+def test_a_stream_decodes_through_the_shard_buffers_of_the_last_one() -> None:
+    """A worker fetches every round: its shard buffers come back from the pool, not from fresh pages."""
+    delta = {f"t{i}": make_tensor(torch.float32, (50_000,), i, "bits") for i in range(4)}
+    layout, payload = encode_bytes(delta, Codec(), shard_bytes=120_000)
+    assert len(layout.shards) >= 3
+    assert_bit_exact(decode_bytes(layout, payload), delta)
+    kept = {id(buf) for buf in SHARD_BUFFERS._free}
+    assert kept and SHARD_BUFFERS.held_bytes >= max(s.compressed_bytes for s in layout.shards)
+    other = {k: v + 1 for k, v in delta.items()}
+    other_layout, other_payload = encode_bytes(other, Codec(), shard_bytes=120_000)
+    assert_bit_exact(decode_bytes(other_layout, other_payload), other)
+    assert {id(buf) for buf in SHARD_BUFFERS._free} == kept  # the same arrays went out and came back

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -242,6 +243,40 @@ class ShardDecoder:
         return DecodedPiece(tensor, spec.name, start, torch.from_numpy(buf).view(to_torch(spec.dtype)))
 
 
+class BufferPool:
+    """Byte buffers kept from one stream to the next, at most ``keep`` of them.
+
+    A fresh buffer costs a page fault (and the kernel zeroing a page) for
+    every page written into it; a worker fetches a payload every round, so its
+    streams' shard buffers are taken from here and given back when decoded.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._free: list[U8Array] = []
+        self._lock = threading.Lock()  # streams decode on several threads at once
+
+    def take(self, nbytes: int) -> U8Array:
+        """A buffer of at least ``nbytes`` (the smallest kept one that fits, else a new one)."""
+        with self._lock:
+            fitting = [i for i, buf in enumerate(self._free) if buf.size >= nbytes]
+            if fitting:
+                return self._free.pop(min(fitting, key=lambda i: self._free[i].size))
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def give(self, buffer: U8Array) -> None:
+        """Keep ``buffer`` for a later stream, or let it go when ``keep`` larger ones are kept already."""
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=lambda buf: buf.size, reverse=True)
+            del self._free[self.keep :]
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(buf.size for buf in self._free)
+
+
 @dataclass(frozen=True, slots=True)
 class CompleteShard:
     """A shard whose compressed bytes have all arrived."""
@@ -275,7 +310,6 @@ class ShardAssembler:
         self._begins, self._ends = offsets[:-1], offsets[1:]
         self._shard = next((i for i, end in enumerate(self._ends) if end > start), len(self._ends))
         self._capacity = max((shard.compressed_bytes for shard in layout.shards), default=0)
-        self._spare: list[U8Array] = []
         self._buffer: memoryview | None = None
         self._filled = 0
         if self._shard < len(self._ends):
@@ -313,15 +347,16 @@ class ShardAssembler:
         return complete
 
     def release(self, buffer: memoryview) -> None:
-        """Hand a shard's buffer back once it is decoded, so the next shard reuses its pages."""
+        """Hand a shard's buffer back once it is decoded, so the next shard (of this stream or a later one)
+        reuses its pages; the caller must not touch it after this."""
         base = buffer.obj
-        if isinstance(base, np.ndarray) and len(self._spare) < 2:
-            self._spare.append(base)
+        if isinstance(base, np.ndarray):
+            SHARD_BUFFERS.give(base)
 
     def _open(self) -> None:
-        # A fresh buffer costs page faults on every byte; reused ones do not. np.empty, not bytearray:
-        # the bytes are overwritten by the chunks, and bytearray(n) would first zero all n of them.
-        backing = self._spare.pop() if self._spare else np.empty(self._capacity, dtype=np.uint8)
+        # np.empty (in the pool), not bytearray: the bytes are overwritten by the chunks, and
+        # bytearray(n) would first zero all n of them.
+        backing = SHARD_BUFFERS.take(self._capacity)
         self._buffer = backing.data[: self.layout.shards[self._shard].compressed_bytes]
         self._filled = 0
 
@@ -331,6 +366,11 @@ class ShardAssembler:
         self._buffer[self._filled : self._filled + len(take)] = take
         self._filled += len(take)
         return len(take)
+
+
+# A stream holds MAX_PENDING (2) shards decoding and one arriving: what one stream after another
+# needs (a worker's fetches). 32 MiB shards of the exact codec are ~22 MB compressed: ~66 MB kept.
+SHARD_BUFFERS = BufferPool(keep=3)
 
 
 class DeltaStreamDecoder:
