@@ -58,6 +58,22 @@ class FetchItem:
     temporary: bool = False  # encoded for this request only: delete once streamed
 
 
+def _open_all(plan: list[FetchItem]) -> list[tuple[FetchItem, BinaryIO]]:
+    """Every item of ``plan`` opened; if one is gone, none stays open and the plan's temporaries are removed."""
+    opened: list[tuple[FetchItem, BinaryIO]] = []
+    try:
+        for item in plan:
+            opened.append((item, item.path.open("rb")))
+    except FileNotFoundError:
+        for _, source in opened:
+            source.close()
+        for item in plan:
+            if item.temporary:
+                item.path.unlink(missing_ok=True)
+        raise
+    return opened
+
+
 class Fetching:
     """Plans FetchDiff streams and records what they sent.
 
@@ -98,22 +114,10 @@ class Fetching:
         between planning and opening means a newer round was published in
         between: the plan is made again, once.
         """
-        for attempt in range(2):
-            plan = self.plan(site_id, have_round, snapshot, only_prefixes)
-            opened: list[tuple[FetchItem, BinaryIO]] = []
-            try:
-                for item in plan:
-                    opened.append((item, item.path.open("rb")))
-                return opened
-            except FileNotFoundError:
-                for _, source in opened:
-                    source.close()
-                for item in plan:
-                    if item.temporary:
-                        item.path.unlink(missing_ok=True)
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return _open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
+        except FileNotFoundError:
+            return _open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
 
     def plan(
         self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()

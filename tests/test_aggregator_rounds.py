@@ -22,9 +22,10 @@ import grpc
 import pytest
 import torch
 
-from common.delta import Cast, Codec, DeltaKind, UploadMetrics
+from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.config import RoundPolicy
+from server.fetching import FetchItem, _open_all
 from server.records import RoundRecord
 from tests.scripted import (
     ADMIN_TOKEN,
@@ -377,6 +378,28 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
         assert_same_bits(apply_fetched(states[number - 1], fetched), states[5])
     assert kept >= 2 and dropped >= 2  # both answers occur
     assert reused == [True, True]
+
+
+def test_a_plan_whose_file_was_dropped_opens_nothing_and_removes_its_temporaries(tmp_path: Path) -> None:
+    """Between planning and opening the collector may drop a file: nothing stays open, nothing leaks."""
+    layout = PayloadLayout(codec=Codec(), manifest=(), shards=(), total_bytes=0, sha256=bytes(32))
+    head = DeltaHeader(layout=layout, run_id="r")
+    kept, temporary = tmp_path / "kept.payload", tmp_path / "partial.payload"
+    kept.write_bytes(b"k")
+    temporary.write_bytes(b"t")
+    plan = [
+        FetchItem(head, kept, 1),
+        FetchItem(head, temporary, 2, temporary=True),
+        FetchItem(head, tmp_path / "dropped.payload", 3),
+    ]
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        _open_all(plan)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert kept.exists() and not temporary.exists()
+    opened = _open_all(plan[:1])
+    assert [(item.round, source.read()) for item, source in opened] == [(1, b"k")]
+    opened[0][1].close()
 
 
 def test_zero_differences_keep_every_state_file_a_round_names(harness: MakeHarness) -> None:
