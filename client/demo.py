@@ -25,8 +25,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from common.pb.gradualdiff.v1.admin_pb2_grpc import AdminStub
+
+Metadata = tuple[tuple[str, str], ...]
 SITES = ("site-a", "site-b", "site-c")
 
 
@@ -329,7 +333,7 @@ def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
     return report
 
 
-def _wait_ready(admin: Any, meta: Any, procs: Processes) -> None:
+def _wait_ready(admin: AdminStub, meta: Metadata, procs: Processes) -> None:
     import grpc
 
     from common.pb.gradualdiff.v1 import admin_pb2
@@ -346,8 +350,8 @@ def _wait_ready(admin: Any, meta: Any, procs: Processes) -> None:
 
 
 def _follow(
-    admin: Any,
-    meta: Any,
+    admin: AdminStub,
+    meta: Metadata,
     evaluator: GlobalEvaluator,
     settings: DemoSettings,
     procs: Processes,
@@ -355,6 +359,7 @@ def _follow(
     peaks: dict[int, int],
 ) -> list[dict[str, Any]]:
     from common.pb.gradualdiff.v1 import admin_pb2
+    from common.spec import RoundState
 
     seen: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + 1800
@@ -369,9 +374,10 @@ def _follow(
             peaks[proc.pid] = max(peaks.get(proc.pid, 0), _peak_rss(proc.pid))
         rounds = admin.ListRounds(admin_pb2.ListRoundsRequest(limit=100), metadata=meta, timeout=10).rounds
         for r in sorted(rounds, key=lambda r: r.round):
-            if r.round in seen or r.state not in (5, 6):  # PUBLISHED, FAILED
+            state = int(r.state)
+            if r.round in seen or state not in (RoundState.PUBLISHED, RoundState.FAILED):
                 continue
-            if r.state == 6:
+            if state == RoundState.FAILED:
                 raise RuntimeError(f"round {r.round} failed: {r.failure_reason}")
             loss = evaluator.evaluate_round(r.round)
             took = (r.published_unix_ms - r.opened_unix_ms) / 1000

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from client.lora_flags import add_lora_arguments, lora_spec
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -24,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
     parser.add_argument("--mode", choices=("full", "subset", "lora"), default="full")
     parser.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the base weights")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-targets", nargs="*", default=["q_proj", "v_proj"])
+    add_lora_arguments(parser)
 
 
 def state_file_of_round(state_dir: Path, round_number: int | None) -> tuple[Path, int]:
@@ -70,7 +70,7 @@ def export(model_dir: Path, state_file: Path, out: Path, *, spec: object, merge_
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.spec import LoraSpec, TrainingSpec, TrainMode
+    from common.spec import TrainingSpec, TrainMode
 
     if args.aggregator_state is not None:
         state_file, round_number = state_file_of_round(args.aggregator_state, args.round)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         state_file, round_number = args.state, args.round or 0
     spec = TrainingSpec(
         mode=TrainMode[args.mode.upper()],
-        lora=LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(args.lora_targets)),
+        lora=lora_spec(args),
     )
     export(args.model, state_file, args.out, spec=spec, merge_lora=args.merge_lora)
     print(f"exported round {round_number} to {args.out}")

@@ -41,7 +41,6 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import safetensors
 import torch
@@ -52,7 +51,8 @@ from common.delta import Codec, DeltaHeader, TensorSpec
 from common.dtypes import DType
 from common.files import fsync_dir, fsync_file
 from common.lossy import ErrorFeedback
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2
+from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.retry import Retrier
 from common.serde import header_from_proto
 
 logger = logging.getLogger(__name__)
@@ -60,14 +60,24 @@ logger = logging.getLogger(__name__)
 FORMAT = "gdfed-upload-feedback-v1"
 
 
-def upload_accepted(stub: Any, metadata: tuple[tuple[str, str], ...], site_id: str) -> Callable[[str], bool]:
+def upload_accepted(
+    stub: federation_pb2_grpc.FederationStub,
+    metadata: tuple[tuple[str, str], ...],
+    site_id: str,
+    *,
+    retrier: Retrier | None = None,
+) -> Callable[[str], bool]:
     """A question for the aggregator: did it accept upload ``id``? (GetUploadOffset's ``complete``)."""
+    retry = retrier or Retrier()
 
     def ask(upload_id: str) -> bool:
-        reply = stub.GetUploadOffset(
-            federation_pb2.UploadOffsetRequest(site_id=site_id, upload_id=upload_id),
-            metadata=metadata,
-            timeout=30,
+        reply = retry.call(
+            "upload offset",
+            lambda: stub.GetUploadOffset(
+                federation_pb2.UploadOffsetRequest(site_id=site_id, upload_id=upload_id),
+                metadata=metadata,
+                timeout=30,
+            ),
         )
         return bool(reply.complete)
 

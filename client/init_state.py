@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from client.lora_flags import add_lora_arguments, lora_spec
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model directory")
     parser.add_argument("--out", type=Path, required=True, help="safetensors file to write")
     parser.add_argument("--mode", choices=("full", "subset", "lora"), default="full")
     parser.add_argument("--patterns", nargs="*", default=[], help="regexes of trainable names (subset mode)")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-targets", nargs="*", default=["q_proj", "v_proj"])
+    add_lora_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -39,12 +39,12 @@ def write_init_state(model: Path, out: Path, spec: object) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.spec import LoraSpec, TrainingSpec, TrainMode
+    from common.spec import TrainingSpec, TrainMode
 
     spec = TrainingSpec(
         mode=TrainMode[args.mode.upper()],
         trainable_patterns=tuple(args.patterns),
-        lora=LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=tuple(args.lora_targets)),
+        lora=lora_spec(args),
         seed=args.seed,
     )
     count = write_init_state(args.model, args.out, spec)

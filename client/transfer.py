@@ -8,12 +8,10 @@ worker's state equals the aggregator's bit for bit.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
@@ -21,21 +19,31 @@ import torch
 from common.codec import DeltaStreamDecoder, allocate, iter_chunks
 from common.codec.decoder import place_piece
 from common.delta import Chunk, DeltaHeader, DeltaKind
-from common.pb.gradualdiff.v1 import federation_pb2
+from common.errors import is_round_over, status_of
+from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
+from common.retry import Retrier, RetryPolicy
 from common.serde import chunk_from_proto, chunk_to_proto
 from common.spec import OPTIMIZER_MARK
 
 logger = logging.getLogger(__name__)
 
-# Worth another try: the network, a restart of the aggregator, a stream cut mid-way, damaged bytes.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DATA_LOSS,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INTERNAL,
-}
+# Worth another try for a worker: the network, a restart of the aggregator (which a call may see as
+# CANCELLED or INTERNAL), a stream cut mid-way (ABORTED; a closed round is told apart first, by
+# ``is_round_over``), damaged bytes (DATA_LOSS). RESOURCE_EXHAUSTED is not here: the aggregator
+# answers it (LimitExceeded) to an upload over a limit, which no retry changes.
+RESUMABLE: frozenset[grpc.StatusCode] = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+# An upload: eight tries (each resumes where the last stopped), waits of up to 30 s, no time limit
+# (one try of a large payload may itself take long).
+PUSH = RetryPolicy(max_delay=30.0, max_attempts=8, max_elapsed=math.inf, retry_on=RESUMABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,7 @@ class Sync:
 
     def __init__(
         self,
-        stub: Any,
+        stub: federation_pb2_grpc.FederationStub,
         metadata: tuple[tuple[str, str], ...],
         site_id: str,
         held_round: int,
@@ -202,20 +210,27 @@ class _Incoming:
 
 
 def push(
-    stub: Any,
+    stub: federation_pb2_grpc.FederationStub,
     metadata: tuple[tuple[str, str], ...],
     header: DeltaHeader,
     payload: Path,
     *,
-    attempts: int = 8,
+    retrier: Retrier | None = None,
     progress: Callable[[int], None] = lambda n: None,
-    sleep: Callable[[float], None] = time.sleep,
     timeout: float = 3600,
 ) -> federation_pb2.PushReceipt:
-    """Stream a payload, resuming from the acknowledged offset after each failure (exponential backoff, full jitter)."""
-    start = 0
-    for attempt in range(attempts):
-        if attempt:
+    """Stream a payload; after a failure, ask where to resume and send the rest (``retrier``: ``PUSH``).
+
+    Raises:
+        RoundOver: the round closed, or the upload is not wanted in it (nothing of it counts).
+        grpc.RpcError: a failure ``retrier`` does not retry, or the last once it gives up.
+    """
+    resuming = False
+
+    def attempt() -> federation_pb2.PushReceipt:
+        nonlocal resuming
+        start = 0
+        if resuming:
             offset = stub.GetUploadOffset(
                 federation_pb2.UploadOffsetRequest(site_id=header.site_id, upload_id=header.upload_id),
                 metadata=metadata,
@@ -226,33 +241,22 @@ def push(
                     upload_id=header.upload_id, round=header.round, accepted=True, duplicate=True
                 )
             start = offset.committed_offset
+        resuming = True
         try:
             with payload.open("rb") as source:
                 messages = (
                     chunk_to_proto(c) for c in _counted(iter_chunks(header, source, start=start), progress)
                 )
-                receipt: federation_pb2.PushReceipt = stub.PushDelta(
-                    messages, metadata=metadata, timeout=timeout
-                )
-                return receipt
+                return stub.PushDelta(messages, metadata=metadata, timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            details = exc.details() or ""
-            if (
-                code is grpc.StatusCode.ABORTED and "closed" in details
-            ) or code is grpc.StatusCode.FAILED_PRECONDITION:
-                raise RoundOver(details) from None
-            if code not in RETRYABLE or attempt == attempts - 1:
-                raise
-            wait = random.uniform(0, min(30.0, 0.5 * 2**attempt))
-            logger.warning(
-                "[upload] %s: %s; resuming in %.1fs (attempt %d)", code.name, details, wait, attempt + 2
-            )
-            sleep(wait)
-    raise AssertionError("unreachable")
+            if is_round_over(exc) or status_of(exc) is grpc.StatusCode.FAILED_PRECONDITION:
+                raise RoundOver(exc.details() or "") from None
+            raise
+
+    return (retrier or Retrier(PUSH)).call("upload", attempt)
 
 
-def _counted(chunks: Any, progress: Callable[[int], None]) -> Any:
+def _counted(chunks: Iterable[Chunk], progress: Callable[[int], None]) -> Iterator[Chunk]:
     for chunk in chunks:
         progress(len(chunk.data))
         yield chunk

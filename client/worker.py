@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -36,25 +34,27 @@ from client.model import (
     load_trainable,
     pick_device,
     trainable_state,
-    training_only,
 )
 from client.progress import Progress
-from client.train import Aborted, evaluate, train_steps
-from client.transfer import RETRYABLE, RoundOver, Sync, push
+from client.train import Aborted, RoundTraining, difference, train_round
+from client.transfer import PUSH, RESUMABLE, RoundOver, Sync, Synced, push
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
 from common.files import rewrite
 from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
-from common.serde import codec_from_proto
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.retry import Retrier, RetryPolicy
+from common.serde import training_spec_from_proto
+from common.spec import Device, Directive, Method, Phase, RoundState, TrainingSpec, TrainMode
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
-PHASE_IDLE, PHASE_SYNCING, PHASE_TRAINING, PHASE_UPLOADING = 1, 2, 3, 4
-DIRECTIVE_ABORT_ROUND, DIRECTIVE_STOP = 1, 4
+# The worker's unary calls and fetches: waits of up to 15 s, for up to 10 minutes (an aggregator
+# restarting), given up at once when the worker is told to stop.
+CALLS = RetryPolicy(max_delay=15.0, max_elapsed=600.0, retry_on=RESUMABLE)
+# Round states a site may still train and upload in.
+TAKES_UPLOADS: frozenset[int] = frozenset(int(s) for s in RoundState if s.accepts_uploads)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,37 +95,12 @@ class RoundReport:
 @dataclass
 class _Status:
     round: int = 0
-    phase: int = PHASE_IDLE
+    phase: Phase = Phase.IDLE
     step: int = 0
     total: int = 0
     loss: float = 0.0
     abort_round: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
-
-
-def training_spec(msg: federation_pb2.TrainingSpec) -> TrainingSpec:
-    """The wire TrainingSpec as a domain object."""
-    lora = msg.lora
-    return TrainingSpec(
-        method=Method(msg.method or Method.GRADUALDIFF),
-        mode=TrainMode(msg.mode or TrainMode.FULL),
-        trainable_patterns=tuple(msg.trainable_patterns),
-        lora=LoraSpec(
-            rank=lora.rank or 8,
-            alpha=lora.alpha or 16.0,
-            dropout=lora.dropout,
-            target_modules=tuple(lora.target_modules) or ("q_proj", "v_proj"),
-        ),
-        local_steps=msg.local_steps or 10,
-        batch_size=msg.batch_size or 8,
-        learning_rate=msg.learning_rate or 1e-4,
-        max_seq_len=msg.max_seq_len or 256,
-        upload_codec=codec_from_proto(msg.upload_codec)
-        if msg.HasField("upload_codec")
-        else TrainingSpec().upload_codec,
-        seed=msg.seed,
-        prox_mu=msg.prox_mu,
-    )
 
 
 class Worker:
@@ -154,26 +129,15 @@ class Worker:
         )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._meta = auth_metadata(config.token)
+        stop = self._status.stop
+        self._retry = Retrier(CALLS, sleep=stop.wait, stopped=stop.is_set)
         self.feedback = UploadFeedback(
-            config.state_dir, accepted=upload_accepted(self._stub, self._meta, config.site_id)
+            config.state_dir,
+            accepted=upload_accepted(self._stub, self._meta, config.site_id, retrier=self._retry),
         )
         self.reports: list[RoundReport] = []
 
     # ------------------------------------------------------------ plumbing
-    def _call(self, what: str, fn: Callable[[], T], *, patience: float = 600) -> T:
-        """A unary call, retried with backoff while the aggregator is unreachable or restarting."""
-        deadline = time.monotonic() + patience
-        wait = 0.5
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or time.monotonic() > deadline or self._status.stop.is_set():
-                    raise
-                logger.warning("[%s] %s: %s; retrying in %.1fs", what, exc.code().name, exc.details(), wait)
-                time.sleep(wait)
-                wait = min(wait * 2, 15.0)
-
     def _beat_loop(self, interval: float) -> None:
         while not self._status.stop.wait(interval):
             s = self._status
@@ -193,10 +157,11 @@ class Worker:
             except grpc.RpcError as exc:
                 logger.debug("[heartbeat] %s", exc.code().name)
                 continue
-            if reply.directive == DIRECTIVE_STOP:
+            directive = int(reply.directive)
+            if directive == Directive.STOP:
                 logger.warning("[heartbeat] the aggregator says stop: %s", reply.message)
                 s.stop.set()
-            elif reply.directive == DIRECTIVE_ABORT_ROUND:
+            elif directive == Directive.ABORT_ROUND:
                 s.abort_round = s.round
 
     # ------------------------------------------------------------ the loop
@@ -212,13 +177,15 @@ class Worker:
         else:
             train_records, eval_records = split(records, c.eval_fraction, c.seed)
         base = fingerprint(c.model)
-        join = self._call(
+        join = self._retry.call(
             "join",
             lambda: self._stub.Join(
                 federation_pb2.JoinRequest(
                     site_id=c.site_id,
                     capabilities=federation_pb2.Capabilities(
-                        device=federation_pb2.Device.ValueType(2 if device.type == "cuda" else 1),
+                        device=federation_pb2.Device.ValueType(
+                            Device.CUDA if device.type == "cuda" else Device.CPU
+                        ),
                         lora_rank=c.lora_rank,
                         num_samples=len(train_records),
                     ),
@@ -230,7 +197,7 @@ class Worker:
             ),
         )
         run_id = join.run_id
-        spec = training_spec(join.current.training)
+        spec = training_spec_from_proto(join.current.training)
         loaded = load_model(c.model, spec, device, lora_rank=c.lora_rank)
         train = tokenize(train_records, loaded.tokenizer, spec.max_seq_len)
         held_out = tokenize(eval_records, loaded.tokenizer, spec.max_seq_len)
@@ -290,8 +257,8 @@ class Worker:
         return 0
 
     def _await(self, after: int) -> federation_pb2.RoundSpec | None:
-        self._status.phase = PHASE_IDLE
-        spec: federation_pb2.RoundSpec = self._call(
+        self._status.phase = Phase.IDLE
+        spec: federation_pb2.RoundSpec = self._retry.call(
             "await",
             lambda: self._stub.AwaitRound(
                 federation_pb2.AwaitRoundRequest(
@@ -301,7 +268,7 @@ class Worker:
                 timeout=45,
             ),
         )
-        if spec.run_finished or (spec.round > after and spec.state in (1, 2, 3) and not spec.sits_out):
+        if spec.run_finished or (spec.round > after and spec.state in TAKES_UPLOADS and not spec.sits_out):
             return spec
         return None
 
@@ -312,8 +279,8 @@ class Worker:
         *,
         snapshot: bool = False,
         only: tuple[str, ...] = (),
-    ) -> Any:
-        self._status.phase = PHASE_SYNCING
+    ) -> Synced:
+        self._status.phase = Phase.SYNCING
         with self.progress.bytes(f"{self.config.site_id} fetch") as bar:
             # One Sync across retries: after a broken stream it resumes from the round it reached.
             sync = Sync(
@@ -328,7 +295,7 @@ class Worker:
                 spare=self._spare,
             )
             self._spare = {}
-            synced = self._call("fetch", sync)
+            synced: Synced = self._retry.call("fetch", sync)
         logger.info(
             "[sync] round %d -> %d: %d delta(s)%s, %d bytes",
             held_round,
@@ -348,10 +315,13 @@ class Worker:
         held_out: list[Example],
         run_id: str,
     ) -> RoundReport | None:
-        c, s = self.config, self._status
+        """One round: train, take the difference, encode and keep it, push it, settle error feedback.
+
+        An upload already encoded for this round (a restarted worker) is pushed as it is.
+        """
         number = spec_msg.round
-        spec = training_spec(spec_msg.training)
-        s.round = number
+        spec = training_spec_from_proto(spec_msg.training)
+        self._status.round = number
         pending = self.local.pending(run_id, number)
         # FlexLoRA: this site's rank-r slice of the run's rank-R adapters. FedCyBGD: one block trains.
         if spec_msg.assigned_lora_rank:
@@ -361,88 +331,109 @@ class Worker:
         optimizer_state.fill_missing(start, carried, loaded)
         load_trainable(loaded, start)
         if pending is None:
-            s.phase, s.step, s.total = PHASE_TRAINING, 0, spec.local_steps
-            data = batches(
-                train, spec.batch_size, loaded.tokenizer.pad_token_id, seed=c.seed * 100_003 + number
-            )
-            tick = self.progress.steps(f"{c.site_id} round {number}", spec.local_steps)
-
-            def on_step(step: int, loss: float) -> None:
-                s.step, s.loss = step, loss
-                tick(loss)
-
-            try:
-                with training_only(loaded, params) as part:
-                    adamw = (
-                        optimizer_state.restored_adamw(part, start, carried, spec.learning_rate)
-                        if carried
-                        else None
-                    )
-                    result = train_steps(
-                        part,
-                        data,
-                        steps=spec.local_steps,
-                        lr=spec.learning_rate,
-                        on_step=on_step,
-                        should_stop=lambda: s.stop.is_set() or s.abort_round == number,
-                        prox_mu=spec.prox_mu,
-                        optimizer=adamw,
-                    )
-                    if adamw is not None:
-                        moved = optimizer_state.optimizer_tensors(part, adamw, carried)
-            except Aborted as exc:
-                logger.warning("[round %d] training aborted: %s", number, exc)
-                load_trainable(loaded, start)
+            trained = self._train(loaded, spec, number, start, params, carried, train, held_out)
+            if trained is None:
                 return None
-            finally:
-                self.progress.close()
-            eval_loss = evaluate(loaded, held_out, spec.batch_size) if held_out else 0.0
-            trained = trainable_state(loaded)
-            if carried:
-                trained |= moved
-            # trainable_state's tensors are this round's own copies: subtracting in place spares a
-            # second copy of the trainable state at the round's peak. (Travelling optimizer tensors
-            # may be the optimizer's own; those are subtracted out of place.)
-            own = set(loaded.trainable)
-            delta = {
-                name: trained[name].sub_(start[name]) if name in own else trained[name] - start[name]
-                for name in names
-            }
+            delta = difference(trained.state, start, names, own=set(loaded.trainable))
             load_trainable(loaded, start)
-            upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
-            payload = self.local.payload_path(upload_id)
-            # Lossy codec: compact forms of e + Δ, the new residual kept on disk (client.feedback).
-            tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
-            with rewrite(payload, self.local.recycler) as sink:
-                layout = encode(tensors, spec.upload_codec, sink)
-            self._spare = delta
-            header = DeltaHeader(
-                layout=layout,
-                run_id=run_id,
-                round=number,
-                site_id=c.site_id,
-                upload_id=upload_id,
-                sample_count=len(train),
-                base_round=spec_msg.base_round,
-                kind=DeltaKind.DIFF,
-                metrics=UploadMetrics(
-                    train_loss=result.mean_loss,
-                    eval_loss=eval_loss,
-                    steps=result.steps,
-                    train_seconds=result.seconds,
-                ),
-            )
-            self.local.save_pending(header)
-            train_loss, seconds, steps = result.mean_loss, result.seconds, result.steps
+            header, payload = self._encode(spec, spec_msg, run_id, delta, trained, samples=len(train))
         else:
             header, payload = pending.header, pending.payload
-            train_loss, eval_loss = header.metrics.train_loss, header.metrics.eval_loss
-            seconds, steps = header.metrics.train_seconds, header.metrics.steps
             logger.info("[round %d] resuming upload %s", number, header.upload_id)
-        s.phase = PHASE_UPLOADING
+        return self._upload(run_id, header, payload)
+
+    def _train(
+        self,
+        loaded: LoadedModel,
+        spec: TrainingSpec,
+        number: int,
+        start: dict[str, torch.Tensor],
+        params: list[str],
+        carried: list[str],
+        train: list[Example],
+        held_out: list[Example],
+    ) -> RoundTraining | None:
+        """The local steps from ``start`` and the eval loss; ``None`` (model back at ``start``) if aborted."""
+        c, s = self.config, self._status
+        s.phase, s.step, s.total = Phase.TRAINING, 0, spec.local_steps
+        data = batches(train, spec.batch_size, loaded.tokenizer.pad_token_id, seed=c.seed * 100_003 + number)
+        tick = self.progress.steps(f"{c.site_id} round {number}", spec.local_steps)
+
+        def on_step(step: int, loss: float) -> None:
+            s.step, s.loss = step, loss
+            tick(loss)
+
         try:
-            with self.progress.bytes(f"{c.site_id} upload", header.layout.total_bytes) as bar:
-                receipt = push(self._stub, self._meta, header, payload, progress=bar)
+            return train_round(
+                loaded,
+                spec,
+                data,
+                start,
+                params,
+                carried,
+                held_out,
+                on_step=on_step,
+                should_stop=lambda: s.stop.is_set() or s.abort_round == number,
+            )
+        except Aborted as exc:
+            logger.warning("[round %d] training aborted: %s", number, exc)
+            load_trainable(loaded, start)
+            return None
+        finally:
+            self.progress.close()
+
+    def _encode(
+        self,
+        spec: TrainingSpec,
+        spec_msg: federation_pb2.RoundSpec,
+        run_id: str,
+        delta: dict[str, torch.Tensor],
+        trained: RoundTraining,
+        *,
+        samples: int,
+    ) -> tuple[DeltaHeader, Path]:
+        """Encode ``delta`` (through error feedback) to a payload on disk and record it as pending."""
+        c, number, result = self.config, spec_msg.round, trained.result
+        upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
+        payload = self.local.payload_path(upload_id)
+        # Lossy codec: compact forms of e + Δ, the new residual kept on disk (client.feedback).
+        tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
+        with rewrite(payload, self.local.recycler) as sink:
+            layout = encode(tensors, spec.upload_codec, sink)
+        self._spare = delta
+        header = DeltaHeader(
+            layout=layout,
+            run_id=run_id,
+            round=number,
+            site_id=c.site_id,
+            upload_id=upload_id,
+            sample_count=samples,
+            base_round=spec_msg.base_round,
+            kind=DeltaKind.DIFF,
+            metrics=UploadMetrics(
+                train_loss=result.mean_loss,
+                eval_loss=trained.eval_loss,
+                steps=result.steps,
+                train_seconds=result.seconds,
+            ),
+        )
+        self.local.save_pending(header)
+        return header, payload
+
+    def _upload(self, run_id: str, header: DeltaHeader, payload: Path) -> RoundReport | None:
+        """Push a pending upload, then settle its error feedback: taken, or not counted at all."""
+        number, metrics = header.round, header.metrics
+        self._status.phase = Phase.UPLOADING
+        try:
+            with self.progress.bytes(f"{self.config.site_id} upload", header.layout.total_bytes) as bar:
+                receipt = push(
+                    self._stub,
+                    self._meta,
+                    header,
+                    payload,
+                    retrier=self._retry.with_policy(PUSH),
+                    progress=bar,
+                )
         except RoundOver as exc:
             logger.warning("[round %d] upload not taken: %s", number, exc)
             self.feedback.not_taken(run_id, header, payload)  # nothing was counted: e ← e + Δ
@@ -453,11 +444,19 @@ class Worker:
         logger.info(
             "[round %d] train loss %.4f, eval loss %.4f, %d steps in %.1fs; sent %d bytes (%s)",
             number,
-            train_loss,
-            eval_loss,
-            steps,
-            seconds,
+            metrics.train_loss,
+            metrics.eval_loss,
+            metrics.steps,
+            metrics.train_seconds,
             header.layout.total_bytes,
             "duplicate" if receipt.duplicate else "accepted",
         )
-        return RoundReport(number, train_loss, eval_loss, header.layout.total_bytes, 0, seconds, steps)
+        return RoundReport(
+            number,
+            metrics.train_loss,
+            metrics.eval_loss,
+            header.layout.total_bytes,
+            0,
+            metrics.train_seconds,
+            metrics.steps,
+        )

@@ -17,7 +17,8 @@
     └── PermissionDenied            (PERMISSION_DENIED)
 
 Messages name the field and, where there is one, the limit, so an operator
-reading a worker's log knows what to change.
+reading a worker's log knows what to change. On the worker's side of a call,
+``is_round_over`` reads the status back: code, never message text.
 """
 
 from __future__ import annotations
@@ -111,3 +112,20 @@ class PermissionDenied(GdfedError):
     """Valid credentials that do not allow this call."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def status_of(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status code of a failed call; ``None`` for a bare ``grpc.RpcError`` that carries none."""
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
+def is_round_over(error: grpc.RpcError) -> bool:
+    """Whether a call failed because its round closed (``RoundClosed``'s status), not because it broke.
+
+    Decided on the status code alone, whatever the message says. ``TruncatedStream``
+    shares the code, but the aggregator answers it only to a stream that ended,
+    without error, before its last chunk, which a worker's push never sends: a
+    push that breaks fails on the worker's side (UNAVAILABLE, CANCELLED, ...).
+    """
+    return status_of(error) is RoundClosed.code

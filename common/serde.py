@@ -1,4 +1,4 @@
-"""Protobuf <-> domain conversion for the delta messages, in symmetric pairs.
+"""Protobuf <-> domain conversion for the delta messages and the TrainingSpec, in symmetric pairs.
 
 ``*_from_proto`` functions also validate what protobuf cannot: enum values we
 know, byte lengths, non-negative sizes. Deeper checks (limits, manifest
@@ -7,7 +7,9 @@ agreement) belong to ``common.codec.layout.validate_layout``.
 
 from __future__ import annotations
 
+import enum
 import math
+from typing import TypeVar
 
 from common.delta import (
     Cast,
@@ -25,11 +27,15 @@ from common.delta import (
 from common.dtypes import DType
 from common.errors import InvalidArgument
 from common.pb.gradualdiff.v1 import delta_pb2 as pb
+from common.pb.gradualdiff.v1 import federation_pb2
+from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+
+E = TypeVar("E", bound=enum.IntEnum)
 
 
-def _enum(kind: type[DType] | type[Cast] | type[DeltaKind] | type[Lossy], value: int, field: str) -> int:
+def _enum(kind: type[E], value: int, field: str) -> E:
     try:
-        return int(kind(value))
+        return kind(value)
     except ValueError:
         raise InvalidArgument(f"{field} has unknown value {value}", field=field) from None
 
@@ -47,11 +53,11 @@ def codec_to_proto(codec: Codec) -> pb.Codec:
 
 def codec_from_proto(msg: pb.Codec) -> Codec:
     return Codec(
-        cast=Cast(_enum(Cast, msg.cast, "codec.cast")),
+        cast=_enum(Cast, msg.cast, "codec.cast"),
         byte_shuffle=msg.byte_shuffle,
         block_bytes=msg.block_bytes,
         zstd_level=msg.zstd_level,
-        lossy=Lossy(_enum(Lossy, msg.lossy, "codec.lossy")),
+        lossy=_enum(Lossy, msg.lossy, "codec.lossy"),
         topk_fraction=msg.topk_fraction,
     )
 
@@ -64,7 +70,7 @@ def tensor_spec_from_proto(msg: pb.TensorSpec, index: int) -> TensorSpec:
     field = f"manifest[{index}]"
     if msg.dtype == pb.DTYPE_UNSPECIFIED:
         raise InvalidArgument(f"{field}.dtype is unspecified", field=f"{field}.dtype")
-    return TensorSpec(msg.name, DType(_enum(DType, msg.dtype, f"{field}.dtype")), tuple(msg.shape))
+    return TensorSpec(msg.name, _enum(DType, msg.dtype, f"{field}.dtype"), tuple(msg.shape))
 
 
 def shard_to_proto(shard: ShardSpec) -> pb.ShardSpec:
@@ -143,7 +149,7 @@ def header_from_proto(msg: pb.DeltaHeader) -> DeltaHeader:
         upload_id=msg.upload_id,
         sample_count=msg.sample_count,
         base_round=msg.base_round,
-        kind=DeltaKind(_enum(DeltaKind, msg.kind, "kind")),
+        kind=_enum(DeltaKind, msg.kind, "kind"),
         metrics=metrics_from_proto(msg.metrics),
     )
 
@@ -165,3 +171,64 @@ def chunk_to_proto(chunk: Chunk) -> pb.DeltaChunk:
 def chunk_from_proto(msg: pb.DeltaChunk) -> Chunk:
     header = header_from_proto(msg.header) if msg.HasField("header") else None
     return Chunk(offset=msg.offset, data=msg.data, crc32=msg.crc32, last=msg.last, header=header)
+
+
+def training_spec_to_proto(spec: TrainingSpec) -> federation_pb2.TrainingSpec:
+    """Every field of ``spec`` as it is; ``training_spec_from_proto`` reads it back equal."""
+    return federation_pb2.TrainingSpec(
+        method=federation_pb2.Method.ValueType(int(spec.method)),
+        mode=federation_pb2.TrainMode.ValueType(int(spec.mode)),
+        trainable_patterns=list(spec.trainable_patterns),
+        lora=federation_pb2.LoraSpec(
+            rank=spec.lora.rank,
+            alpha=spec.lora.alpha,
+            dropout=spec.lora.dropout,
+            target_modules=list(spec.lora.target_modules),
+        ),
+        local_steps=spec.local_steps,
+        batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        max_seq_len=spec.max_seq_len,
+        upload_codec=codec_to_proto(spec.upload_codec),
+        seed=spec.seed,
+        prox_mu=spec.prox_mu,
+    )
+
+
+def training_spec_from_proto(msg: federation_pb2.TrainingSpec) -> TrainingSpec:
+    """The wire TrainingSpec as a domain object; what is unset comes from ``TrainingSpec()``.
+
+    proto3 cannot tell zero from unset, so a zero (or empty) field whose default is
+    not zero reads as that default: the method, mode, LoRA rank, alpha and target
+    modules, local steps, batch size, learning rate and sequence length; an absent
+    ``lora`` or ``upload_codec`` is the default one. Trainable patterns, seed,
+    prox_mu and a present ``lora``'s dropout are taken as they are (0 means 0).
+
+    Raises:
+        InvalidArgument: an enum value this build does not know (``field`` names it).
+    """
+    default = TrainingSpec()
+    return TrainingSpec(
+        method=_enum(Method, msg.method, "training.method") if msg.method else default.method,
+        mode=_enum(TrainMode, msg.mode, "training.mode") if msg.mode else default.mode,
+        trainable_patterns=tuple(msg.trainable_patterns),
+        lora=_lora_from_proto(msg.lora, default.lora) if msg.HasField("lora") else default.lora,
+        local_steps=msg.local_steps or default.local_steps,
+        batch_size=msg.batch_size or default.batch_size,
+        learning_rate=msg.learning_rate or default.learning_rate,
+        max_seq_len=msg.max_seq_len or default.max_seq_len,
+        upload_codec=codec_from_proto(msg.upload_codec)
+        if msg.HasField("upload_codec")
+        else default.upload_codec,
+        seed=msg.seed,
+        prox_mu=msg.prox_mu,
+    )
+
+
+def _lora_from_proto(msg: federation_pb2.LoraSpec, default: LoraSpec) -> LoraSpec:
+    return LoraSpec(
+        rank=msg.rank or default.rank,
+        alpha=msg.alpha or default.alpha,
+        dropout=msg.dropout,
+        target_modules=tuple(msg.target_modules) or default.target_modules,
+    )

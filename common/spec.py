@@ -1,4 +1,9 @@
-"""What a round asks of a worker: the method, which tensors train, and how (plain data)."""
+"""What a round asks of a worker: the method, which tensors train, and how (plain data).
+
+The wire enums both sides branch on are mirrored here as IntEnums with the
+generated values (``tests/test_spec_enums.py`` checks every mirror against its
+``*_pb2`` enum); code compares with these names, never with bare numbers.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,51 @@ class TrainMode(enum.IntEnum):
     FULL = 1
     SUBSET = 2
     LORA = 3
+
+
+class Device(enum.IntEnum):
+    """What a worker trains on (wire enum gradualdiff.v1.Device)."""
+
+    CPU = 1
+    CUDA = 2
+
+
+class Phase(enum.IntEnum):
+    """What a worker is doing, as its heartbeats report (wire enum gradualdiff.v1.Phase)."""
+
+    IDLE = 1
+    SYNCING = 2
+    TRAINING = 3
+    UPLOADING = 4
+
+
+class Directive(enum.IntEnum):
+    """What a heartbeat reply tells the worker to do (wire enum gradualdiff.v1.Directive)."""
+
+    CONTINUE = 0
+    ABORT_ROUND = 1  # stop training this round; await the next
+    RESYNC = 2  # local state is stale: fetch before training again
+    SLOW_DOWN = 3  # beat less often (next_beat_ms)
+    STOP = 4  # evicted or run over: exit
+
+
+class RoundState(enum.IntEnum):
+    """Lifecycle of a round (values equal the wire enum gradualdiff.v1.RoundState)."""
+
+    OPEN = 1
+    TRAINING = 2
+    COLLECTING = 3
+    AGGREGATING = 4
+    PUBLISHED = 5
+    FAILED = 6
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RoundState.PUBLISHED, RoundState.FAILED)
+
+    @property
+    def accepts_uploads(self) -> bool:
+        return self in (RoundState.OPEN, RoundState.TRAINING, RoundState.COLLECTING)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

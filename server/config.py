@@ -17,6 +17,12 @@ Example (``deploy/aggregator.example.toml`` has the full commented version)::
 
     [sites]                  # site id = token (or site_tokens_file = "...")
     hospital-a = "..."
+
+Validated once, where it is built: each section checks itself in ``__post_init__``, so a config
+built in code (as tests do) is held to the same rules as one loaded from TOML, and the daemon
+never starts on a setting it would refuse later. A bad setting raises ``ConfigError`` naming the
+field and its allowed values or limit. Enumerated settings are StrEnums: TOML strings and flags
+parse into them, and they still compare equal to their strings.
 """
 
 from __future__ import annotations
@@ -24,14 +30,61 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.codec.layout import DecodeLimits, validate_codec
 from common.delta import GIB, MIB, Cast, Codec, Lossy
-from common.errors import InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from server.cybgd import CyBgdMode
+from server.optimizers import OptimizerName, make_optimizer, optimizer_params
+
+__all__ = [
+    "MAX_STREAM_WINDOW",
+    "MIN_STREAM_WINDOW",
+    "Accumulator",
+    "ConfigError",
+    "CyBgdConfig",
+    "CyBgdMode",
+    "CyBgdOptimizerState",
+    "OptimizerConfig",
+    "OptimizerName",
+    "RoundPolicy",
+    "ServerConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_tokens",
+    "read_secret",
+]
+
+# Bounds of stream_window_bytes, the HTTP/2 window of each received stream (server.app.server_options).
+MIN_STREAM_WINDOW = 64 * 1024
+MAX_STREAM_WINDOW = 1 << 30
+
+
+class ConfigError(FailedPrecondition, ValueError):
+    """A setting the daemon cannot run with; ``field`` names it (``section.name``).
+
+    A ValueError, as the loader's errors always were, and a FailedPrecondition, as the
+    Coordinator's checks of the same settings were, so callers of either keep working.
+    """
+
+
+class CyBgdOptimizerState(StrEnum):
+    """Where a FedCyBGD block's AdamW state lives between turns."""
+
+    RESET = "reset"  # nowhere: each turn starts afresh
+    TRAVEL = "travel"  # in the global state, beside the block (3x the block's bytes each way)
+
+
+class Accumulator(StrEnum):
+    """Precision of the round's running sum (server.accumulation.ACCUMULATORS)."""
+
+    FP32 = "fp32"
+    FP64 = "fp64"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,24 +98,63 @@ class RoundPolicy:
     # with min_sites = 0, closes it alone before slower sites have loaded their model.
     min_sites_to_open: int = 0
 
+    def __post_init__(self) -> None:
+        _bounded("round.min_sites", self.min_sites, low=0)
+        _bounded("round.min_sample_fraction", self.min_sample_fraction, low=0, high=1)
+        _bounded("round.deadline_s", self.deadline_s, low=0)
+        _bounded("round.min_sites_to_open", self.min_sites_to_open, low=0)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OptimizerConfig:
-    """The server optimizer (server.aggregate.make_optimizer)."""
+    """The server optimizer (server.optimizers.make_optimizer).
 
-    name: str = "fedavg"
+    ``lr`` is always passed; its default 1 makes FedAvg the plain mean. The other hyperparameters,
+    left unset (None), take the chosen optimizer's own defaults: FedAdagrad's beta1 is 0, FedAdam's
+    0.9. Setting one the chosen optimizer does not take is an error, not silently ignored.
+    """
+
+    name: OptimizerName = OptimizerName.FEDAVG
     lr: float = 1.0
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        _parse_enum(self, "name", OptimizerName, "optimizer.name")
+        accepted = optimizer_params(self.name)
+        for f in fields(self):
+            if f.default is None and getattr(self, f.name) is not None and f.name not in accepted:
+                raise ConfigError(
+                    f"optimizer.{f.name} is set, but {self.name} does not take it; "
+                    f"it takes {', '.join(accepted)}",
+                    field=f"optimizer.{f.name}",
+                )
+        try:
+            make_optimizer(self.name, **self.params())  # its constructor checks the ranges
+        except ValueError as exc:
+            raise ConfigError(f"[optimizer] {self.name}: {exc}", field="optimizer") from None
+
+    def params(self) -> dict[str, float]:
+        """The keyword arguments of ``make_optimizer(self.name, ...)``.
+
+        Read from the optimizer's constructor signature (server.optimizers.optimizer_params), so a
+        new optimizer needs no table here; unset hyperparameters are left to its defaults.
+
+        Example:
+            >>> OptimizerConfig(name="fedadagrad", lr=0.1).params()
+            {'lr': 0.1}
+        """
+        values = {p: getattr(self, p, None) for p in optimizer_params(self.name)}
+        return {p: v for p, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CyBgdConfig:
     """FedCyBGD settings (used when training.method = "fedcybgd"); see server.methods."""
 
-    mode: str = "ascending"  # ascending | descending | random | agg
+    mode: CyBgdMode = CyBgdMode.ASCENDING
     # Download compression: at its turn a site fetches its own block and a random ceil(p·n) of the
     # n other blocks updated so far; every other block stays at the base model's values there.
     # 1.0 = a normal sync of the whole state.
@@ -70,7 +162,12 @@ class CyBgdConfig:
     # AdamW state of a block between turns: "reset" (each turn starts afresh) or "travel" (the
     # moments and step count ride with the block in the global state, so the next site to train
     # the block continues the same optimizer; 3x the block's bytes each way).
-    optimizer_state: str = "reset"
+    optimizer_state: CyBgdOptimizerState = CyBgdOptimizerState.RESET
+
+    def __post_init__(self) -> None:
+        _parse_enum(self, "mode", CyBgdMode, "cybgd.mode")
+        _parse_enum(self, "optimizer_state", CyBgdOptimizerState, "cybgd.optimizer_state")
+        _bounded("cybgd.download_fraction", self.download_fraction, low=0, high=1, above=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +175,14 @@ class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
     client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate it signed
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            missing = "tls.key" if self.key is None else "tls.cert"
+            raise ConfigError(f"TLS needs both tls.cert and tls.key; {missing} is not set", field=missing)
+        if self.client_ca is not None and self.cert is None:
+            # Without a certificate the daemon would serve plaintext and never check the clients.
+            raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key", field="tls.client_ca")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,77 +216,180 @@ class ServerConfig:
     # Running-sum precision. fp32: the sum costs 1x the trainable state; another arrival order
     # changes a result by at most K·2^-24·Σ n_i|Δ_i| / Σ n_i. fp64: 2x the memory, bound K·2^-53·(...)
     # plus 1 ulp of fp32. The same uploads in the same order are bit-identical either way.
-    accumulator: str = "fp32"
+    accumulator: Accumulator = Accumulator.FP32
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; "" = off
     tls: TlsConfig = field(default_factory=TlsConfig)
     tick_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        _parse_enum(self, "accumulator", Accumulator, "accumulator")
+        method = self.training.method
+        if method is not Method.GRADUALDIFF and (
+            self.optimizer.name != OptimizerName.FEDAVG or self.optimizer.lr != 1.0
+        ):
+            # FlexLoRA replaces the adapters with the SVD's; FedCyBGD's latest writer sets its block.
+            raise ConfigError(
+                f"training.method {method.name.lower()} takes the new state as it comes: "
+                f"the server optimizer must be fedavg with lr 1, not {self.optimizer.name} with lr "
+                f"{self.optimizer.lr}",
+                field="optimizer",
+            )
+        _bounded("rounds", self.rounds, low=0)
+        _bounded("heartbeat_interval_s", self.heartbeat_interval_s, low=0, above=True)
+        _bounded("missed_beats", self.missed_beats, low=1)
+        _bounded("max_upload_bytes", self.max_upload_bytes, low=1)
+        _bounded("max_concurrent_uploads", self.max_concurrent_uploads, low=1)
+        _bounded(
+            "stream_window_bytes", self.stream_window_bytes, low=MIN_STREAM_WINDOW, high=MAX_STREAM_WINDOW
+        )
+        _bounded("keep_states", self.keep_states, low=1)
+        _bounded("tick_s", self.tick_s, low=0, above=True)
 
     @property
     def limits(self) -> DecodeLimits:
         return DecodeLimits(max_total_bytes=self.max_upload_bytes)
 
 
-def _codec(raw: Mapping[str, Any], *, section: str = "training.upload_codec") -> Codec:
-    cast = {"none": Cast.NONE, "exact": Cast.NONE, "bf16": Cast.BF16, "f16": Cast.F16, "fp16": Cast.F16}
-    lossy = {"none": Lossy.NONE, "topk": Lossy.TOPK, "int8": Lossy.INT8}
-    kind = str(raw.get("lossy", "none")).lower()
-    if kind not in lossy:
-        raise ValueError(f"[{section}] lossy = {kind!r}; known: {sorted(lossy)}")
-    if lossy[kind] is not Lossy.NONE and section != "training.upload_codec":
+E = TypeVar("E", bound=StrEnum)
+T = TypeVar("T")
+
+
+def _pick(table: Mapping[str, T], value: object, name: str) -> T:
+    """``table[value]``, case-insensitively; a ConfigError naming ``name`` and the known values otherwise."""
+    key = value.lower() if isinstance(value, str) else value
+    if not isinstance(key, str) or key not in table:
+        raise ConfigError(
+            f"{name} = {value!r} is not one of the known values: {', '.join(table)}", field=name
+        )
+    return table[key]
+
+
+def _parse_enum(section: object, attr: str, kind: type[E], name: str) -> None:
+    """Replace the string in ``section.attr`` (a frozen dataclass's field) with its ``kind`` member."""
+    member = _pick({m.value: m for m in kind}, getattr(section, attr), name)
+    object.__setattr__(section, attr, member)
+
+
+def _bounded(name: str, value: float, *, low: float, high: float | None = None, above: bool = False) -> None:
+    """ConfigError unless ``low <= value`` (``low < value`` if ``above``) and ``value <= high``; NaN fails."""
+    ok = value > low if above else value >= low
+    need = f"> {low}" if above else f">= {low}"
+    if high is not None:
+        ok = ok and value <= high
+        need = f"in ({low}, {high}]" if above else f"between {low} and {high}"
+    if not ok:
+        limit = high if high is not None and value > high else low
+        raise ConfigError(f"{name} = {value!r}: must be {need}", field=name, limit=limit)
+
+
+def _table(raw: object, section: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{section}] must be a table, got {raw!r}", field=section)
+    return raw
+
+
+def _values(cls: type[Any], raw: object, section: str, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``raw`` (a TOML table, flags merged in) as keyword arguments of the dataclass ``cls``.
+
+    Refuses unknown keys and values of the wrong type; enumerations are left to ``cls``'s own
+    ``__post_init__``, which parses them. ``section`` "" is the top level.
+    """
+    table = _table(raw, section)
+    known = {f.name: str(f.type) for f in fields(cls) if f.name not in skip}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{f'[{section}]' if section else 'top level'}: unknown settings {unknown}; known: {sorted(known)}",
+            field=f"{section}.{unknown[0]}" if section else unknown[0],
+        )
+    return {
+        key: _typed(f"{section}.{key}" if section else key, known[key], value) for key, value in table.items()
+    }
+
+
+# The annotations _typed checks, and how an error describes them.
+_KINDS = {
+    "Path": "a path",
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "tuple[str, ...]": "a list of strings",
+}
+
+
+def _typed(name: str, kind: str, value: object) -> object:
+    """``value`` as its field's annotation ``kind`` (a string: the modules use ``from __future__``)."""
+    kind = kind.removesuffix(" | None")  # TOML has no null: a value given is a value
+    number = not isinstance(value, bool)  # bool is an int to Python, never a number in a config
+    if kind == "Path" and isinstance(value, str | Path):
+        return Path(value)
+    if (kind == "str" and isinstance(value, str)) or (kind == "bool" and isinstance(value, bool)):
+        return value
+    if kind == "int" and isinstance(value, int) and number:
+        return value
+    if kind == "float" and isinstance(value, int | float) and number:
+        return float(value)
+    if (
+        kind == "tuple[str, ...]"
+        and isinstance(value, list | tuple)
+        and all(isinstance(v, str) for v in value)
+    ):
+        return tuple(value)
+    if kind in _KINDS:
+        raise ConfigError(f"{name} = {value!r}: must be {_KINDS[kind]}", field=name)
+    return value  # an enumeration: the section's __post_init__ parses it
+
+
+_CASTS = {"none": Cast.NONE, "exact": Cast.NONE, "bf16": Cast.BF16, "f16": Cast.F16, "fp16": Cast.F16}
+_LOSSY = {"none": Lossy.NONE, "topk": Lossy.TOPK, "int8": Lossy.INT8}
+_METHODS = {m.name.lower(): m for m in Method}
+_TRAIN_MODES = {m.name.lower(): m for m in TrainMode}
+
+
+def _codec(raw: object, *, section: str = "training.upload_codec") -> Codec:
+    values = dict(_table(raw, section))
+    cast = _pick(_CASTS, values.pop("cast", "none"), f"{section}.cast")
+    lossy = _pick(_LOSSY, values.pop("lossy", "none"), f"{section}.lossy")
+    if lossy is not Lossy.NONE and section != "training.upload_codec":
         # Lossy forms need a residual kept by the sender (error feedback): uploads only.
-        raise ValueError(f"[{section}] lossy = {kind!r}: lossy codecs apply to uploads only")
-    codec = Codec(
-        cast=cast[str(raw.get("cast", "none")).lower()],
-        byte_shuffle=bool(raw.get("byte_shuffle", True)),
-        block_bytes=int(raw.get("block_bytes", Codec().block_bytes)),
-        zstd_level=int(raw.get("zstd_level", 1)),
-        lossy=lossy[kind],
-        topk_fraction=float(raw.get("topk_fraction", 0.01)) if lossy[kind] is Lossy.TOPK else 0.0,
-    )
+        raise ConfigError(
+            f"{section}.lossy = {lossy.name.lower()!r}: lossy codecs apply to uploads only",
+            field=f"{section}.lossy",
+        )
+    if lossy is Lossy.TOPK:
+        values.setdefault("topk_fraction", 0.01)
+    else:
+        values.pop("topk_fraction", None)  # meaningless without top-k; Codec wants 0 there
+    codec = Codec(cast=cast, lossy=lossy, **_values(Codec, values, section))
     try:
         validate_codec(codec)
     except InvalidArgument as exc:
-        raise ValueError(f"[{section}] {exc.message}") from None
+        raise ConfigError(
+            f"[{section}] {exc.message}", field=f"{section}.{exc.field}" if exc.field else section
+        ) from None
     return codec
 
 
-def _training(raw: Mapping[str, Any]) -> TrainingSpec:
-    lora = raw.get("lora", {})
-    return TrainingSpec(
-        method=Method[str(raw.get("method", "gradualdiff")).upper()],
-        mode=TrainMode[str(raw.get("mode", "full")).upper()],
-        trainable_patterns=tuple(raw.get("trainable_patterns", ())),
-        lora=LoraSpec(
-            rank=int(lora.get("rank", 8)),
-            alpha=float(lora.get("alpha", 16.0)),
-            dropout=float(lora.get("dropout", 0.05)),
-            target_modules=tuple(lora.get("target_modules", ("q_proj", "v_proj"))),
-        ),
-        local_steps=int(raw.get("local_steps", 10)),
-        batch_size=int(raw.get("batch_size", 8)),
-        learning_rate=float(raw.get("learning_rate", 1e-4)),
-        max_seq_len=int(raw.get("max_seq_len", 256)),
-        upload_codec=_codec(raw.get("upload_codec", {})),
-        seed=int(raw.get("seed", 0)),
-        prox_mu=float(raw.get("prox_mu", 0.0)),
-    )
+def _training(raw: object) -> TrainingSpec:
+    values = dict(_table(raw, "training"))
+    parsed: dict[str, Any] = {
+        "upload_codec": _codec(values.pop("upload_codec", {})),
+        "lora": LoraSpec(**_values(LoraSpec, values.pop("lora", {}), "training.lora")),
+    }
+    if "method" in values:
+        parsed["method"] = _pick(_METHODS, values.pop("method"), "training.method")
+    if "mode" in values:
+        parsed["mode"] = _pick(_TRAIN_MODES, values.pop("mode"), "training.mode")
+    return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
 
 
-def _simple(cls: type[Any], raw: Mapping[str, Any], section: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise ValueError(f"[{section}]: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    values = {}
-    for key, value in raw.items():
-        kind = str(known[key].type)
-        values[key] = Path(value) if "Path" in kind else value
-    return cls(**values)
-
-
-def read_secret(path: Path) -> str:
+def read_secret(path: Path, field: str = "admin_token_file") -> str:
     """A token from a file (first line, stripped), so tokens stay out of config files and process lists."""
-    return path.read_text().strip().splitlines()[0].strip()
+    lines = path.read_text().strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{field} {path} is empty; write the token on its first line", field=field)
+    return lines[0].strip()
 
 
 def parse_tokens(text: str) -> dict[str, str]:
@@ -198,8 +406,32 @@ def parse_tokens(text: str) -> dict[str, str]:
     return tokens
 
 
+# Built from their own tables (or, for the tokens, from several sources), not from top-level keys.
+_STRUCTURED = (
+    "round",
+    "optimizer",
+    "cybgd",
+    "training",
+    "broadcast_codec",
+    "tls",
+    "site_tokens",
+    "admin_token",
+)
+
+
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
-    """The config from a TOML file (if any) with flag ``overrides`` applied on top (None = not given)."""
+    """The config from a TOML file (if any) with flag ``overrides`` on top (None = not given).
+
+    Relative paths in the file are relative to the file. Flags (dotted names reach sections:
+    ``round.min_sites``) replace the file's values before anything is built, so every check,
+    those spanning two settings too, sees the final values. Site tokens add up: the file's
+    ``[sites]``, its ``site_tokens_file``, then the flag's; the admin token is the flag's file,
+    else the file's, else ``$GDFED_ADMIN_TOKEN``.
+
+    Raises:
+        ConfigError: On an unknown setting, a value of the wrong type, an unknown choice or a
+            value out of range, naming the setting and what it may be.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         with path.open("rb") as f:
@@ -210,73 +442,38 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
         p = Path(value)
         return p if p.is_absolute() else base / p
 
-    tokens: dict[str, str] = dict(raw.pop("sites", {}))
-    if "site_tokens_file" in raw:
-        tokens |= parse_tokens(rel(raw.pop("site_tokens_file")).read_text())
-    admin = str(raw.pop("admin_token", ""))
-    if "admin_token_file" in raw:
-        admin = read_secret(rel(raw.pop("admin_token_file")))
-    config = ServerConfig(
-        round=_simple(RoundPolicy, raw.pop("round", {}), "round"),
-        optimizer=_simple(OptimizerConfig, raw.pop("optimizer", {}), "optimizer"),
-        cybgd=_simple(CyBgdConfig, raw.pop("cybgd", {}), "cybgd"),
-        training=_training(raw.pop("training", {})),
-        broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
-        tls=_simple(TlsConfig, {k: str(rel(v)) for k, v in raw.pop("tls", {}).items()}, "tls"),
-        site_tokens=tokens,
-        admin_token=admin,
-    )
-    for key in ("state_dir", "init_state"):
+    for key in ("state_dir", "init_state", "site_tokens_file", "admin_token_file"):
         if key in raw:
             raw[key] = rel(raw[key])
-    config = replace(config, **_simple(_TopLevel, raw, "top level").as_dict())
-    return apply_overrides(config, overrides)
-
-
-@dataclass(slots=True, kw_only=True)
-class _TopLevel:
-    listen: str | None = None
-    state_dir: Path | None = None
-    init_state: Path | None = None
-    run_id: str | None = None
-    rounds: int | None = None
-    heartbeat_interval_s: float | None = None
-    missed_beats: int | None = None
-    max_upload_bytes: int | None = None
-    max_concurrent_uploads: int | None = None
-    stream_window_bytes: int | None = None
-    base_model_fingerprint: str | None = None
-    keep_states: int | None = None
-    accumulator: str | None = None
-    metrics_listen: str | None = None
-    tick_s: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-def apply_overrides(config: ServerConfig, overrides: Mapping[str, Any]) -> ServerConfig:
-    """Apply flag values (dotted names reach sections: ``round.min_sites``)."""
-    sections: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
+    if "tls" in raw:
+        raw["tls"] = {k: rel(v) for k, v in _table(raw["tls"], "tls").items()}
+    flags: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
         section, dot, name = key.partition(".")
         if dot:
-            sections.setdefault(section, {})[name] = value
+            raw[section] = {**_table(raw.get(section, {}), section), name: value}
         else:
-            top[key] = value
-    for section, values in sections.items():
-        top[section] = replace(getattr(config, section), **values)
-    if "admin_token_file" in top:
-        top["admin_token"] = read_secret(Path(top.pop("admin_token_file")))
-    if "site_tokens_file" in top:
-        top["site_tokens"] = dict(config.site_tokens) | parse_tokens(
-            Path(top.pop("site_tokens_file")).read_text()
-        )
-    if not top.get("admin_token", config.admin_token):
-        env = os.environ.get("GDFED_ADMIN_TOKEN", "")
-        if env:
-            top["admin_token"] = env
-    return replace(config, **top)
+            flags[key] = value
+
+    tokens = dict(_table(raw.pop("sites", {}), "sites"))
+    admin = str(raw.pop("admin_token", ""))
+    for source in (raw, flags):  # the file's, then the flags'
+        if "site_tokens_file" in source:
+            tokens |= parse_tokens(Path(source.pop("site_tokens_file")).read_text())
+        if "admin_token_file" in source:
+            admin = read_secret(Path(source.pop("admin_token_file")))
+    admin = str(flags.pop("admin_token", admin)) or os.environ.get("GDFED_ADMIN_TOKEN", "")
+    raw |= flags
+    return ServerConfig(
+        round=RoundPolicy(**_values(RoundPolicy, raw.pop("round", {}), "round")),
+        optimizer=OptimizerConfig(**_values(OptimizerConfig, raw.pop("optimizer", {}), "optimizer")),
+        cybgd=CyBgdConfig(**_values(CyBgdConfig, raw.pop("cybgd", {}), "cybgd")),
+        tls=TlsConfig(**_values(TlsConfig, raw.pop("tls", {}), "tls")),
+        training=_training(raw.pop("training", {})),
+        broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
+        site_tokens=tokens,
+        admin_token=admin,
+        **_values(ServerConfig, raw, "", skip=_STRUCTURED),
+    )

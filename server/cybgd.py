@@ -29,7 +29,9 @@ import numbers
 import random
 import re
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from fractions import Fraction
+from typing import NoReturn
 
 import torch
 
@@ -37,6 +39,7 @@ __all__ = [
     "CYCLIC_MODES",
     "DEFAULT_PREFIX_PATTERN",
     "MODES",
+    "CyBgdMode",
     "agg_groups",
     "aggregate_block",
     "assign",
@@ -47,8 +50,24 @@ __all__ = [
     "untrained_blocks",
 ]
 
-MODES = ("ascending", "descending", "random", "agg")
-CYCLIC_MODES = ("ascending", "descending", "random")  # sequential sites, latest writer wins
+
+class CyBgdMode(StrEnum):
+    """How sites map to blocks (the table above); ``[cybgd] mode`` in the configuration."""
+
+    ASCENDING = "ascending"
+    DESCENDING = "descending"
+    RANDOM = "random"
+    AGG = "agg"
+
+    @classmethod
+    def _missing_(cls, value: object) -> NoReturn:
+        # Enum's own message names the class ("is not a valid CyBgdMode"), not the setting.
+        raise ValueError(f"mode must be one of {', '.join(cls)}, got {value!r}")
+
+
+MODES = tuple(CyBgdMode)
+# Sequential sites, latest writer wins.
+CYCLIC_MODES = (CyBgdMode.ASCENDING, CyBgdMode.DESCENDING, CyBgdMode.RANDOM)
 DEFAULT_PREFIX_PATTERN = r"^(.*\.layers\.\d+\.)"
 
 
@@ -113,8 +132,7 @@ def block_of(name: str, blocks: Sequence[str]) -> str | None:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    CyBgdMode(mode)  # ValueError naming the modes
 
 
 def _check_sizes(n_sites: int, n_blocks: int) -> None:

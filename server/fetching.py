@@ -12,8 +12,9 @@ larger than a snapshot is never sent again, and the collector drops it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -58,7 +59,7 @@ class FetchItem:
     temporary: bool = False  # encoded for this request only: delete once streamed
 
 
-def _open_all(plan: list[FetchItem]) -> list[tuple[FetchItem, BinaryIO]]:
+def open_all(plan: list[FetchItem]) -> list[tuple[FetchItem, BinaryIO]]:
     """Every item of ``plan`` opened; if one is gone, none stays open and the plan's temporaries are removed."""
     opened: list[tuple[FetchItem, BinaryIO]] = []
     try:
@@ -115,9 +116,23 @@ class Fetching:
         between: the plan is made again, once.
         """
         try:
-            return _open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
+            return open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
         except FileNotFoundError:
-            return _open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
+            return open_all(self.plan(site_id, have_round, snapshot, only_prefixes))
+
+    @contextlib.contextmanager
+    def opened(
+        self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()
+    ) -> Iterator[list[tuple[FetchItem, BinaryIO]]]:
+        """``open``, closing every payload and deleting the plan's temporaries however the stream ends."""
+        plan = self.open(site_id, have_round, snapshot, only_prefixes)
+        try:
+            yield plan
+        finally:
+            for item, source in plan:
+                source.close()
+                if item.temporary:
+                    item.path.unlink(missing_ok=True)
 
     def plan(
         self, site_id: str, have_round: int, snapshot: bool, only_prefixes: Sequence[str] = ()

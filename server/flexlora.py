@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import all_finite
+from server.optimizers import all_finite
 
 __all__ = ["SVD_METHODS", "LoraFactors", "ModuleSum", "full_update", "redistribute"]
 

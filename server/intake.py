@@ -9,14 +9,12 @@ happens at most once per upload id.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Iterator
 
 from common.codec import validate_layout
 from common.codec.compact import wire_manifest
-from common.delta import DeltaHeader, DeltaKind
+from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,63 +27,65 @@ from common.serde import header_from_bytes, header_to_proto
 from server.config import ServerConfig
 from server.folding import FoldWorker
 from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id
+from server.run_state import RunState
 from server.spool import Spool
-from server.store import Store
-from server.uploads import UploadSession
+from server.uploads import Receipt, UploadSession
 
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator, Emit
-
-# Under the coordinator's logger name, which these lines had before they moved here: the daemon's log
-# format prints the name, and log filters and level settings key on it.
-logger = logging.getLogger("server.coordinator")
+logger = logging.getLogger(__name__)
 
 MAX_SAMPLES = 1 << 29  # keeps n·Δ exact in the fp64 accumulator
 
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    upload_id: str
-    round: int
-    bytes_received: int
-    accepted: bool
-    duplicate: bool
+__all__ = ["MAX_SAMPLES", "Intake", "Receipt"]
 
 
 class Intake:
     """Takes uploads into the open round.
 
-    Given ``rounds``, the round state machine (the run, the open round and its accumulation,
-    the method's plan, the published rounds); the run's ``store``, ``spool`` and fold worker
-    (``folder``); the coordinator's ``lock`` and its condition ``changed``, notified when an
-    upload is accepted or a session ends (``Coordinator.stop`` waits for the sessions);
-    ``config`` for the limits; ``emit`` for events and ``metrics``, the metrics hook.
-    The live sessions, one per upload id, are kept here, under the lock.
+    Given the run's ``state`` (the open round and its accumulation, the method's plan, the
+    published rounds; its ``changed`` condition is notified when an upload is accepted or a
+    session ends, which ``drain`` waits for); the run's ``spool`` and fold worker (``folder``);
+    ``config`` for the limits. The live sessions, one per upload id, are kept here, under the
+    state's lock.
     """
 
-    def __init__(
-        self,
-        *,
-        rounds: Coordinator,
-        store: Store,
-        spool: Spool,
-        folder: FoldWorker,
-        lock: threading.RLock,
-        changed: threading.Condition,
-        config: ServerConfig,
-        emit: Emit,
-        metrics: Callable[[str, float], None],
-    ) -> None:
-        self._rounds = rounds
-        self._store = store
+    def __init__(self, *, state: RunState, spool: Spool, folder: FoldWorker, config: ServerConfig) -> None:
+        self._state = state
+        self._store = state.store
         self._spool = spool
         self._folder = folder
-        self._lock = lock
-        self._changed = changed
+        self._lock = state.lock
+        self._changed = state.changed
         self._config = config
-        self._emit = emit
-        self._metrics = metrics
+        self._emit = state.emit
+        self._metrics = state.observe
         self._sessions: dict[str, UploadSession] = {}
+
+    def receive(self, site_id: str, chunks: Iterator[Chunk]) -> Receipt:
+        """Take one PushDelta stream: its header, then its chunks, to acceptance, rejection, or an
+        interruption that keeps what arrived for a resume."""
+        first = next(chunks, None)
+        if first is None:
+            raise InvalidArgument("the stream carried no chunk", field="header")
+        if first.header is None:
+            raise InvalidArgument("the first chunk must carry the header", field="header")
+        opened = self.open_upload(site_id, first.header, first.offset)
+        if isinstance(opened, Receipt):
+            return opened
+        session = opened
+        try:
+            session.receive(first)
+            for chunk in chunks:
+                session.receive(chunk)
+        except GdfedError as exc:
+            if session.failed and not isinstance(exc, RoundClosed):
+                session.fail(exc)
+            else:
+                session.interrupt()
+            raise
+        except BaseException:
+            session.interrupt()  # the client went away: keep what arrived, for a resume
+            raise
+        return session.complete()
 
     def upload_offset(self, site_id: str, upload_id: str) -> tuple[int, bool]:
         check_id(upload_id, "upload_id")
@@ -141,17 +141,17 @@ class Intake:
                 sample_count=header.sample_count,
                 total_bytes=header.layout.total_bytes,
                 header=header_to_proto(header).SerializeToString(),
-                started_ms=self._rounds.now_ms(),
+                started_ms=self._state.now_ms(),
                 train_loss=header.metrics.train_loss,
                 eval_loss=header.metrics.eval_loss,
             )
             record.committed_offset = first_offset
             with self._store.transaction():
                 self._store.put(record)
-            current = self._rounds.current_round()
-            acc = self._rounds.acc
+            current = self._state.current_round()
+            acc = self._state.acc
             assert current is not None and acc is not None
-            self._rounds.progress(current, RoundState.COLLECTING)
+            self._state.progress(current, RoundState.COLLECTING)
             session = UploadSession(
                 intake=self,
                 record=record,
@@ -175,15 +175,15 @@ class Intake:
             return session
 
     def _check_upload(self, site_id: str, header: DeltaHeader) -> None:
-        rounds = self._rounds
-        site = rounds.joined_site(site_id)
+        state = self._state
+        site = state.joined_site(site_id)
         if site.state is SiteState.EVICTED:
             raise PermissionDenied(f"site {site_id!r} was evicted", field="site_id")
-        if header.run_id != rounds.run.run_id:
+        if header.run_id != state.run.run_id:
             raise FailedPrecondition(
-                f"header.run_id is {header.run_id!r}; this run is {rounds.run.run_id!r}", field="run_id"
+                f"header.run_id is {header.run_id!r}; this run is {state.run.run_id!r}", field="run_id"
             )
-        current = rounds.current_round()
+        current = state.current_round()
         if current is None or header.round != current.round:
             now = current.round if current else 0
             raise FailedPrecondition(
@@ -194,7 +194,7 @@ class Intake:
                 f"round {current.round} is {current.state.name.lower()}; it takes no more uploads",
                 field="round",
             )
-        if rounds.run.finished:
+        if state.run.finished:
             raise FailedPrecondition("the run is finished", field="round")
         if header.kind is not DeltaKind.DIFF:
             raise InvalidArgument(f"header.kind is {header.kind.name}; uploads are DIFF", field="kind")
@@ -204,21 +204,21 @@ class Intake:
                 field="sample_count",
                 limit=MAX_SAMPLES,
             )
-        latest = rounds.latest_published()
+        latest = state.latest_published()
         if header.base_round != latest.round:
             raise FailedPrecondition(
                 f"header.base_round is {header.base_round}; deltas of round {current.round} are taken against round "
                 f"{latest.round} (fetch it first)",
                 field="base_round",
             )
-        assignment = rounds.assignment(current.round, site)
+        assignment = state.assignment(current.round, site)
         if not assignment.trains:
             raise FailedPrecondition(
-                f"site {site_id!r} has no part in round {current.round} ({rounds.plan.describe()})",
+                f"site {site_id!r} has no part in round {current.round} ({state.plan.describe()})",
                 field="site_id",
             )
         expected = wire_manifest(
-            rounds.plan.upload_manifest(assignment), header.layout.codec
+            state.plan.upload_manifest(assignment), header.layout.codec
         )  # lossy: compact names
         validate_layout(header.layout, self._config.limits, expected=expected)
         for upload in self._store.select(
@@ -244,8 +244,8 @@ class Intake:
                 self._store.put(upload)
 
     def round_accepts(self, round_number: int) -> bool:
-        """``Coordinator.round_accepts``, for the sessions: no lock and no query (called for every chunk)."""
-        return self._rounds.round_accepts(round_number)
+        """``RunState.round_accepts``, for the sessions: no lock and no query (called for every chunk)."""
+        return self._state.round_accepts(round_number)
 
     def accept_upload(self, session: UploadSession, seconds: float) -> Receipt:
         """Count a fully received and folded upload, durably, exactly once."""
@@ -255,19 +255,19 @@ class Intake:
             assert record is not None
             if record.state is UploadState.ACCEPTED:
                 return Receipt(record.upload_id, record.round, record.total_bytes, True, True)
-            if not self._rounds.round_accepts(record.round) or not session.acc.accept(
+            if not self._state.round_accepts(record.round) or not session.acc.accept(
                 record.upload_id, record.sample_count
             ):
                 raise RoundClosed(
                     f"round {record.round} closed before upload {record.upload_id!r} finished", field="round"
                 )
-            seq = len(self._rounds.accepted_records(record.round)) + 1
+            seq = len(self._state.accepted_records(record.round)) + 1
             record.state = UploadState.ACCEPTED
             record.seq = seq
             record.committed_offset = record.total_bytes
-            record.accepted_ms = self._rounds.now_ms()
+            record.accepted_ms = self._state.now_ms()
             record.upload_seconds = seconds
-            current = self._rounds.current_round()
+            current = self._state.current_round()
             assert current is not None
             current.bytes_in += record.total_bytes
             with self._store.transaction():
@@ -289,7 +289,7 @@ class Intake:
                 "upload_accepted", round_number=record.round, site_id=record.site_id, detail=record.upload_id
             )
             self._changed.notify_all()
-            self._rounds.wake()
+            self._state.wake()
             return Receipt(record.upload_id, record.round, record.total_bytes, True, False)
 
     def reject_upload(self, session: UploadSession, error: GdfedError) -> None:
@@ -325,6 +325,22 @@ class Intake:
     def receiving(self) -> int:
         """How many uploads are being received now (read under the lock)."""
         return len(self._sessions)
+
+    def session(self, upload_id: str) -> UploadSession | None:
+        """The stream receiving ``upload_id`` now, if any."""
+        with self._lock:
+            return self._sessions.get(upload_id)
+
+    def drain(self, reason: str, timeout_s: float) -> None:
+        """Stop every upload and wait up to ``timeout_s`` for their handlers to commit and end."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self.cancel_all(reason)
+            while self._sessions and (remaining := deadline - time.monotonic()) > 0:
+                self._changed.wait(remaining)
+            if self._sessions:
+                logger.warning("[serve] %d upload(s) still receiving at shutdown", len(self._sessions))
+            self._changed.notify_all()
 
     def cancel_site(self, site_id: str, reason: str) -> None:
         """Stop the uploads of ``site_id`` that are being received (caller holds the lock)."""

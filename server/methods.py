@@ -8,7 +8,13 @@ The round state machine (server.rounds) and the aggregation rule
 - **what a site trains and uploads**: the whole trainable state, one decoder
   block (FedCyBGD), or a rank-r_i slice of the LoRA state (FlexLoRA);
 - **how uploads combine**: the streaming weighted mean, or FlexLoRA's SVD
-  over the full-size ΔW (server.flexlora_round) at the close.
+  over the full-size ΔW (server.flexlora_round) at the close;
+- **what the initial state holds**: FedCyBGD with a travelling optimizer
+  adds the AdamW moments beside the weights.
+
+The round machinery asks these through hooks (``assignment``,
+``upload_manifest``, ``check_site``, ``next_state``, ``initial_manifest``),
+never by the plan's class.
 
 FedCyBGD (ALGORITHMS.md §3) trains sites one after another within a cycle;
 here one aggregator round is one *turn*: the round's participants are the
@@ -26,11 +32,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from common.delta import TensorSpec
+import torch
+
+from common.delta import DeltaHeader, TensorSpec
 from common.dtypes import DType
+from common.errors import InvalidArgument
 from common.lora import is_lora_a, is_lora_b, lora_pairs
 from common.spec import OPTIMIZER_MARK, Method, TrainingSpec, TrainMode
 from server import cybgd
+from server.config import CyBgdOptimizerState, ServerConfig
+from server.flexlora_round import FlexUpload
+from server.flexlora_round import next_state as flexlora_next_state
+from server.spool import Spool
+from server.statefile import StateReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +56,16 @@ class Assignment:
     lora_rank: int = 0  # FlexLoRA: the rank the site trains (0 = not FlexLoRA)
     block: str = ""  # FedCyBGD: the block's name prefix
     download_blocks: tuple[str, ...] = ()  # FedCyBGD download compression: the blocks to fetch
+
+
+@dataclass(frozen=True, slots=True)
+class RoundUpload:
+    """An accepted upload, as a plan that combines them at the close (``next_state``) sees it."""
+
+    upload_id: str
+    header: DeltaHeader
+    sample_count: int
+    declared_rank: int  # the LoRA rank the site declared when it joined (0: any)
 
 
 class MethodPlan:
@@ -68,6 +92,19 @@ class MethodPlan:
     def describe(self) -> str:
         return "gradualdiff: every site, the whole trainable state"
 
+    def check_site(self, *, lora_rank: int) -> None:
+        """Refuse a joining site whose declared capabilities this method cannot use."""
+
+    def initial_manifest(self) -> tuple[TensorSpec, ...]:
+        """What round 0's state holds: the trainable tensors, and whatever the method keeps beside them."""
+        return self.manifest
+
+    def next_state(
+        self, previous: StateReader, uploads: Sequence[RoundUpload], spool: Spool
+    ) -> dict[str, torch.Tensor]:
+        """Methods that do not fold uploads as they stream in: the round's new trainable state."""
+        raise NotImplementedError(f"{type(self).__name__} folds uploads as they stream in")
+
 
 class FlexLoraPlan(MethodPlan):
     """FlexLoRA: site i trains a rank-r_i slice of the run's rank-R adapters; the close runs the SVD."""
@@ -89,6 +126,33 @@ class FlexLoraPlan(MethodPlan):
                     f"method flexlora: {a} has rank {shapes[a][0]} but training.lora.rank is {self.max_rank}; "
                     "write the initial state at the run's maximum rank"
                 )
+
+    def check_site(self, *, lora_rank: int) -> None:
+        if lora_rank > self.max_rank:
+            raise InvalidArgument(
+                f"capabilities.lora_rank is {lora_rank}; this run's adapters have rank {self.max_rank} "
+                "(training.lora.rank), the most a site may train",
+                field="capabilities.lora_rank",
+                limit=self.max_rank,
+            )
+
+    def next_state(
+        self, previous: StateReader, uploads: Sequence[RoundUpload], spool: Spool
+    ) -> dict[str, torch.Tensor]:
+        """The SVD redistribution of the sample-weighted full-size ΔW (server.flexlora_round)."""
+        flex = []
+        for u in uploads:
+            rank = self.rank_of(u.declared_rank)
+            flex.append(
+                FlexUpload(
+                    upload_id=u.upload_id,
+                    header=u.header,
+                    rank=rank,
+                    weight=float(u.sample_count),
+                    manifest=self.upload_manifest(Assignment(lora_rank=rank)),
+                )
+            )
+        return flexlora_next_state(previous, flex, spool, alpha=self.spec.lora.alpha)
 
     def rank_of(self, declared: int) -> int:
         return declared if 0 < declared <= self.max_rank else self.max_rank
@@ -121,29 +185,35 @@ class CyBgdPlan(MethodPlan):
         manifest: Sequence[TensorSpec],
         sites: Sequence[str],
         *,
-        mode: str = "ascending",
+        mode: str = cybgd.CyBgdMode.ASCENDING,
         block_pattern: str = cybgd.DEFAULT_PREFIX_PATTERN,
         download_fraction: float = 1.0,
+        travel: bool = False,
     ) -> None:
+        """``mode`` is a CyBgdMode or its value (ValueError on another); ``download_fraction`` is in
+        (0, 1], as server.config.CyBgdConfig checks when the configuration is built."""
         super().__init__(spec, manifest, sites)
-        if mode not in cybgd.MODES:
-            raise ValueError(f"cybgd.mode must be one of {list(cybgd.MODES)}, got {mode!r}")
-        if not 0 < download_fraction <= 1:
-            raise ValueError(f"cybgd.download_fraction must be in (0, 1], got {download_fraction}")
+        self.travel = travel  # the AdamW moments travel with the block (cybgd.optimizer_state = travel)
+        # Parsed here too: a plan built without a configuration (tests, tools) fails now, not mid-run.
+        self.mode = cybgd.CyBgdMode(mode)
         self.download_fraction = download_fraction
         if not self.sites:
             raise ValueError(
                 "method fedcybgd needs the sites listed in the configuration (their order is the cycle)"
             )
-        self.mode = mode
         self.blocks = cybgd.find_blocks([t.name for t in manifest], block_pattern)
         if not self.blocks:
             raise ValueError(f"method fedcybgd: no tensor name matches the block pattern {block_pattern!r}")
-        self.uniform_weights = mode == "agg"  # the authors' aggregate_params: a plain mean
+        self.uniform_weights = self.mode is cybgd.CyBgdMode.AGG  # the authors' aggregate_params: a plain mean
         self._members = {
             b: tuple(t.name for t in manifest if cybgd.block_of(t.name, self.blocks) == b)
             for b in self.blocks
         }
+
+    def initial_manifest(self) -> tuple[TensorSpec, ...]:
+        if not self.travel or any(OPTIMIZER_MARK in t.name for t in self.manifest):
+            return self.manifest
+        return tuple(with_optimizer_state(self.manifest))
 
     @property
     def turns_per_cycle(self) -> int:
@@ -223,12 +293,27 @@ def make_plan(
     manifest: Sequence[TensorSpec],
     sites: Sequence[str],
     *,
-    cybgd_mode: str = "ascending",
+    cybgd_mode: cybgd.CyBgdMode = cybgd.CyBgdMode.ASCENDING,
     download_fraction: float = 1.0,
+    travel: bool = False,
 ) -> MethodPlan:
     """The plan for the run's method (ValueError names what the configuration lacks)."""
     if spec.method is Method.FLEXLORA:
         return FlexLoraPlan(spec, manifest, sites)
     if spec.method is Method.FEDCYBGD:
-        return CyBgdPlan(spec, manifest, sites, mode=cybgd_mode, download_fraction=download_fraction)
+        return CyBgdPlan(
+            spec, manifest, sites, mode=cybgd_mode, download_fraction=download_fraction, travel=travel
+        )
     return MethodPlan(spec, manifest, sites)
+
+
+def plan_of(config: ServerConfig, manifest: Sequence[TensorSpec]) -> MethodPlan:
+    """The run's plan: its method, over ``manifest``, for the sites the configuration lists."""
+    return make_plan(
+        config.training,
+        manifest,
+        list(config.site_tokens),
+        cybgd_mode=config.cybgd.mode,
+        download_fraction=config.cybgd.download_fraction,
+        travel=config.cybgd.optimizer_state is CyBgdOptimizerState.TRAVEL,
+    )

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator
+from server.run_admin import StatusView
 
 
 class Metrics:
-    """Counters the coordinator feeds through its ``metrics_hook``, and gauges read at scrape time."""
+    """Counters fed through ``observe`` (``RunState.add_observer``), and gauges read at scrape time
+    from ``status`` (``RunAdmin.status``)."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, status: Callable[[], StatusView]) -> None:
         self.registry = CollectorRegistry()
         self.bytes_in = Counter(
             "gdfed_bytes_in", "Compressed delta bytes accepted from sites", registry=self.registry
@@ -34,12 +35,11 @@ class Metrics:
             registry=self.registry,
         )
         rounds = Gauge("gdfed_round", "The current round number", registry=self.registry)
-        rounds.set_function(lambda: coordinator.run.current_round)
+        rounds.set_function(lambda: status().run.current_round)
         alive = Gauge(
             "gdfed_sites_alive", "Sites heartbeating within their allowance", registry=self.registry
         )
-        alive.set_function(lambda: float(coordinator.admin.status().sites_alive))
-        coordinator.metrics_hook = self.observe
+        alive.set_function(lambda: float(status().sites_alive))
         self._http: Any = None
 
     def observe(self, name: str, value: float) -> None:

@@ -28,8 +28,8 @@ from common.dtypes import DType
 from common.files import rewrite
 from common.serde import header_to_proto
 from server.accumulation import Accumulation
-from server.aggregate import ServerOptimizer
 from server.blobs import BlobStore
+from server.optimizers import ServerOptimizer
 from server.spool import Spool
 from server.statefile import StateReader, write_state
 

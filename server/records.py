@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument
+from common.spec import RoundState as RoundState  # where it lived first; the wire mirror is common's
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -22,25 +23,6 @@ def check_id(value: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} {value!r} must be 1..64 characters of [A-Za-z0-9._-]", field=field, limit=64
         )
-
-
-class RoundState(enum.IntEnum):
-    """Lifecycle of a round (values equal the wire enum gradualdiff.v1.RoundState)."""
-
-    OPEN = 1
-    TRAINING = 2
-    COLLECTING = 3
-    AGGREGATING = 4
-    PUBLISHED = 5
-    FAILED = 6
-
-    @property
-    def is_final(self) -> bool:
-        return self in (RoundState.PUBLISHED, RoundState.FAILED)
-
-    @property
-    def accepts_uploads(self) -> bool:
-        return self in (RoundState.OPEN, RoundState.TRAINING, RoundState.COLLECTING)
 
 
 class SiteState(enum.IntEnum):

@@ -10,13 +10,11 @@ command line: ``admin_cli.py`` for ``gdfed status``, ``admin_control.py`` for
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.config import RoundPolicy
-from server.intake import Intake
 from server.records import (
     ParticipantRecord,
     RoundRecord,
@@ -24,64 +22,105 @@ from server.records import (
     SiteRecord,
     SiteState,
     UploadRecord,
+    UploadState,
 )
-from server.store import Store
+from server.run_state import RunState
 
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator, Emit
-
-# Under the coordinator's logger name, which these lines had before they moved here: the daemon's log
-# format prints the name, and log filters and level settings key on it.
-logger = logging.getLogger("server.coordinator")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class StatusView:
+    """The run at one instant, as GetStatus reports it."""
+
     run: RunRecord
     current: RoundRecord | None
     sites_alive: int
     sites_known: int
     policy: RoundPolicy
+    total_rounds: int
+    full_model_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SiteInRound:
+    """One site's part in one round: its upload if it sent one, else what it declared."""
+
+    site_id: str
+    sample_count: int
+    bytes_in: int
+    accepted: bool
+    dropped: bool
+    train_loss: float
+    eval_loss: float
+    upload_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """One round as GetRound and ListRounds report it."""
+
+    record: RoundRecord
+    ratio_to_full_model: float  # mean accepted upload over the fp32 trainable state; 0 before any
+    sites: tuple[SiteInRound, ...]
+
+
+class RoundControl(Protocol):
+    """What the Admin service asks of the round loop (``server.round_loop.RoundLoop``)."""
+
+    def open_next_round(self) -> None: ...
+    def request_close(self) -> None: ...
+    def tick(self) -> None: ...
+
+
+class UploadCanceller(Protocol):
+    """What eviction asks of the intake (``server.intake.Intake``)."""
+
+    def cancel_site(self, site_id: str, reason: str) -> None: ...
 
 
 class RunAdmin:
     """The operator's reads and changes of the run.
 
-    Given ``rounds``, the round state machine (the run record, the current round, the
-    policy; it opens and closes rounds); the run's ``store``; the coordinator's ``lock``
-    and its condition ``changed``, notified when a resume may have opened a round;
-    ``intake``, to stop an evicted site's uploads; and ``emit`` for events.
+    Given the run's ``state``; ``rounds``, the round loop (it opens and closes rounds);
+    ``intake``, to stop an evicted site's uploads; the ``full_model_bytes`` of the fp32
+    trainable state (compression ratios are against it) and the ``total_rounds`` the run is
+    configured for (0: until stopped).
     """
 
     def __init__(
         self,
         *,
-        rounds: Coordinator,
-        store: Store,
-        lock: threading.RLock,
-        changed: threading.Condition,
-        intake: Intake,
-        emit: Emit,
+        state: RunState,
+        rounds: RoundControl,
+        intake: UploadCanceller,
+        full_model_bytes: int,
+        total_rounds: int,
     ) -> None:
+        self._state = state
         self._rounds = rounds
-        self._store = store
-        self._lock = lock
-        self._changed = changed
+        self._store = state.store
+        self._lock = state.lock
+        self._changed = state.changed
         self._intake = intake
-        self._emit = emit
+        self._emit = state.emit
+        self._full_model_bytes = full_model_bytes
+        self._total_rounds = total_rounds
 
     def status(self) -> StatusView:
         with self._lock:
             sites = self._store.select(SiteRecord)
             return StatusView(
-                run=replace(self._rounds.run),
-                current=self._rounds.current_round(),
+                run=replace(self._state.run),
+                current=self._state.current_round(),
                 sites_alive=sum(s.state is SiteState.ALIVE for s in sites),
                 sites_known=len(sites),
-                policy=self._rounds.policy(),
+                policy=self._state.policy(),
+                total_rounds=self._total_rounds,
+                full_model_bytes=self._full_model_bytes,
             )
 
-    def rounds_page(self, limit: int, before: int) -> list[RoundRecord]:
+    def rounds_page(self, limit: int, before: int) -> list[RoundReport]:
         with self._lock:
             if before:
                 rows = self._store.select(
@@ -89,17 +128,23 @@ class RunAdmin:
                 )
             else:
                 rows = self._store.select(RoundRecord, "round > 0", order="round DESC")
-            return rows[:limit]
+            return [self._report(r) for r in rows[:limit]]
 
-    def round_detail(
-        self, round_number: int
-    ) -> tuple[RoundRecord, list[ParticipantRecord], list[UploadRecord]]:
+    def round_report(self, round_number: int) -> RoundReport:
         with self._lock:
             record = self._store.get(RoundRecord, round_number)
             if record is None:
                 raise NotFound(f"round {round_number} does not exist", field="round")
-            uploads = self._store.select(UploadRecord, "round = ?", (round_number,))
-            return record, self._rounds.participants(round_number), uploads
+            return self._report(record)
+
+    def _report(self, record: RoundRecord) -> RoundReport:
+        participants = self._state.participants(record.round)
+        uploads = self._store.select(UploadRecord, "round = ?", (record.round,))
+        return RoundReport(
+            record=record,
+            ratio_to_full_model=_mean_ratio(uploads, self._full_model_bytes),
+            sites=_sites_in_round(participants, uploads),
+        )
 
     def sites(self) -> list[SiteRecord]:
         with self._lock:
@@ -107,7 +152,7 @@ class RunAdmin:
 
     def pause(self, reason: str) -> None:
         with self._lock:
-            run = self._rounds.run
+            run = self._state.run
             run.paused = True
             self._store.put(run)
             logger.info("[admin] paused: %s", reason or "(no reason)")
@@ -115,19 +160,19 @@ class RunAdmin:
 
     def resume(self, reason: str) -> None:
         with self._lock:
-            run = self._rounds.run
+            run = self._state.run
             run.paused = False
             self._store.put(run)
             logger.info("[admin] resumed: %s", reason or "(no reason)")
             self._emit("resumed", round_number=run.current_round, detail=reason)
-            current = self._rounds.current_round()
+            current = self._state.current_round()
             if current is None or current.state.is_final:
                 self._rounds.open_next_round()
             self._changed.notify_all()
 
     def close_round(self, reason: str) -> None:
         with self._lock:
-            current = self._rounds.current_round()
+            current = self._state.current_round()
             if current is None or not current.state.accepts_uploads:
                 raise FailedPrecondition("no round is open", field="round")
             logger.info("[admin] round=%d close requested: %s", current.round, reason or "(no reason)")
@@ -140,7 +185,7 @@ class RunAdmin:
             if site is None:
                 raise NotFound(f"site {site_id!r} is not known", field="site_id")
             site.state = SiteState.EVICTED
-            current = self._rounds.current_round()
+            current = self._state.current_round()
             with self._store.transaction():
                 self._store.put(site)
                 if current is not None:
@@ -151,7 +196,7 @@ class RunAdmin:
             self._intake.cancel_site(site_id, "the site was evicted")
             logger.warning("[admin] site=%s evicted: %s", site_id, reason or "(no reason)")
             self._emit(
-                "site_evicted", round_number=self._rounds.run.current_round, site_id=site_id, detail=reason
+                "site_evicted", round_number=self._state.run.current_round, site_id=site_id, detail=reason
             )
 
     def set_policy(
@@ -163,12 +208,12 @@ class RunAdmin:
                 f"min_sample_fraction is {min_sample_fraction}; must be 0..1", field="min_sample_fraction"
             )
         with self._lock:
-            run = self._rounds.run
+            run = self._state.run
             if min_sites is not None:
                 run.min_sites = min_sites
             if min_sample_fraction is not None:
                 run.min_sample_fraction = min_sample_fraction
-            current = self._rounds.current_round()
+            current = self._state.current_round()
             with self._store.transaction():
                 if deadline_s is not None:
                     run.round_deadline_s = deadline_s
@@ -176,5 +221,38 @@ class RunAdmin:
                         current.deadline_ms = current.opened_ms + deadline_s * 1000 if deadline_s else 0
                         self._store.put(current)
                 self._store.put(run)
-            logger.info("[admin] policy now %s", self._rounds.policy())
-            self._emit("policy_changed", round_number=run.current_round, detail=str(self._rounds.policy()))
+            logger.info("[admin] policy now %s", self._state.policy())
+            self._emit("policy_changed", round_number=run.current_round, detail=str(self._state.policy()))
+
+
+def _mean_ratio(uploads: list[UploadRecord], full_model_bytes: int) -> float:
+    accepted = [u for u in uploads if u.state is UploadState.ACCEPTED]
+    if not accepted or not full_model_bytes:
+        return 0.0
+    return sum(u.total_bytes for u in accepted) / len(accepted) / full_model_bytes
+
+
+def _sites_in_round(
+    participants: list[ParticipantRecord], uploads: list[UploadRecord]
+) -> tuple[SiteInRound, ...]:
+    """One row per site that took part or uploaded: its accepted upload, else its latest attempt."""
+    by_site = {u.site_id: u for u in uploads if u.state is UploadState.ACCEPTED}
+    by_site |= {u.site_id: u for u in uploads if u.site_id not in by_site}
+    parts = {p.site_id: p for p in participants}
+    rows = []
+    for site_id in sorted(set(parts) | set(by_site)):
+        part, upload = parts.get(site_id), by_site.get(site_id)
+        accepted = upload is not None and upload.state is UploadState.ACCEPTED
+        rows.append(
+            SiteInRound(
+                site_id=site_id,
+                sample_count=upload.sample_count if upload else (part.num_samples if part else 0),
+                bytes_in=upload.total_bytes if upload and accepted else 0,
+                accepted=accepted,
+                dropped=bool(part and part.dropped),
+                train_loss=upload.train_loss if upload else 0.0,
+                eval_loss=upload.eval_loss if upload else 0.0,
+                upload_seconds=upload.upload_seconds if upload else 0.0,
+            )
+        )
+    return tuple(rows)

@@ -1,13 +1,16 @@
 """The gRPC edge: Federation and Admin servicers.
 
 Each method authenticates, converts the request into domain values, calls
-the coordinator, and converts the answer back. Every GdfedError becomes its
-gRPC status with its message; anything else is logged with its traceback
-and answered INTERNAL, and the daemon goes on.
+the part of the aggregator that owns the operation (membership, intake,
+fetching, the run's admin), and converts the answer back through
+``server.wire``. Every GdfedError becomes its gRPC status with its message;
+anything else is logged with its traceback and answered INTERNAL, and the
+daemon goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -20,11 +23,16 @@ import grpc
 from common.codec import iter_chunks
 from common.errors import GdfedError, InvalidArgument, PermissionDenied, RoundClosed
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
-from common.serde import chunk_from_proto, chunk_to_proto, codec_to_proto
+from common.serde import chunk_from_proto, chunk_to_proto
+from common.spec import Device, Phase, TrainingSpec
+from server import wire
 from server.auth import Authenticator
-from server.coordinator import Coordinator, RoundView
-from server.intake import Receipt
-from server.records import RoundRecord, SiteRecord, UploadState
+from server.fetching import Fetching
+from server.intake import Intake
+from server.membership import Membership
+from server.run_admin import RunAdmin
+from server.run_state import EventBus
+from server.uploads import Receipt
 
 logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,97 +43,64 @@ def abort(context: grpc.ServicerContext, error: GdfedError) -> NoReturn:
     raise AssertionError("context.abort returned")  # grpc raises inside abort
 
 
+@contextlib.contextmanager
+def mapped_errors(context: grpc.ServicerContext, method: str) -> Iterator[None]:
+    """Answer a domain error with its status, anything unexpected with INTERNAL; never crash."""
+    try:
+        yield
+    except GdfedError as exc:
+        logger.info("[%s] %s: %s", method, exc.code.name, exc.message)
+        abort(context, exc)
+    except grpc.RpcError:
+        raise
+    except Exception as exc:
+        logger.exception("[%s] internal error", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
 def rpc(method: F) -> F:
-    """Map domain errors to statuses; never let an exception escape as a crash."""
+    """A unary or client-streaming method, its errors mapped by ``mapped_errors``."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
+        with mapped_errors(context, method.__name__):
             return method(self, request, context)
-        except GdfedError as exc:
-            logger.info("[%s] %s: %s", method.__name__, exc.code.name, exc.message)
-            abort(context, exc)
-        except grpc.RpcError:
-            raise
-        except Exception as exc:
-            if _is_abort(exc):
-                raise
-            logger.exception("[%s] internal error", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     return wrapper  # type: ignore[return-value]
 
 
 def stream_rpc(method: F) -> F:
-    """``rpc`` for server-streaming methods (generators)."""
+    """A server-streaming method (a generator), its errors mapped by ``mapped_errors``."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
+        with mapped_errors(context, method.__name__):
             yield from method(self, request, context)
-        except GdfedError as exc:
-            logger.info("[%s] %s: %s", method.__name__, exc.code.name, exc.message)
-            abort(context, exc)
-        except Exception as exc:
-            if _is_abort(exc):
-                raise
-            logger.exception("[%s] internal error", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     return wrapper  # type: ignore[return-value]
-
-
-def _is_abort(exc: Exception) -> bool:
-    # context.abort raises a bare Exception subclass private to grpc; let it through.
-    return type(exc).__module__.startswith("grpc")
-
-
-def round_spec(view: RoundView, coordinator: Coordinator) -> federation_pb2.RoundSpec:
-    training = coordinator.config.training
-    return federation_pb2.RoundSpec(
-        run_id=view.run_id,
-        round=view.round,
-        state=federation_pb2.RoundState.ValueType(int(view.state)),
-        training=federation_pb2.TrainingSpec(
-            method=federation_pb2.Method.ValueType(int(training.method)),
-            mode=federation_pb2.TrainMode.ValueType(int(training.mode)),
-            trainable_patterns=list(training.trainable_patterns),
-            lora=federation_pb2.LoraSpec(
-                rank=training.lora.rank,
-                alpha=training.lora.alpha,
-                dropout=training.lora.dropout,
-                target_modules=list(training.lora.target_modules),
-            ),
-            local_steps=training.local_steps,
-            batch_size=training.batch_size,
-            learning_rate=training.learning_rate,
-            max_seq_len=training.max_seq_len,
-            upload_codec=codec_to_proto(training.upload_codec),
-            seed=training.seed,
-            prox_mu=training.prox_mu,
-        ),
-        deadline_unix_ms=view.deadline_ms,
-        quorum=federation_pb2.Quorum(
-            min_sites=view.policy.min_sites, min_sample_fraction=view.policy.min_sample_fraction
-        ),
-        run_finished=view.finished,
-        base_round=view.base_round,
-        trainable_tensors=list(view.assignment.tensors),
-        assigned_lora_rank=view.assignment.lora_rank,
-        sits_out=not view.assignment.trains,
-        download_blocks=list(view.assignment.download_blocks),
-    )
 
 
 class FederationServicer(federation_pb2_grpc.FederationServicer):
     """Worker-facing calls."""
 
-    def __init__(self, coordinator: Coordinator, auth: Authenticator) -> None:
-        self._c = coordinator
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        intake: Intake,
+        fetching: Fetching,
+        training: TrainingSpec,
+        max_concurrent_uploads: int,
+        auth: Authenticator,
+    ) -> None:
+        self._membership = membership
+        self._intake = intake
+        self._fetching = fetching
+        self._training = training
         self._auth = auth
         # Streams beyond this many wait before their first chunk is read: gRPC then keeps their
         # flow-control windows small, so memory does not grow with the number of uploading sites.
-        self._upload_slots = threading.BoundedSemaphore(max(1, coordinator.config.max_concurrent_uploads))
+        self._upload_slots = threading.BoundedSemaphore(max(1, max_concurrent_uploads))
 
     @rpc
     def Join(
@@ -135,9 +110,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         if request.site_id != site:
             raise _permission(f"site_id is {request.site_id!r} but the token belongs to {site!r}")
         caps = request.capabilities
-        result = self._c.join(
+        result = self._membership.join(
             site,
-            device=caps.device,
+            device=_enum(Device, caps.device, "capabilities.device"),
             memory_bytes=caps.memory_bytes,
             lora_rank=caps.lora_rank,
             num_samples=caps.num_samples,
@@ -149,7 +124,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             base_model_fingerprint=result.fingerprint,
             heartbeat_interval_ms=result.heartbeat_interval_ms,
             missed_beats_allowed=result.missed_beats,
-            current=round_spec(result.current, self._c),
+            current=wire.round_spec(result.current, self._training),
             max_upload_bytes=result.max_upload_bytes,
         )
 
@@ -160,10 +135,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         site = self._auth.site(context)
         if request.site_id and request.site_id != site:
             raise _permission(f"site_id is {request.site_id!r} but the token belongs to {site!r}")
-        reply = self._c.heartbeat(
+        reply = self._membership.heartbeat(
             site,
             round_number=request.round,
-            phase=request.phase,
+            phase=_enum(Phase, request.phase, "phase"),
             step=request.step,
             total_steps=request.total_steps,
             loss=request.loss,
@@ -184,16 +159,17 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             raise InvalidArgument(
                 f"wait_ms is {request.wait_ms}; the limit is 60000", field="wait_ms", limit=60_000
             )
-        view = self._c.await_round(site, request.after_round, request.wait_ms / 1000)
-        return round_spec(view, self._c)
+        view = self._membership.await_round(site, request.after_round, request.wait_ms / 1000)
+        return wire.round_spec(view, self._training)
 
     @stream_rpc
     def FetchDiff(
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
         site = self._auth.site(context)
-        plan = self._c.fetching.open(site, request.have_round, request.snapshot, tuple(request.only_prefixes))
-        try:
+        with self._fetching.opened(
+            site, request.have_round, request.snapshot, tuple(request.only_prefixes)
+        ) as plan:
             for item, source in plan:
                 sent = 0
                 for chunk in iter_chunks(item.header, source):
@@ -201,14 +177,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                         return
                     sent += len(chunk.data)
                     yield chunk_to_proto(chunk)
-                self._c.fetching.count_bytes_out(item.round, sent)
-        finally:
-            for item, source in plan:
-                source.close()
-                if item.temporary:
-                    item.path.unlink(missing_ok=True)
+                self._fetching.count_bytes_out(item.round, sent)
         if plan and not request.only_prefixes:  # a partial snapshot is not a synced state
-            self._c.fetching.mark_synced(site, plan[-1][0].round)
+            self._fetching.mark_synced(site, plan[-1][0].round)
 
     @rpc
     def PushDelta(
@@ -221,44 +192,16 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                     "the client went away while its upload waited for a slot", field="upload_id"
                 )
         try:
-            return self._push(site, request_iterator)
+            return _receipt(self._intake.receive(site, (chunk_from_proto(m) for m in request_iterator)))
         finally:
             self._upload_slots.release()
-
-    def _push(
-        self, site: str, request_iterator: Iterator[delta_pb2.DeltaChunk]
-    ) -> federation_pb2.PushReceipt:
-        first = next(request_iterator, None)
-        if first is None:
-            raise InvalidArgument("the stream carried no chunk", field="header")
-        chunk = chunk_from_proto(first)
-        if chunk.header is None:
-            raise InvalidArgument("the first chunk must carry the header", field="header")
-        opened = self._c.intake.open_upload(site, chunk.header, chunk.offset)
-        if isinstance(opened, Receipt):
-            return _receipt(opened)
-        session = opened
-        try:
-            session.receive(chunk)
-            for message in request_iterator:
-                session.receive(chunk_from_proto(message))
-        except GdfedError as exc:
-            if session.failed and not isinstance(exc, RoundClosed):
-                session.fail(exc)
-            else:
-                session.interrupt()
-            raise
-        except BaseException:
-            session.interrupt()  # the client went away: keep what arrived, for a resume
-            raise
-        return _receipt(session.complete())
 
     @rpc
     def GetUploadOffset(
         self, request: federation_pb2.UploadOffsetRequest, context: grpc.ServicerContext
     ) -> federation_pb2.UploadOffsetReply:
         site = self._auth.site(context)
-        offset, complete = self._c.intake.upload_offset(site, request.upload_id)
+        offset, complete = self._intake.upload_offset(site, request.upload_id)
         return federation_pb2.UploadOffsetReply(committed_offset=offset, complete=complete)
 
 
@@ -279,74 +222,14 @@ def _receipt(receipt: Receipt) -> federation_pb2.PushReceipt:
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Operator-facing calls."""
 
-    def __init__(self, coordinator: Coordinator, auth: Authenticator, version: str) -> None:
-        self._c = coordinator
+    def __init__(self, *, admin: RunAdmin, events: EventBus, auth: Authenticator, version: str) -> None:
+        self._admin = admin
+        self._events = events
         self._auth = auth
         self._version = version
 
     def _status(self) -> admin_pb2.RunStatus:
-        status = self._c.admin.status()
-        run, current, policy = status.run, status.current, status.policy
-        return admin_pb2.RunStatus(
-            run_id=run.run_id,
-            paused=run.paused,
-            finished=run.finished,
-            current_round=run.current_round,
-            total_rounds=self._c.config.rounds,
-            current_state=_round_state(int(current.state) if current else 0),
-            sites_alive=status.sites_alive,
-            sites_known=status.sites_known,
-            full_model_bytes=self._c.full_model_bytes,
-            quorum=federation_pb2.Quorum(
-                min_sites=policy.min_sites, min_sample_fraction=policy.min_sample_fraction
-            ),
-            round_deadline_s=policy.deadline_s,
-            started_unix_ms=run.created_ms,
-            server_version=self._version,
-        )
-
-    def _round(self, record: RoundRecord) -> admin_pb2.RoundStatus:
-        msg = admin_pb2.RoundStatus(
-            round=record.round,
-            state=_round_state(int(record.state)),
-            samples=record.samples,
-            bytes_in=record.bytes_in,
-            bytes_out=record.bytes_out,
-            diff_bytes=record.diff_bytes,
-            opened_unix_ms=record.opened_ms,
-            closed_unix_ms=record.closed_ms,
-            published_unix_ms=record.published_ms,
-            aggregate_seconds=record.aggregate_seconds,
-            mean_train_loss=record.mean_train_loss,
-            mean_eval_loss=record.mean_eval_loss,
-            failure_reason=record.failure_reason,
-            close_reason=record.close_reason,
-        )
-        _, participants, uploads = self._c.admin.round_detail(record.round)
-        by_site = {u.site_id: u for u in uploads if u.state is UploadState.ACCEPTED}
-        by_site |= {u.site_id: u for u in uploads if u.site_id not in by_site}
-        accepted = [u for u in uploads if u.state is UploadState.ACCEPTED]
-        if accepted and self._c.full_model_bytes:
-            msg.ratio_to_full_model = (
-                sum(u.total_bytes for u in accepted) / len(accepted) / self._c.full_model_bytes
-            )
-        sites = {p.site_id for p in participants} | set(by_site)
-        for site_id in sorted(sites):
-            part = next((p for p in participants if p.site_id == site_id), None)
-            upload = by_site.get(site_id)
-            msg.participants.append(
-                admin_pb2.SiteRoundStatus(
-                    site_id=site_id,
-                    sample_count=upload.sample_count if upload else (part.num_samples if part else 0),
-                    bytes_in=upload.total_bytes if upload and upload.state is UploadState.ACCEPTED else 0,
-                    accepted=bool(upload and upload.state is UploadState.ACCEPTED),
-                    dropped=bool(part and part.dropped),
-                    train_loss=upload.train_loss if upload else 0.0,
-                    eval_loss=upload.eval_loss if upload else 0.0,
-                    upload_seconds=upload.upload_seconds if upload else 0.0,
-                )
-            )
-        return msg
+        return wire.run_status(self._admin.status(), self._version)
 
     @rpc
     def GetStatus(
@@ -362,46 +245,38 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._auth.admin(context)
         if request.limit > 1000:
             raise InvalidArgument(f"limit is {request.limit}; the maximum is 1000", field="limit", limit=1000)
-        records = self._c.admin.rounds_page(request.limit or 50, request.before)
-        return admin_pb2.ListRoundsReply(rounds=[self._round(r) for r in records])
+        records = self._admin.rounds_page(request.limit or 50, request.before)
+        return admin_pb2.ListRoundsReply(rounds=[wire.round_status(r) for r in records])
 
     @rpc
     def GetRound(
         self, request: admin_pb2.GetRoundRequest, context: grpc.ServicerContext
     ) -> admin_pb2.RoundStatus:
         self._auth.admin(context)
-        record, _, _ = self._c.admin.round_detail(request.round)
-        return self._round(record)
+        return wire.round_status(self._admin.round_report(request.round))
 
     @rpc
     def ListSites(
         self, request: admin_pb2.ListSitesRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListSitesReply:
         self._auth.admin(context)
-        return admin_pb2.ListSitesReply(sites=[_site(s) for s in self._c.admin.sites()])
+        return admin_pb2.ListSitesReply(sites=[wire.site_status(s) for s in self._admin.sites()])
 
     @stream_rpc
     def Watch(
         self, request: admin_pb2.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.RunEvent]:
         self._auth.admin(context)
-        events = self._c.subscribe()
+        events = self._events.subscribe()
         try:
             while context.is_active():
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                yield admin_pb2.RunEvent(
-                    unix_ms=event.unix_ms,
-                    round=event.round,
-                    kind=event.kind,
-                    site_id=event.site_id,
-                    state=_round_state(int(event.state) if event.state else 0),
-                    detail=event.detail,
-                )
+                yield wire.run_event(event)
         finally:
-            self._c.unsubscribe(events)
+            self._events.unsubscribe(events)
 
     def _control(self, action: Callable[[], None]) -> admin_pb2.ControlReply:
         action()
@@ -412,28 +287,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.admin.pause(_reason(request.reason)))
+        return self._control(lambda: self._admin.pause(_reason(request.reason)))
 
     @rpc
     def Resume(
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.admin.resume(_reason(request.reason)))
+        return self._control(lambda: self._admin.resume(_reason(request.reason)))
 
     @rpc
     def CloseRound(
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.admin.close_round(_reason(request.reason)))
+        return self._control(lambda: self._admin.close_round(_reason(request.reason)))
 
     @rpc
     def EvictSite(
         self, request: admin_pb2.EvictSiteRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        return self._control(lambda: self._c.admin.evict(request.site_id, _reason(request.reason)))
+        return self._control(lambda: self._admin.evict(request.site_id, _reason(request.reason)))
 
     @rpc
     def SetRoundPolicy(
@@ -442,16 +317,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._auth.admin(context)
         has_quorum = request.HasField("quorum")
         return self._control(
-            lambda: self._c.admin.set_policy(
+            lambda: self._admin.set_policy(
                 min_sites=request.quorum.min_sites if has_quorum else None,
                 min_sample_fraction=request.quorum.min_sample_fraction if has_quorum else None,
                 deadline_s=request.round_deadline_s or None,
             )
         )
-
-
-def _round_state(value: int) -> federation_pb2.RoundState.ValueType:
-    return federation_pb2.RoundState.ValueType(value)
 
 
 def _reason(text: str) -> str:
@@ -462,20 +333,16 @@ def _reason(text: str) -> str:
     return text
 
 
-def _site(site: SiteRecord) -> admin_pb2.SiteStatus:
-    return admin_pb2.SiteStatus(
-        site_id=site.site_id,
-        state=admin_pb2.SiteState.ValueType(int(site.state)),
-        last_beat_unix_ms=site.last_beat_ms,
-        rounds_joined=site.rounds_joined,
-        held_round=site.held_round,
-        phase=federation_pb2.Phase.ValueType(site.phase),
-        step=site.step,
-        loss=site.loss,
-        capabilities=federation_pb2.Capabilities(
-            device=federation_pb2.Device.ValueType(site.device),
-            memory_bytes=site.memory_bytes,
-            lora_rank=site.lora_rank,
-            num_samples=site.num_samples,
-        ),
-    )
+E = TypeVar("E", Device, Phase)
+
+
+def _enum(kind: type[E], value: int, field: str) -> E | None:
+    """A wire enum value as its mirror (None: left unspecified); INVALID_ARGUMENT naming the field
+    for a value the contract does not have."""
+    if value == 0:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(f"{m.value} ({m.name})" for m in kind)
+        raise InvalidArgument(f"{field} is {value}; must be one of {allowed}", field=field) from None

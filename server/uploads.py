@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from common.codec.chunks import ChunkVerifier
 from common.codec.decoder import ShardDecoder
@@ -21,10 +22,28 @@ from server.folding import FoldJob, FoldWorker
 from server.records import UploadRecord
 from server.spool import Spool
 
-if TYPE_CHECKING:
-    from server.intake import Intake, Receipt
-
 COMMIT_EVERY = 8 * MIB  # fsync and record the resume offset this often
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the aggregator answers an upload with once it is counted (or found counted already)."""
+
+    upload_id: str
+    round: int
+    bytes_received: int
+    accepted: bool
+    duplicate: bool
+
+
+class SessionOwner(Protocol):
+    """What a session reports to (``server.intake.Intake``): offsets, acceptance, rejection, its end."""
+
+    def round_accepts(self, round_number: int) -> bool: ...
+    def commit_offset(self, session: UploadSession, offset: int) -> None: ...
+    def accept_upload(self, session: UploadSession, seconds: float) -> Receipt: ...
+    def reject_upload(self, session: UploadSession, error: GdfedError) -> None: ...
+    def end_session(self, session: UploadSession) -> None: ...
 
 
 class UploadSession:
@@ -33,7 +52,7 @@ class UploadSession:
     def __init__(
         self,
         *,
-        intake: Intake,
+        intake: SessionOwner,
         record: UploadRecord,
         header: DeltaHeader,
         acc: Accumulation,

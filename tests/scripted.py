@@ -3,8 +3,11 @@
 A ScriptedSite joins, waits for a round, fetches the global state, and
 pushes a delta it is given, the way a worker would, but without a model.
 ``Aggregator`` runs the real server in-process on an ephemeral port;
-``AdminClient`` is the operator's side; ``Daemon`` runs ``gdfed serve`` as a
-subprocess (for crash tests). The helpers at the bottom compute, in torch,
+``AdminClient`` is the operator's side and ``Watcher`` its event stream, the
+way a test waits for something to happen (or shows that it did not) without
+sleeping; ``Daemon`` runs ``gdfed serve`` as a subprocess (for crash tests).
+Every round number a helper takes is a keyword (``round=``, ``base=``,
+``after=``, ``have=``), so a call says which number is which. The helpers at the bottom compute, in torch,
 what the aggregator must publish.
 """
 
@@ -174,10 +177,10 @@ class ScriptedSite:
         self.run_id = reply.run_id
         return reply
 
-    def beat(self, round_number: int = 0, phase: int = 1) -> federation_pb2.HeartbeatReply:
+    def beat(self, *, round: int = 0, phase: int = 1) -> federation_pb2.HeartbeatReply:
         return self.stub.Heartbeat(
             federation_pb2.HeartbeatRequest(
-                site_id=self.site_id, round=round_number, phase=federation_pb2.Phase.ValueType(phase)
+                site_id=self.site_id, round=round, phase=federation_pb2.Phase.ValueType(phase)
             ),
             metadata=self.metadata,
             timeout=10,
@@ -212,17 +215,18 @@ class ScriptedSite:
         self._beating = None
         self._beat_thread = None
 
-    def await_round(self, after: int = 0, wait_ms: int = 10_000) -> federation_pb2.RoundSpec:
+    def await_round(self, *, after: int, wait_ms: int = 10_000) -> federation_pb2.RoundSpec:
+        """The round after round ``after`` (AwaitRound's long poll)."""
         return self.stub.AwaitRound(
             federation_pb2.AwaitRoundRequest(site_id=self.site_id, after_round=after, wait_ms=wait_ms),
             metadata=self.metadata,
             timeout=wait_ms / 1000 + 5,
         )
 
-    def fetch(self, have_round: int, snapshot: bool = False) -> list[tuple[DeltaHeader, State]]:
-        """Every delta of the FetchDiff stream, decoded."""
+    def fetch(self, *, have: int, snapshot: bool = False) -> list[tuple[DeltaHeader, State]]:
+        """Every delta of the FetchDiff stream for a site holding round ``have``, decoded."""
         stream = self.stub.FetchDiff(
-            federation_pb2.FetchDiffRequest(site_id=self.site_id, have_round=have_round, snapshot=snapshot),
+            federation_pb2.FetchDiffRequest(site_id=self.site_id, have_round=have, snapshot=snapshot),
             metadata=self.metadata,
             timeout=60,
         )
@@ -240,32 +244,33 @@ class ScriptedSite:
 
     def snapshot(self) -> tuple[int, State]:
         """The latest published round and its whole state (FetchDiff with snapshot=true)."""
-        [(head, state)] = self.fetch(0, snapshot=True)
+        [(head, state)] = self.fetch(have=0, snapshot=True)
         assert head.kind is DeltaKind.SNAPSHOT
         return head.round, state
 
     def header(
         self,
         delta: Mapping[str, torch.Tensor],
-        round_number: int,
-        base_round: int,
         *,
+        round: int,
+        base: int,
         codec: Codec | None = None,
         upload_id: str | None = None,
         samples: int | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         metrics: UploadMetrics | None = None,
     ) -> tuple[DeltaHeader, bytes]:
+        """``delta`` encoded as an upload for round ``round``, trained from round ``base``'s state."""
         sink = io.BytesIO()
         layout = encode(delta, codec or Codec(), sink, shard_bytes=shard_bytes)
         header = DeltaHeader(
             layout=layout,
             run_id=self.run_id,
-            round=round_number,
+            round=round,
             site_id=self.site_id,
             upload_id=upload_id or f"{self.site_id}-{uuid.uuid4().hex[:8]}",
             sample_count=self.samples if samples is None else samples,
-            base_round=base_round,
+            base_round=base,
             kind=DeltaKind.DIFF,
             metrics=metrics or UploadMetrics(train_loss=1.0, eval_loss=2.0, steps=1),
         )
@@ -303,9 +308,18 @@ class AdminClient:
         self.channel = grpc.insecure_channel(target, options=FAST_RECONNECT)
         self.stub = admin_pb2_grpc.AdminStub(self.channel)
         self.metadata = auth_metadata(token)
+        self._watchers: list[Watcher] = []
 
     def close(self) -> None:
+        for watcher in self._watchers:
+            watcher.close()
         self.channel.close()
+
+    def watch(self) -> Watcher:
+        """A Watch stream that is receiving events when this returns (closed with this client)."""
+        watcher = Watcher(self)
+        self._watchers.append(watcher)
+        return watcher
 
     def __enter__(self) -> AdminClient:
         return self
@@ -343,6 +357,91 @@ class AdminClient:
             return status if status.state in wanted else None
 
         return wait_for(ready, timeout, 0.05, f"round {number} to reach {wanted}")
+
+
+class Watcher:
+    """The admin Watch stream, read by a thread into a list in the order the aggregator sent it.
+
+    The aggregator emits its events under its lock, so their order is the order things happened
+    in. A test shows that something did *not* happen before X by finding it after X, without a
+    fixed sleep: ``w.first("upload_accepted", site="c") < w.first("round_closed", round=1)``
+    says the round did not close before c's upload, however slowly the loop ran.
+    """
+
+    def __init__(self, admin: AdminClient, timeout: float = 10.0) -> None:
+        self._events: list[admin_pb2.RunEvent] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._error: grpc.RpcError | None = None
+        self._stream = admin.stub.Watch(admin_pb2.WatchRequest(), metadata=admin.metadata)
+        self._thread = threading.Thread(target=self._pump, name="watch", daemon=True)
+        self._thread.start()
+        self._subscribed(admin, timeout)
+
+    def _pump(self) -> None:
+        try:
+            for event in self._stream:
+                with self._changed:
+                    self._events.append(event)
+                    self._changed.notify_all()
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self._error = exc
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def _subscribed(self, admin: AdminClient, timeout: float) -> None:
+        """Return once the aggregator sends this stream its events.
+
+        The stream says nothing until something happens, so ask for an empty policy change: it
+        changes nothing, and the aggregator announces it (``policy_changed``) to its watchers.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            admin.stub.SetRoundPolicy(admin_pb2.SetRoundPolicyRequest(), metadata=admin.metadata, timeout=10)
+            if self._wait(lambda: self._find("policy_changed", None, None), 0.2) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Watch stream sent nothing within {timeout}s")
+
+    def _find(self, kind: str, round: int | None, site: str | None) -> int | None:
+        for i, event in enumerate(self._events):
+            if event.kind == kind and round in (None, event.round) and site in (None, event.site_id):
+                return i
+        return None
+
+    def _wait(self, found: Callable[[], int | None], timeout: float) -> int | None:
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None or self._ended, timeout)
+            if self._error is not None:
+                raise self._error
+            return found()
+
+    def first(
+        self, kind: str, *, round: int | None = None, site: str | None = None, timeout: float = 20.0
+    ) -> int:
+        """The position of the first ``kind`` event (of that round and site, if given), once it has come."""
+        index = self._wait(lambda: self._find(kind, round, site), timeout)
+        if index is None:
+            raise AssertionError(
+                f"no {kind} event (round={round}, site={site}) within {timeout}s; saw {self.events}"
+            )
+        return index
+
+    @property
+    def events(self) -> list[tuple[str, int, str]]:
+        """(kind, round, site_id) of every event so far, in order."""
+        with self._changed:
+            return [(e.kind, e.round, e.site_id) for e in self._events]
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _, _ in self.events]
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._thread.join(timeout=5)
 
 
 def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:

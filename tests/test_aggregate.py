@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.buffers import ReusableBuffer
-from server.aggregate import (
-    _CONVERT_CHUNK,
+from server.aggregate import _CONVERT_CHUNK, WeightedSum
+from server.optimizers import (
     OPTIMIZERS,
     FedAdagrad,
     FedAdam,
@@ -23,7 +23,6 @@ from server.aggregate import (
     FedAvgM,
     FedYogi,
     ServerOptimizer,
-    WeightedSum,
     all_finite,
     make_optimizer,
 )

@@ -67,7 +67,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, init: State, deltas: dic
     try:
         h.join_all()
         for name in ("a", "b"):
-            head, payload = h[name].header(deltas[name], 1, 0, shard_bytes=SHARD)
+            head, payload = h[name].header(deltas[name], round=1, base=0, shard_bytes=SHARD)
             receipt = h[name].push(head, payload, chunk_bytes=MIB)
             assert receipt.accepted and not receipt.duplicate
         assert h.admin.wait_round(1, timeout=60).state == federation_pb2.ROUND_STATE_PUBLISHED
@@ -149,7 +149,7 @@ def test_sigkill_mid_round_restarts_into_the_same_round(
     for site in (a, b):
         site.join()
         site.start_beating()
-    head_a, payload_a = a.header(deltas["a"], 1, 0, shard_bytes=SHARD)
+    head_a, payload_a = a.header(deltas["a"], round=1, base=0, shard_bytes=SHARD)
     receipt = a.push(head_a, payload_a, chunk_bytes=MIB)
     assert receipt.accepted and not receipt.duplicate
     assert run.admin.round(1).bytes_in == len(payload_a)
@@ -164,7 +164,7 @@ def test_sigkill_mid_round_restarts_into_the_same_round(
     assert (status.bytes_in, a.offset(head_a.upload_id).complete) == (len(payload_a), True)
 
     # Crash 2: while b's upload is half-streamed, past its first 8 MiB commit.
-    head_b, payload_b = b.header(deltas["b"], 1, 0, shard_bytes=SHARD)
+    head_b, payload_b = b.header(deltas["b"], round=1, base=0, shard_bytes=SHARD)
     assert len(payload_b) > 10 * MIB
     future, release = _half_stream(b, head_b, payload_b, chunks=9)
     wait_for(
@@ -203,10 +203,10 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
     for site in (a, b):
         site.join()
         site.start_beating()
-    head_a, payload_a = a.header(deltas["a"], 1, 0, shard_bytes=SHARD)
+    head_a, payload_a = a.header(deltas["a"], round=1, base=0, shard_bytes=SHARD)
     assert a.push(head_a, payload_a, chunk_bytes=MIB).accepted
 
-    head_b, payload_b = b.header(deltas["b"], 1, 0, shard_bytes=SHARD)
+    head_b, payload_b = b.header(deltas["b"], round=1, base=0, shard_bytes=SHARD)
     future, release = _half_stream(b, head_b, payload_b, chunks=9)
     wait_for(
         lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
@@ -245,7 +245,7 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
         h.join_all()
         for number, batch in ((1, deltas), (2, second)):
             for name in ("a", "b"):
-                head, payload = h[name].header(batch[name], number, number - 1, shard_bytes=SHARD)
+                head, payload = h[name].header(batch[name], round=number, base=number - 1, shard_bytes=SHARD)
                 assert h[name].push(head, payload, chunk_bytes=MIB).accepted
             assert h.admin.wait_round(number, timeout=60).state == federation_pb2.ROUND_STATE_PUBLISHED
         reference = h["a"].snapshot()[1]
@@ -258,7 +258,7 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
         site.join()
         site.start_beating()
     for name in ("a", "b"):
-        head, payload = run.sites[name].header(deltas[name], 1, 0, shard_bytes=SHARD)
+        head, payload = run.sites[name].header(deltas[name], round=1, base=0, shard_bytes=SHARD)
         assert run.sites[name].push(head, payload, chunk_bytes=MIB).accepted
     assert run.admin.wait_round(1, timeout=60).state == federation_pb2.ROUND_STATE_PUBLISHED
     recycled = run.daemon.config.parent / "state" / "spool" / "recycled"
@@ -266,10 +266,10 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
         lambda: len(list(recycled.glob("*.spent"))) == 2, timeout=30, what="round 1's spool files recycled"
     )
 
-    head_a, payload_a = a.header(second["a"], 2, 1, shard_bytes=SHARD)
+    head_a, payload_a = a.header(second["a"], round=2, base=1, shard_bytes=SHARD)
     assert a.push(head_a, payload_a, chunk_bytes=MIB).accepted
     assert len(list(recycled.glob("*.spent"))) == 1  # a's upload took one over
-    head_b, payload_b = b.header(second["b"], 2, 1, shard_bytes=SHARD)
+    head_b, payload_b = b.header(second["b"], round=2, base=1, shard_bytes=SHARD)
     future, release = _half_stream(b, head_b, payload_b, chunks=9)
     wait_for(
         lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"

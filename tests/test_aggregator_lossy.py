@@ -67,7 +67,7 @@ def lossy_upload(
         wire, sent[name] = compact_tensor(name, t, codec)
         tensors.update(wire)
     kw.setdefault("shard_bytes", SHARD)
-    head, payload = site.header(tensors, 1, 0, codec=codec, **kw)
+    head, payload = site.header(tensors, round=1, base=0, codec=codec, **kw)
     return head, payload, sent
 
 
@@ -100,7 +100,7 @@ def _tamper_gaps(codec: Codec, delta: State, site: ScriptedSite, how: str) -> tu
     else:  # the last index lands past the tensor's end
         gaps[-1] += 128 * 128
     tensors["layers.1.q.weight:gaps"] = gaps.to(torch.uint32)
-    head, payload = site.header(tensors, 1, 0, codec=codec, shard_bytes=SHARD)
+    head, payload = site.header(tensors, round=1, base=0, codec=codec, shard_bytes=SHARD)
     return head, payload
 
 
@@ -125,7 +125,7 @@ def test_a_bad_lossy_upload_is_refused_and_changes_nothing(harness: Any, how: st
             wire, _ = compact_tensor(name, t, INT8)
             tensors.update(wire)
         tensors["embed.weight:scale"] = tensors["embed.weight:scale"][:-1]
-        head, payload = a.header(tensors, 1, 0, codec=INT8, shard_bytes=SHARD)
+        head, payload = a.header(tensors, round=1, base=0, codec=INT8, shard_bytes=SHARD)
     code = rpc_code(lambda: a.push(head, payload, chunk_bytes=CHUNK))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     # The daemon keeps going: a good upload from each site publishes exactly their mean.
@@ -147,7 +147,7 @@ def test_a_cut_lossy_upload_resumes_and_counts_once(harness: Any, codec: Codec) 
     chunks = list(site.chunks(head, payload, chunk_bytes=CHUNK))
     cut = len(chunks) // 2 + 1  # mid-upload, and (int8) mid-way through a tensor's codes
     assert rpc_code(lambda: site.push_messages(iter(chunks[:cut]))) is grpc.StatusCode.ABORTED
-    acc = h.agg.coordinator.acc
+    acc = h.agg.coordinator.state.acc
     wait_for(lambda: acc.folded_shards(head.upload_id), what="a shard of the cut upload to fold")
     committed = site.offset(head.upload_id).committed_offset
     assert 0 < committed < len(payload)

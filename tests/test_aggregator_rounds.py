@@ -10,12 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -25,7 +23,7 @@ import torch
 from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.config import RoundPolicy
-from server.fetching import FetchItem, _open_all
+from server.fetching import FetchItem, open_all
 from server.records import RoundRecord
 from tests.scripted import (
     ADMIN_TOKEN,
@@ -34,6 +32,7 @@ from tests.scripted import (
     Harness,
     MakeHarness,
     State,
+    Watcher,
     add,
     apply_fetched,
     assert_same_bits,
@@ -58,16 +57,13 @@ def harness(tmp_path: Path) -> Iterator[MakeHarness]:
         yield make
 
 
-def push(h: Harness, site: str, delta: State, round_number: int, base_round: int, **kw: object) -> int:
-    """Push ``delta`` for ``site``; assert it is accepted once; return the payload size."""
-    head, payload = h[site].header(delta, round_number, base_round, **kw)  # type: ignore[arg-type]
+def push(h: Harness, site: str, delta: State, *, round: int, base: int, **kw: object) -> int:
+    """Push ``delta`` for ``site`` to round ``round``, trained from round ``base``; assert it is
+    accepted once; return the payload size."""
+    head, payload = h[site].header(delta, round=round, base=base, **kw)  # type: ignore[arg-type]
     receipt = h[site].push(head, payload)
     assert receipt.accepted and not receipt.duplicate
-    assert (receipt.upload_id, receipt.round, receipt.bytes_received) == (
-        head.upload_id,
-        round_number,
-        len(payload),
-    )
+    assert (receipt.upload_id, receipt.round, receipt.bytes_received) == (head.upload_id, round, len(payload))
     return len(payload)
 
 
@@ -75,9 +71,19 @@ def participants(status: admin_pb2.RoundStatus) -> dict[str, admin_pb2.SiteRound
     return {p.site_id: p for p in status.participants}
 
 
-def stays(h: Harness, round_number: int, state: int, seconds: float = 0.3) -> None:
-    """Round ``round_number`` is still in ``state`` after ``seconds`` (a few ticks of the loop)."""
-    time.sleep(seconds)
+def ticks(h: Harness, n: int = 5) -> None:
+    """Let the round loop tick ``n`` times (``tick_s`` each).
+
+    A tick that changes nothing sends no event and leaves no trace, so where a test must show
+    that the loop did *not* act and no later event of the run proves that it ticked in between,
+    it sleeps through a few ticks. Everywhere else a test waits for an event (``Watcher``).
+    """
+    time.sleep(n * h.agg.config.tick_s)
+
+
+def still(h: Harness, round_number: int, state: int) -> None:
+    """Round ``round_number`` is still in ``state`` after a few ticks of the round loop."""
+    ticks(h)
     assert h.admin.round(round_number).state == state
 
 
@@ -87,7 +93,7 @@ def stays(h: Harness, round_number: int, state: int, seconds: float = 0.3) -> No
 def test_full_round_publishes_the_weighted_mean(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 30, "c": 7})
     h.join_all()
-    spec = h["a"].await_round(0)
+    spec = h["a"].await_round(after=0)
     assert (spec.round, spec.base_round, spec.run_id) == (1, 0, "test-run")
     # Dense in two tensors, zero in the rest: the difference is smaller than a snapshot,
     # so FetchDiff(have_round=0) streams the difference itself.
@@ -97,18 +103,18 @@ def test_full_round_publishes_the_weighted_mean(harness: MakeHarness) -> None:
     sizes = {}
     for i, s in enumerate(h.sites):
         metrics = UploadMetrics(train_loss=losses[s][0], eval_loss=losses[s][1], steps=3)
-        sizes[s] = push(h, s, deltas[s], 1, 0, metrics=metrics)
+        sizes[s] = push(h, s, deltas[s], round=1, base=0, metrics=metrics)
         if i < 2:  # the quorum is every participant: no close before the third upload
-            stays(h, 1, COLLECTING, 0.2)
+            still(h, 1, COLLECTING)
 
     status = h.admin.wait_round(1)
     assert status.state == PUBLISHED, status.failure_reason
     mean = h.mean([(deltas[s], h[s].samples) for s in h.sites])
 
-    fetched = h["b"].fetch(0)
+    fetched = h["b"].fetch(have=0)
     assert [(head.kind, head.round, head.base_round) for head, _ in fetched] == [(DeltaKind.DIFF, 1, 0)]
     assert_same_bits(fetched[0][1], mean)
-    assert h["b"].await_round(1).round == 2
+    assert h["b"].await_round(after=1).round == 2
     number, snapshot = h["c"].snapshot()
     assert number == 1
     assert_same_bits(snapshot, add(h.init, mean))
@@ -146,14 +152,16 @@ def test_full_round_publishes_the_weighted_mean(harness: MakeHarness) -> None:
 
 def test_quorum_holds_when_a_silent_site_is_dropped(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20, "c": 30})
+    events = h.admin.watch()
     h.join_all()
     deltas = {s: random_delta(i + 11, h.init) for i, s in enumerate(h.sites)}
-    push(h, "a", deltas["a"], 1, 0)
-    push(h, "b", deltas["b"], 1, 0)
-    stays(h, 1, COLLECTING, 0.2)  # c is alive: the round waits for it
+    push(h, "a", deltas["a"], round=1, base=0)
+    push(h, "b", deltas["b"], round=1, base=0)
     h["c"].stop_beating()
     status = h.admin.wait_round(1, timeout=10)  # dropped after 3 missed 0.5 s beats
     assert status.state == PUBLISHED, status.failure_reason
+    # While c was alive the round waited for it.
+    assert events.first("site_dropped", site="c") < events.first("round_closed", round=1)
     parts = participants(status)
     assert parts["c"].dropped and not parts["c"].accepted and parts["c"].bytes_in == 0
     assert parts["a"].accepted and parts["b"].accepted and not parts["a"].dropped
@@ -171,38 +179,40 @@ def test_quorum_holds_when_a_silent_site_is_dropped(harness: MakeHarness) -> Non
 
 def test_a_round_opens_only_when_enough_sites_are_alive(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20, "c": 30}, round=RoundPolicy(min_sites_to_open=2))
+    events = h.admin.watch()
     h["a"].join()
     h["a"].start_beating()
-    time.sleep(0.3)
+    ticks(h)
     assert h.admin.status().current_round == 0  # one site alive: round 1 waits
     h["b"].join()
     h["b"].start_beating()
-    assert h["a"].await_round(0).round == 1
+    assert h["a"].await_round(after=0).round == 1
     assert sorted(participants(h.admin.round(1))) == ["a", "b"]
-    push(h, "a", random_delta(71, h.init), 1, 0)
-    push(h, "b", random_delta(72, h.init), 1, 0)
+    push(h, "a", random_delta(71, h.init), round=1, base=0)
+    push(h, "b", random_delta(72, h.init), round=1, base=0)
     assert h.admin.wait_round(1).state == PUBLISHED
     # Round 2 opens at once (two alive); a falls silent, b finishes round 2 alone, and round 3 waits
     # between rounds until a second site is alive again.
-    assert h["b"].await_round(1).round == 2
+    assert h["b"].await_round(after=1).round == 2
     h["a"].stop_beating()
-    push(h, "b", random_delta(73, h.init), 2, 1)
+    push(h, "b", random_delta(73, h.init), round=2, base=1)
     assert h.admin.wait_round(2).state == PUBLISHED
-    time.sleep(0.3)
-    assert h.admin.status().current_round == 2
     h["c"].join()
-    assert h["c"].await_round(2).round == 3
+    assert h["c"].await_round(after=2).round == 3
     assert sorted(participants(h.admin.round(3))) == ["b", "c"]
+    # Publishing round 2 tried to open round 3 (b alone); it opened only once c joined.
+    assert events.first("round_published", round=2) < events.first("site_joined", site="c")
+    assert events.first("site_joined", site="c") < events.first("round_opened", round=3)
 
 
 def test_explicit_min_sites_closes_early_and_refuses_the_late_site(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20, "c": 30}, round=RoundPolicy(min_sites=2))
     h.join_all()
     deltas = {s: random_delta(i + 21, h.init) for i, s in enumerate(h.sites)}
-    late_head, late_payload = h["c"].header(deltas["c"], 1, 0)
-    push(h, "a", deltas["a"], 1, 0)
-    stays(h, 1, COLLECTING, 0.2)
-    push(h, "b", deltas["b"], 1, 0)
+    late_head, late_payload = h["c"].header(deltas["c"], round=1, base=0)
+    push(h, "a", deltas["a"], round=1, base=0)
+    still(h, 1, COLLECTING)
+    push(h, "b", deltas["b"], round=1, base=0)
     h.admin.wait_round(1, AGGREGATING, PUBLISHED)
     code = rpc_code(lambda: h["c"].push(late_head, late_payload))
     assert code in (grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION)
@@ -220,12 +230,12 @@ def test_explicit_min_sites_closes_early_and_refuses_the_late_site(harness: Make
 def test_deadline_closes_the_round_with_what_it_has(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20}, round=RoundPolicy(deadline_s=2))
     h.join_all()
-    spec = h["a"].await_round(0)
+    spec = h["a"].await_round(after=0)
     assert spec.deadline_unix_ms > 0
     delta = random_delta(31, h.init)
-    push(h, "a", delta, 1, 0)
-    stays(h, 1, COLLECTING, 0.2)  # b is alive and has not uploaded
+    push(h, "a", delta, round=1, base=0)
     status = h.admin.wait_round(1, timeout=10)
+    # b is alive and has not uploaded: the round waited for it until the deadline, not a moment less.
     assert status.state == PUBLISHED and status.close_reason == "deadline"
     assert status.closed_unix_ms >= spec.deadline_unix_ms
     assert status.samples == 10
@@ -241,20 +251,20 @@ def test_deadline_without_uploads_fails_and_the_next_round_opens(harness: MakeHa
     status = h.admin.wait_round(1, timeout=10)
     assert status.state == FAILED
     assert "deadline" in status.failure_reason and status.published_unix_ms == 0
-    spec = h["a"].await_round(1)
+    spec = h["a"].await_round(after=1)
     assert spec.round >= 2 and spec.base_round == 0  # a failed round publishes nothing
     reply = h.admin.stub.SetRoundPolicy(
         admin_pb2.SetRoundPolicyRequest(round_deadline_s=60), metadata=h.admin.metadata, timeout=10
     )
     assert reply.status.round_deadline_s == 60
-    spec = h["a"].await_round(1)  # the open round now ends 60 s after it opened
+    spec = h["a"].await_round(after=1)  # the open round now ends 60 s after it opened
     assert spec.deadline_unix_ms - h.admin.round(spec.round).opened_unix_ms == 60_000
     delta = random_delta(41, h.init)
-    push(h, "a", delta, spec.round, 0)
+    push(h, "a", delta, round=spec.round, base=0)
     assert h.admin.wait_round(spec.round).state == PUBLISHED
     # The chain from round 0 skips the failed round(s).
     assert all(h.admin.round(r).state == FAILED for r in range(1, spec.round))
-    fetched = h["a"].fetch(0)
+    fetched = h["a"].fetch(have=0)
     assert [head.round for head, _ in fetched] == [spec.round]
     assert_same_bits(apply_fetched(h.init, fetched), add(h.init, h.mean([(delta, 10)])))
 
@@ -262,8 +272,8 @@ def test_deadline_without_uploads_fails_and_the_next_round_opens(harness: MakeHa
 def test_deadline_below_the_explicit_minimum_fails_and_leaves_the_state(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20}, round=RoundPolicy(min_sites=2))
     h.join_all()
-    push(h, "a", random_delta(51, h.init), 1, 0)
-    stays(h, 1, COLLECTING, 0.2)
+    push(h, "a", random_delta(51, h.init), round=1, base=0)
+    # (One upload of the two needed does not close the round: it fails below, it never publishes.)
     # A 1 s deadline for a round opened earlier than that: it is due at once.
     time.sleep(max(0.0, 1.1 - (time.time() - h.admin.round(1).opened_unix_ms / 1000)))
     h.admin.stub.SetRoundPolicy(
@@ -271,7 +281,7 @@ def test_deadline_below_the_explicit_minimum_fails_and_leaves_the_state(harness:
     )
     status = h.admin.wait_round(1, timeout=10)
     assert status.state == FAILED and "needs 2 site(s)" in status.failure_reason
-    assert h["a"].await_round(1).base_round == 0
+    assert h["a"].await_round(after=1).base_round == 0
     number, snapshot = h["a"].snapshot()
     assert number == 0
     assert_same_bits(snapshot, h.init)
@@ -280,10 +290,10 @@ def test_deadline_below_the_explicit_minimum_fails_and_leaves_the_state(harness:
 def test_run_finishes_after_its_rounds(harness: MakeHarness) -> None:
     h = harness({"a": 10}, rounds=1)
     h.join_all()
-    push(h, "a", random_delta(61, h.init), 1, 0)
+    push(h, "a", random_delta(61, h.init), round=1, base=0)
     assert h.admin.wait_round(1).state == PUBLISHED
     wait_for(lambda: h.admin.status().finished, what="the run to finish")
-    assert h["a"].await_round(1, wait_ms=200).run_finished
+    assert h["a"].await_round(after=1, wait_ms=200).run_finished
     assert h["a"].beat().directive == federation_pb2.DIRECTIVE_STOP
     assert [r.round for r in h.admin.rounds()] == [1]
 
@@ -303,20 +313,20 @@ def test_fetch_chain_or_snapshot_gives_the_same_state(harness: MakeHarness) -> N
     held: dict[int, State] = {0: h.init}
     expected = h.init
     for number, delta in enumerate(deltas, start=1):
-        assert site.await_round(number - 1).round == number
-        push(h, "a", delta, number, number - 1)
+        assert site.await_round(after=number - 1).round == number
+        push(h, "a", delta, round=number, base=number - 1)
         assert h.admin.wait_round(number).state == PUBLISHED
         expected = add(expected, h.mean([(delta, 10)]))
-        held[number] = apply_fetched(held[number - 1], site.fetch(number - 1))
+        held[number] = apply_fetched(held[number - 1], site.fetch(have=number - 1))
         assert_same_bits(held[number], expected)
 
     _, snapshot = site.snapshot()
     assert_same_bits(snapshot, expected)
     diff_bytes = {r.round: r.diff_bytes for r in h.admin.rounds()}
-    snapshot_bytes = site.fetch(0, snapshot=True)[0][0].layout.total_bytes
+    snapshot_bytes = site.fetch(have=0, snapshot=True)[0][0].layout.total_bytes
     kinds = {}
     for have in (0, 1, 2):
-        fetched = site.fetch(have)
+        fetched = site.fetch(have=have)
         chain = sum(diff_bytes[r] for r in range(have + 1, 4))
         if chain > snapshot_bytes:
             assert [(head.kind, head.round) for head, _ in fetched] == [(DeltaKind.SNAPSHOT, 3)]
@@ -329,9 +339,9 @@ def test_fetch_chain_or_snapshot_gives_the_same_state(harness: MakeHarness) -> N
         assert_same_bits(apply_fetched(held[have], fetched), snapshot)
     # The deltas were chosen so that both answers occur.
     assert kinds[0] is DeltaKind.SNAPSHOT and kinds[1] is DeltaKind.DIFF
-    assert [head.kind for head, _ in site.fetch(1, snapshot=True)] == [DeltaKind.SNAPSHOT]
-    assert site.fetch(3) == []
-    assert rpc_code(lambda: site.fetch(4)) is grpc.StatusCode.FAILED_PRECONDITION
+    assert [head.kind for head, _ in site.fetch(have=1, snapshot=True)] == [DeltaKind.SNAPSHOT]
+    assert site.fetch(have=3) == []
+    assert rpc_code(lambda: site.fetch(have=4)) is grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harness: MakeHarness) -> None:
@@ -348,9 +358,9 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
     digests: dict[int, str] = {}
     reused = []
     for number, delta in enumerate(deltas, start=1):
-        assert site.await_round(number - 1).round == number
+        assert site.await_round(after=number - 1).round == number
         spent = {p.stat().st_ino for p in blobs.recycler.directory.glob("*.spent")}
-        push(h, "a", delta, number, number - 1)
+        push(h, "a", delta, round=number, base=number - 1)
         assert h.admin.wait_round(number).state == PUBLISHED
         states[number] = add(states[number - 1], h.mean([(delta, 10)]))
         record = store.get(RoundRecord, number)
@@ -359,9 +369,9 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
         if number >= 4:  # the dense rounds' files were dropped: this difference took one over
             reused.append(blobs.path(record.diff_blob).stat().st_ino in spent)
         # The site one round behind still ends exactly where the aggregator is.
-        assert_same_bits(apply_fetched(states[number - 1], site.fetch(number - 1)), states[number])
+        assert_same_bits(apply_fetched(states[number - 1], site.fetch(have=number - 1)), states[number])
 
-    snapshot_bytes = site.fetch(0, snapshot=True)[0][0].layout.total_bytes
+    snapshot_bytes = site.fetch(have=0, snapshot=True)[0][0].layout.total_bytes
     records = {r.round: r for r in store.select(RoundRecord, "round > 0")}
     kept = dropped = 0
     for number in range(1, 6):
@@ -370,7 +380,7 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
         assert on_disk == (suffix <= snapshot_bytes), (number, suffix, snapshot_bytes)
         assert bool(records[number].diff_blob) == on_disk
         kept, dropped = kept + on_disk, dropped + (not on_disk)
-        fetched = site.fetch(number - 1)
+        fetched = site.fetch(have=number - 1)
         if on_disk:
             assert [head.kind for head, _ in fetched] == [DeltaKind.DIFF] * (6 - number)
         else:
@@ -394,10 +404,10 @@ def test_a_plan_whose_file_was_dropped_opens_nothing_and_removes_its_temporaries
     ]
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(FileNotFoundError):
-        _open_all(plan)
+        open_all(plan)
     assert len(os.listdir("/proc/self/fd")) == before
     assert kept.exists() and not temporary.exists()
-    opened = _open_all(plan[:1])
+    opened = open_all(plan[:1])
     assert [(item.round, source.read()) for item, source in opened] == [(1, b"k")]
     opened[0][1].close()
 
@@ -409,13 +419,13 @@ def test_zero_differences_keep_every_state_file_a_round_names(harness: MakeHarne
     site = h["a"]
     zero = {name: torch.zeros_like(t) for name, t in h.init.items()}
     for number in (1, 2, 3):
-        assert site.await_round(number - 1).round == number
-        push(h, "a", zero, number, number - 1)
+        assert site.await_round(after=number - 1).round == number
+        push(h, "a", zero, round=number, base=number - 1)
         assert h.admin.wait_round(number).state == PUBLISHED
     number, snapshot = site.snapshot()
     assert number == 3
     assert_same_bits(snapshot, h.init)
-    assert_same_bits(apply_fetched(h.init, site.fetch(0)), h.init)
+    assert_same_bits(apply_fetched(h.init, site.fetch(have=0)), h.init)
 
 
 def test_a_bf16_broadcast_publishes_the_state_workers_will_hold(harness: MakeHarness) -> None:
@@ -424,10 +434,10 @@ def test_a_bf16_broadcast_publishes_the_state_workers_will_hold(harness: MakeHar
     h.join_all()
     site = h["a"]
     delta = random_delta(81, h.init)
-    assert site.await_round(0).round == 1
-    push(h, "a", delta, 1, 0)
+    assert site.await_round(after=0).round == 1
+    push(h, "a", delta, round=1, base=0)
     assert h.admin.wait_round(1).state == PUBLISHED
-    fetched = site.fetch(0)
+    fetched = site.fetch(have=0)
     assert [(head.kind, head.layout.codec.cast) for head, _ in fetched] == [(DeltaKind.DIFF, Cast.BF16)]
     held = apply_fetched(h.init, fetched)
     _, snapshot = site.snapshot()
@@ -439,91 +449,89 @@ def test_a_bf16_broadcast_publishes_the_state_workers_will_hold(harness: MakeHar
 # ---------------------------------------------------------------- admin
 
 
-def _watch(admin: AdminClient) -> tuple[queue.Queue[admin_pb2.RunEvent], Callable[[], None]]:
-    events: queue.Queue[admin_pb2.RunEvent] = queue.Queue()
-    stream = admin.stub.Watch(admin_pb2.WatchRequest(), metadata=admin.metadata)
-
-    def pump() -> None:
-        try:
-            for event in stream:
-                events.put(event)
-        except grpc.RpcError as exc:
-            assert exc.code() is grpc.StatusCode.CANCELLED
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        stream.cancel()
-        thread.join(timeout=5)
-
-    return events, stop
+CONTROL = admin_pb2.ControlRequest
 
 
-def _drain(events: queue.Queue[admin_pb2.RunEvent]) -> list[tuple[str, int, str]]:
-    out: list[tuple[str, int, str]] = []
-    while True:
-        try:
-            event = events.get_nowait()
-        except queue.Empty:
-            return out
-        out.append((event.kind, event.round, event.site_id))
-
-
-def test_admin_controls_through_the_stub(harness: MakeHarness) -> None:
-    h = harness({"a": 10, "b": 20, "c": 30})
-    admin = h.admin
-    events, stop_watch = _watch(admin)
-    wait_for(lambda: h.agg.coordinator._subscribers, what="the watcher to subscribe")
+def _admin_run(harness: MakeHarness, sites: dict[str, int] | None = None) -> tuple[Harness, Watcher]:
+    """``sites`` (a, b and c with 10, 20 and 30 samples) joined and beating, round 1 open, all of it watched."""
+    h = harness(sites or {"a": 10, "b": 20, "c": 30})
+    events = h.admin.watch()
     h.join_all()
-    control = admin_pb2.ControlRequest
+    assert h["a"].await_round(after=0).round == 1
+    return h, events
 
-    # Pause: uploads are still taken, but the round does not close on quorum.
-    reply = admin.stub.Pause(control(reason="maintenance"), metadata=admin.metadata, timeout=10)
+
+def test_pause_takes_uploads_but_holds_the_close_until_resume(harness: MakeHarness) -> None:
+    h, events = _admin_run(harness)
+    admin = h.admin
+    reply = admin.stub.Pause(CONTROL(reason="maintenance"), metadata=admin.metadata, timeout=10)
     assert reply.ok and reply.status.paused
     deltas = {s: random_delta(81 + i, h.init) for i, s in enumerate(h.sites)}
     for s in h.sites:
-        push(h, s, deltas[s], 1, 0)
-    stays(h, 1, COLLECTING, 0.3)
-    reply = admin.stub.Resume(control(), metadata=admin.metadata, timeout=10)
+        push(h, s, deltas[s], round=1, base=0)
+    still(h, 1, COLLECTING)
+    reply = admin.stub.Resume(CONTROL(), metadata=admin.metadata, timeout=10)
     assert reply.ok and not reply.status.paused
     assert admin.wait_round(1).state == PUBLISHED
-    state = add(h.init, h.mean([(deltas[s], h[s].samples) for s in h.sites]))
+    _, snapshot = h["a"].snapshot()
+    assert_same_bits(snapshot, add(h.init, h.mean([(deltas[s], h[s].samples) for s in h.sites])))
+    assert events.first("resumed") < events.first("round_closed", round=1)
+    assert events.first("paused") < events.first("resumed") < events.first("round_published", round=1)
+    events.first("round_opened", round=2)  # publishing opens the next round
+    for kind in ("site_joined", "paused", "resumed", "upload_accepted", "round_closed", "round_published",
+                 "round_opened"):  # fmt: skip
+        assert kind in events.kinds(), (kind, events.kinds())
 
-    # Close now: round 2 publishes with the one upload it has.
-    assert h["a"].await_round(1).round == 2
-    d2 = random_delta(91, h.init)
-    push(h, "a", d2, 2, 1)
-    stays(h, 2, COLLECTING, 0.2)
-    assert admin.stub.CloseRound(control(reason="enough"), metadata=admin.metadata, timeout=10).ok
-    status = admin.wait_round(2)
+
+def test_close_round_publishes_the_one_upload_it_has(harness: MakeHarness) -> None:
+    h, events = _admin_run(harness)
+    admin = h.admin
+    delta = random_delta(91, h.init)
+    push(h, "a", delta, round=1, base=0)
+    assert admin.round(1).state == COLLECTING
+    assert admin.stub.CloseRound(CONTROL(reason="enough"), metadata=admin.metadata, timeout=10).ok
+    status = admin.wait_round(1)
+    # Closed by the operator, not by the quorum (b and c are alive and have not uploaded).
     assert (status.state, status.close_reason, status.samples) == (PUBLISHED, "admin", 10)
-    state = add(state, h.mean([(d2, 10)]))
+    _, snapshot = h["a"].snapshot()
+    assert_same_bits(snapshot, add(h.init, h.mean([(delta, 10)])))
+    assert events.first("round_closed", round=1) < events.first("round_published", round=1)
 
-    # Close now without uploads: the round fails, the next opens.
-    assert h["a"].await_round(2).round == 3
-    assert admin.stub.CloseRound(control(), metadata=admin.metadata, timeout=10).ok
-    status = admin.wait_round(3)
+
+def test_close_round_without_uploads_fails_it_and_the_next_opens(harness: MakeHarness) -> None:
+    h, events = _admin_run(harness)
+    admin = h.admin
+    assert admin.stub.CloseRound(CONTROL(), metadata=admin.metadata, timeout=10).ok
+    status = admin.wait_round(1)
     assert status.state == FAILED and "operator" in status.failure_reason
+    assert h["a"].await_round(after=1).round == 2
+    assert events.first("round_failed", round=1) < events.first("round_opened", round=2)
 
-    # Paused, an operator close still publishes, but no round opens until resume.
-    assert h["a"].await_round(3).round == 4
-    admin.stub.Pause(control(), metadata=admin.metadata, timeout=10)
-    d4 = random_delta(92, h.init)
-    push(h, "b", d4, 4, 2)
-    admin.stub.CloseRound(control(), metadata=admin.metadata, timeout=10)
-    assert admin.wait_round(4).state == PUBLISHED
-    state = add(state, h.mean([(d4, 20)]))
-    time.sleep(0.2)
+
+def test_close_round_while_paused_publishes_but_opens_nothing_until_resume(harness: MakeHarness) -> None:
+    h, events = _admin_run(harness)
+    admin = h.admin
+    admin.stub.Pause(CONTROL(), metadata=admin.metadata, timeout=10)
+    delta = random_delta(92, h.init)
+    push(h, "b", delta, round=1, base=0)
+    admin.stub.CloseRound(CONTROL(), metadata=admin.metadata, timeout=10)
+    assert admin.wait_round(1).state == PUBLISHED
+    _, snapshot = h["a"].snapshot()
+    assert_same_bits(snapshot, add(h.init, h.mean([(delta, 20)])))
+    ticks(h)  # publishing round 1 did not open round 2, and neither do the ticks after it while paused
     run = admin.status()
-    assert (run.paused, run.current_round, run.current_state) == (True, 4, PUBLISHED)
+    assert (run.paused, run.current_round, run.current_state) == (True, 1, PUBLISHED)
     assert (
-        rpc_code(lambda: admin.stub.CloseRound(control(), metadata=admin.metadata, timeout=10))
+        rpc_code(lambda: admin.stub.CloseRound(CONTROL(), metadata=admin.metadata, timeout=10))
         is grpc.StatusCode.FAILED_PRECONDITION
     )
-    assert admin.stub.Resume(control(), metadata=admin.metadata, timeout=10).status.current_round == 5
+    assert admin.stub.Resume(CONTROL(), metadata=admin.metadata, timeout=10).status.current_round == 2
+    assert events.first("resumed") < events.first("round_opened", round=2)
 
-    # Evict: the site is dropped from the round, told to stop, and refused from then on.
+
+def test_evict_drops_the_site_stops_it_and_refuses_it_from_then_on(harness: MakeHarness) -> None:
+    h, events = _admin_run(harness)
+    admin = h.admin
     reply = admin.stub.EvictSite(
         admin_pb2.EvictSiteRequest(site_id="c", reason="misbehaving"), metadata=admin.metadata, timeout=10
     )
@@ -537,17 +545,24 @@ def test_admin_controls_through_the_stub(harness: MakeHarness) -> None:
     assert admin.sites()["c"].state == admin_pb2.SITE_STATE_EVICTED
     assert h["c"].beat().directive == federation_pb2.DIRECTIVE_STOP
     assert rpc_code(h["c"].join) is grpc.StatusCode.PERMISSION_DENIED
-    head, payload = h["c"].header(random_delta(93, h.init), 5, 4)
+    head, payload = h["c"].header(random_delta(93, h.init), round=1, base=0)
     assert rpc_code(lambda: h["c"].push(head, payload)) is grpc.StatusCode.PERMISSION_DENIED
-    d5 = {s: random_delta(94 + i, h.init) for i, s in enumerate("ab")}
-    push(h, "a", d5["a"], 5, 4)
-    push(h, "b", d5["b"], 5, 4)
-    status = admin.wait_round(5)  # a and b are all the live participants now
+    deltas = {s: random_delta(94 + i, h.init) for i, s in enumerate("ab")}
+    push(h, "a", deltas["a"], round=1, base=0)
+    push(h, "b", deltas["b"], round=1, base=0)
+    status = admin.wait_round(1)  # a and b are all the live participants now
     assert status.state == PUBLISHED and status.close_reason == "all"
     assert participants(status)["c"].dropped
-    state = add(state, h.mean([(d5["a"], 10), (d5["b"], 20)]))
+    _, snapshot = h["a"].snapshot()
+    assert_same_bits(snapshot, add(h.init, h.mean([(deltas["a"], 10), (deltas["b"], 20)])))
+    assert events.first("site_evicted", round=1, site="c") < events.first("round_closed", round=1)
 
-    # Policy: a bad request changes nothing; a good one applies to the open round.
+
+def test_set_round_policy_refuses_a_bad_request_and_applies_a_good_one_to_the_open_round(
+    harness: MakeHarness,
+) -> None:
+    h, _ = _admin_run(harness, {"a": 10, "b": 20})
+    admin = h.admin
     bad = admin_pb2.SetRoundPolicyRequest(
         quorum=federation_pb2.Quorum(min_sites=3, min_sample_fraction=1.5), round_deadline_s=99
     )
@@ -563,27 +578,14 @@ def test_admin_controls_through_the_stub(harness: MakeHarness) -> None:
         timeout=10,
     )
     assert (reply.status.quorum.min_sites, reply.status.round_deadline_s) == (1, 120)
-    spec = h["a"].await_round(5)
-    assert spec.round == 6 and spec.quorum.min_sites == 1 and spec.deadline_unix_ms > 0
-    d6 = random_delta(96, h.init)
-    push(h, "b", d6, 6, 5)
-    status = admin.wait_round(6)
+    spec = h["a"].await_round(after=0)
+    assert spec.round == 1 and spec.quorum.min_sites == 1 and spec.deadline_unix_ms > 0
+    delta = random_delta(96, h.init)
+    push(h, "b", delta, round=1, base=0)
+    status = admin.wait_round(1)
     assert (status.state, status.close_reason, status.samples) == (PUBLISHED, "quorum", 20)
-    state = add(state, h.mean([(d6, 20)]))
     _, snapshot = h["a"].snapshot()
-    assert_same_bits(snapshot, state)
-
-    # What the watcher saw, in order of the run.
-    wait_for(lambda: not events.empty(), what="watch events")
-    time.sleep(0.2)
-    stop_watch()
-    seen = _drain(events)
-    kinds = [kind for kind, _, _ in seen]
-    for kind in ("site_joined", "paused", "resumed", "upload_accepted", "round_closed", "round_published",
-                 "round_failed", "site_evicted", "round_opened"):  # fmt: skip
-        assert kind in kinds, (kind, kinds)
-    assert ("site_evicted", 5, "c") in seen
-    assert kinds.index("paused") < kinds.index("resumed") < kinds.index("round_published")
+    assert_same_bits(snapshot, add(h.init, h.mean([(delta, 20)])))
 
 
 def test_admin_credentials(harness: MakeHarness) -> None:
@@ -642,7 +644,7 @@ def test_status_and_admin_cli(harness: MakeHarness, tmp_path: Path) -> None:
     h = harness({"a": 10, "b": 20})
     h.join_all()
     deltas = {"a": random_delta(101, h.init), "b": random_delta(102, h.init)}
-    sizes = {s: push(h, s, deltas[s], 1, 0) for s in "ab"}
+    sizes = {s: push(h, s, deltas[s], round=1, base=0) for s in "ab"}
     assert h.admin.wait_round(1).state == PUBLISHED
     token = tmp_path / "admin.token"
     token.write_text(ADMIN_TOKEN + "\n")

@@ -58,11 +58,11 @@ def harness(tmp_path: Path) -> Iterator[MakeHarness]:
         yield make
 
 
-def encoded(site: ScriptedSite, delta: State, **kw: Any) -> tuple[DeltaHeader, bytes]:
-    """A round-1 upload of ``delta`` in several shards."""
-    head, payload = site.header(
-        delta, kw.pop("round_number", 1), kw.pop("base_round", 0), shard_bytes=SHARD, **kw
-    )
+def encoded(
+    site: ScriptedSite, delta: State, *, round: int = 1, base: int = 0, **kw: Any
+) -> tuple[DeltaHeader, bytes]:
+    """An upload of ``delta`` for round ``round`` from round ``base`` (round 1 from 0), in several shards."""
+    head, payload = site.header(delta, round=round, base=base, shard_bytes=SHARD, **kw)
     assert len(head.layout.shards) >= 8
     return head, payload
 
@@ -80,13 +80,13 @@ def accepted(receipt: federation_pb2.PushReceipt, head: DeltaHeader) -> None:
 
 def folded(h: Harness, upload_id: str) -> set[int]:
     """Shards of ``upload_id`` folded into the open round's sum (white-box: in-process coordinator)."""
-    acc = h.agg.coordinator.acc
+    acc = h.agg.coordinator.state.acc
     return acc.folded_shards(upload_id) if acc is not None else set()
 
 
 def received(h: Harness, upload_id: str, nbytes: int) -> None:
     """Wait until the aggregator's session of ``upload_id`` has received ``nbytes`` (white-box)."""
-    session = wait_for(lambda: h.agg.coordinator.intake._sessions.get(upload_id), what="the upload session")
+    session = wait_for(lambda: h.agg.coordinator.intake.session(upload_id), what="the upload session")
     wait_for(lambda: session.bytes_received == nbytes, what=f"{nbytes} bytes of {upload_id} to arrive")
 
 
@@ -120,7 +120,9 @@ def test_duplicate_upload_counts_once(harness: MakeHarness) -> None:
     assert status.state == federation_pb2.ROUND_STATE_COLLECTING
     assert [p.site_id for p in status.participants if p.accepted] == ["a"]
     assert status.bytes_in == len(payload)
-    assert h.agg.coordinator.acc is not None and h.agg.coordinator.acc.accepted == [head.upload_id]
+    assert h.agg.coordinator.state.acc is not None and h.agg.coordinator.state.acc.accepted == [
+        head.upload_id
+    ]
 
     head_b, payload_b = encoded(h["b"], db)
     accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
@@ -255,7 +257,7 @@ def test_large_upload_commits_every_8_mib_and_resumes(harness: MakeHarness) -> N
     h.join_all()
     site = h["a"]
     delta = random_delta(31, init)
-    head, payload = site.header(delta, 1, 0, shard_bytes=4 * MIB)
+    head, payload = site.header(delta, round=1, base=0, shard_bytes=4 * MIB)
     assert len(payload) > 10 * MIB and len(head.layout.shards) >= 3
     chunks = list(site.chunks(head, payload, chunk_bytes=MIB))
     release = threading.Event()
@@ -336,8 +338,8 @@ def test_bad_uploads_are_refused_and_change_nothing(
     )) is INVALID  # fmt: skip
 
     # Wrong round, base round, run; a site that never joined.
-    assert push(*fresh(round_number=2)) is FAILED
-    assert push(*fresh(base_round=1)) is FAILED
+    assert push(*fresh(round=2)) is FAILED
+    assert push(*fresh(base=1)) is FAILED
     wrong_run, wrong_run_payload = fresh()
     assert push(dataclasses.replace(wrong_run, run_id="another-run"), wrong_run_payload) is FAILED
     c_head, c_payload = encoded(h["c"], random_delta(43, h.init))
@@ -356,7 +358,7 @@ def test_bad_uploads_are_refused_and_change_nothing(
     extra = dict(da, **{"extra.bias": torch.zeros(4)})
     half = {k: v.half() for k, v in da.items()}
     for tensors in (missing, reshaped, extra, half):
-        head, payload = a.header(tensors, 1, 0, shard_bytes=SHARD)
+        head, payload = a.header(tensors, round=1, base=0, shard_bytes=SHARD)
         assert push(head, payload) is INVALID
 
     # The stream itself: empty, headerless, a gap, a damaged chunk, an oversized chunk.
@@ -396,7 +398,7 @@ def test_bad_uploads_are_refused_and_change_nothing(
     assert_same_bits(state, h.init)
 
     # The same run without the bad attempts: a's and b's good uploads.
-    caplog.set_level(logging.INFO, logger="server.coordinator")
+    caplog.set_level(logging.INFO, logger="server")
     accepted(a.push(good_head, good_payload, chunk_bytes=CHUNK), good_head)
     head_b, payload_b = encoded(b, db)
     accepted(b.push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
@@ -427,7 +429,7 @@ def test_upload_over_the_size_limit_is_refused(harness: MakeHarness) -> None:
 def test_partial_upload_that_folded_shards_is_left_out(
     harness: MakeHarness, fate: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.coordinator")
+    caplog.set_level(logging.INFO, logger="server")
     h = harness({"a": 10, "b": 30})
     h.join_all()
     a = h["a"]
@@ -479,7 +481,7 @@ def test_concurrent_uploads_fold_within_the_order_bound(harness: MakeHarness) ->
 
     status = h.admin.wait_round(1)
     assert status.state == PUBLISHED and status.samples == sum(samples.values())
-    [(head, diff)] = h["a"].fetch(0)
+    [(head, diff)] = h["a"].fetch(have=0)
     assert head.kind is DeltaKind.DIFF
     # The shards of four uploads were folded interleaved, in an order the test does not know:
     # each element is within WeightedSum's reordering bound of the mean in any fixed order.

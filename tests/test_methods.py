@@ -180,7 +180,7 @@ def test_flexlora_close_matches_a_direct_numpy_computation(tmp_path: Path) -> No
 
 def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tmp_path: Path) -> None:
     from common.pb.gradualdiff.v1 import federation_pb2
-    from server.config import CyBgdConfig, RoundPolicy
+    from server.config import CyBgdConfig, CyBgdMode, RoundPolicy
     from tests.scripted import Harness, assert_same_bits, rpc_code
 
     gen = torch.Generator().manual_seed(5)
@@ -191,21 +191,23 @@ def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tm
     }
     # N = 3 sites, L = 2 blocks, agg: block 0 is trained by a and c together, block 1 by b.
     h = Harness(tmp_path, {"a": 10, "b": 30, "c": 5}, init=init, training=TrainingSpec(method=Method.FEDCYBGD),
-                cybgd=CyBgdConfig(mode="agg"), round=RoundPolicy(min_sites_to_open=3))  # fmt: skip
+                cybgd=CyBgdConfig(mode=CyBgdMode.AGG), round=RoundPolicy(min_sites_to_open=3))  # fmt: skip
     try:
         h.join_all()
-        spec = h["a"].await_round(0)
+        spec = h["a"].await_round(after=0)
         assert (spec.round, list(spec.trainable_tensors), spec.sits_out) == (1, ["model.layers.0.w"], False)
-        assert h["b"].await_round(0, wait_ms=300).sits_out  # not b's turn: it is told to sit out
+        assert h["b"].await_round(after=0, wait_ms=300).sits_out  # not b's turn: it is told to sit out
         da = {"model.layers.0.w": torch.randn(4, 4, generator=gen)}
         dc = {"model.layers.0.w": torch.randn(4, 4, generator=gen)}
         # b has no part in round 1; a whole-state upload from a is not its block.
-        code = rpc_code(lambda: h["b"].push(*h["b"].header({"model.layers.1.w": torch.ones(4, 4)}, 1, 0)))
+        code = rpc_code(
+            lambda: h["b"].push(*h["b"].header({"model.layers.1.w": torch.ones(4, 4)}, round=1, base=0))
+        )
         assert code.name == "FAILED_PRECONDITION"
-        code = rpc_code(lambda: h["a"].push(*h["a"].header(init, 1, 0)))
+        code = rpc_code(lambda: h["a"].push(*h["a"].header(init, round=1, base=0)))
         assert code.name == "INVALID_ARGUMENT"
         for site, delta in (("a", da), ("c", dc)):
-            receipt = h[site].push(*h[site].header(delta, 1, 0))
+            receipt = h[site].push(*h[site].header(delta, round=1, base=0))
             assert receipt.accepted
         assert h.admin.wait_round(1).state == federation_pb2.ROUND_STATE_PUBLISHED
         _, state = h["b"].snapshot()
@@ -214,7 +216,7 @@ def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tm
         torch.testing.assert_close(state["model.layers.0.w"], expected["model.layers.0.w"], rtol=0, atol=1e-6)
         assert_same_bits({k: state[k] for k in ("model.embed.weight", "model.layers.1.w")},
                          {k: init[k] for k in ("model.embed.weight", "model.layers.1.w")})  # fmt: skip
-        spec = h["b"].await_round(1)
+        spec = h["b"].await_round(after=1)
         assert (spec.round, list(spec.trainable_tensors)) == (2, ["model.layers.1.w"])
     finally:
         h.close()
@@ -222,7 +224,7 @@ def test_cybgd_agg_round_takes_the_plain_mean_of_its_group_and_refuses_others(tm
 
 def test_cybgd_compressed_download_fetches_own_block_and_a_subset(tmp_path: Path) -> None:
     from common.pb.gradualdiff.v1 import federation_pb2
-    from server.config import CyBgdConfig, RoundPolicy
+    from server.config import CyBgdConfig, CyBgdMode, RoundPolicy
     from tests.scripted import Harness
 
     gen = torch.Generator().manual_seed(9)
@@ -230,14 +232,14 @@ def test_cybgd_compressed_download_fetches_own_block_and_a_subset(tmp_path: Path
     init["model.norm.weight"] = torch.ones(3)
     sites = {f"s{i}": 10 for i in range(4)}
     h = Harness(tmp_path, sites, init=init, training=TrainingSpec(method=Method.FEDCYBGD),
-                cybgd=CyBgdConfig(mode="ascending", download_fraction=0.5),
+                cybgd=CyBgdConfig(mode=CyBgdMode.ASCENDING, download_fraction=0.5),
                 round=RoundPolicy(min_sites_to_open=4))  # fmt: skip
     try:
         h.join_all()
         state = dict(init)
         for number in range(1, 5):  # one cycle: s_i trains block i
             site = h[f"s{number - 1}"]
-            spec = site.await_round(number - 1)
+            spec = site.await_round(after=number - 1)
             assert spec.round == number and not spec.sits_out
             own = f"model.layers.{number - 1}."
             # Its own block always; a random ceil(p·n) of the n other blocks trained before.
@@ -260,7 +262,7 @@ def test_cybgd_compressed_download_fetches_own_block_and_a_subset(tmp_path: Path
             for name, value in tensors.items():
                 assert torch.equal(value, state[name])  # the latest values
             delta = {f"{own}w": torch.full((3, 3), float(number))}
-            assert site.push(*site.header(delta, number, number - 1)).accepted
+            assert site.push(*site.header(delta, round=number, base=number - 1)).accepted
             assert h.admin.wait_round(number).state == federation_pb2.ROUND_STATE_PUBLISHED
             state[f"{own}w"] = state[f"{own}w"] + delta[f"{own}w"]
     finally:

@@ -17,7 +17,7 @@ from client.export import state_file_of_round
 from client.worker import Worker
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
-from server.config import CyBgdConfig
+from server.config import CyBgdConfig, CyBgdMode, CyBgdOptimizerState
 from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
 from tests.scripted import AdminClient, Aggregator, ScriptedSite, assert_same_bits
 
@@ -92,7 +92,7 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
         sites,
         spec,
         rounds=4,
-        cybgd=CyBgdConfig(mode="descending", download_fraction=0.5),
+        cybgd=CyBgdConfig(mode=CyBgdMode.DESCENDING, download_fraction=0.5),
         keep_states=5,
     )
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
@@ -122,7 +122,7 @@ def test_cybgd_optimizer_state_travels_with_the_block(tmp_path: Path, demo: Path
     spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
     sites = ["site-a", "site-b"]
     config = demo_config(tmp_path, demo, sites, spec, rounds=4, keep_states=5,
-                         cybgd=CyBgdConfig(mode="ascending", optimizer_state="travel"))  # fmt: skip
+                         cybgd=CyBgdConfig(mode=CyBgdMode.ASCENDING, optimizer_state=CyBgdOptimizerState.TRAVEL))  # fmt: skip
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
         _run(agg.target, demo, tmp_path, dict.fromkeys(sites, 0))
         for number in range(1, 5):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from server.metrics import Metrics
+from server.app import metrics_of
 from tests.scripted import AdminClient, Aggregator, ScriptedSite, make_config, random_delta, small_state
 
 
@@ -22,7 +22,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def test_metrics_follow_a_round(tmp_path: Path) -> None:
     with Aggregator(make_config(tmp_path, ["a"])) as agg:
-        metrics = Metrics(agg.coordinator)
+        metrics = metrics_of(agg.coordinator)
         port = metrics.serve("127.0.0.1:0")
         before = _scrape(port)
         assert before["gdfed_round"] == 1
@@ -30,8 +30,10 @@ def test_metrics_follow_a_round(tmp_path: Path) -> None:
         with ScriptedSite(agg.target, "a") as site, AdminClient(agg.target) as admin:
             site.join()
             assert _scrape(port)["gdfed_sites_alive"] == 1
-            spec = site.await_round(0)
-            header, payload = site.header(random_delta(1, small_state()), spec.round, spec.base_round)
+            spec = site.await_round(after=0)
+            header, payload = site.header(
+                random_delta(1, small_state()), round=spec.round, base=spec.base_round
+            )
             assert site.push(header, payload).accepted
             admin.wait_round(1, 5)
         after = _scrape(port)

@@ -14,8 +14,8 @@ from client.data import batches, read_jsonl, tokenize
 from client.demo_init import init_demo
 from client.model import load_model, load_trainable, trainable_state
 from client.train import train_steps
-from client.worker import training_spec
 from common.pb.gradualdiff.v1 import federation_pb2
+from common.serde import training_spec_from_proto
 from common.spec import TrainingSpec
 
 
@@ -48,6 +48,6 @@ def test_fedprox_keeps_the_local_model_near_the_round_start(demo: Path) -> None:
 
 def test_prox_mu_travels_in_the_training_spec() -> None:
     msg = federation_pb2.TrainingSpec(prox_mu=0.25, local_steps=3)
-    spec = training_spec(msg)
+    spec = training_spec_from_proto(msg)
     assert spec.prox_mu == 0.25 and spec.local_steps == 3
-    assert training_spec(federation_pb2.TrainingSpec()).prox_mu == 0.0
+    assert training_spec_from_proto(federation_pb2.TrainingSpec()).prox_mu == 0.0

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from client.data import IGNORE, read_jsonl, tokenize
 from client.export import export, state_file_of_round
 from client.model import fingerprint
-from common.spec import TrainingSpec
+from common.spec import Phase, TrainingSpec
 from server.records import RoundRecord
 from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
 from tests.scripted import AdminClient, Aggregator, assert_same_bits, token_of, wait_for
@@ -122,7 +122,7 @@ def test_killed_worker_rejoins_and_nothing_is_counted_twice(tmp_path: Path, demo
 
         def training() -> bool:
             site = admin.sites().get("site-b")
-            return bool(site and site.phase == 3 and site.step >= 1)  # PHASE_TRAINING
+            return bool(site and site.phase == int(Phase.TRAINING) and site.step >= 1)
 
         wait_for(training, timeout=120)
         proc.send_signal(signal.SIGKILL)

@@ -1,0 +1,97 @@
+"""The run's record and its round 0: found in the state directory, or created from the initial state.
+
+A state directory holds one run. The first start writes the run record and
+round 0 (the initial trainable state, published, with its snapshot); every
+later start finds them and refuses a ``run_id`` that names another run.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from common.errors import FailedPrecondition
+from server.blobs import BlobStore
+from server.config import ServerConfig
+from server.methods import plan_of
+from server.publish import store_initial_state
+from server.records import RoundRecord, RoundState, RunRecord, check_id
+from server.statefile import StateReader, write_state
+from server.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+def load_or_create_run(
+    config: ServerConfig, store: Store, blobs: BlobStore, now_ms: Callable[[], int]
+) -> RunRecord:
+    """The run of ``config.state_dir``; created (with round 0) from ``config.init_state`` if there is none."""
+    runs = store.select(RunRecord)
+    if runs:
+        run = runs[0]
+        if config.run_id and config.run_id != run.run_id:
+            raise FailedPrecondition(
+                f"state directory {config.state_dir} holds run {run.run_id!r}, not {config.run_id!r}",
+                field="run_id",
+            )
+        return run
+    if config.init_state is None:
+        raise FailedPrecondition(
+            f"{config.state_dir} holds no run yet: give --init-state, the trainable state at round 0 "
+            "(a safetensors file)",
+            field="init_state",
+        )
+    run_id = config.run_id or f"run-{uuid.uuid4().hex[:12]}"
+    check_id(run_id, "run_id")
+    init = _initial_state_file(config, blobs)
+    state_blob, snapshot, _ = store_initial_state(blobs, init, run_id)
+    if init != config.init_state:
+        init.unlink(missing_ok=True)
+    policy = config.round
+    created = now_ms()
+    run = RunRecord(
+        run_id=run_id,
+        created_ms=created,
+        min_sites=policy.min_sites,
+        min_sample_fraction=policy.min_sample_fraction,
+        round_deadline_s=policy.deadline_s,
+    )
+    genesis = RoundRecord(
+        round=0,
+        state=RoundState.PUBLISHED,
+        opened_ms=created,
+        published_ms=created,
+        close_reason="initial state",
+        state_blob=state_blob,
+        snapshot_blob=snapshot.blob,
+        snapshot_header=snapshot.header,
+        snapshot_bytes=snapshot.nbytes,
+    )
+    with store.transaction():
+        store.put(run)
+        store.put(genesis)
+    logger.info("[run] created run=%s from %s", run_id, config.init_state)
+    return run
+
+
+def _initial_state_file(config: ServerConfig, blobs: BlobStore) -> Path:
+    """The operator's initial state, or a temporary copy with the tensors the method adds to it
+    (FedCyBGD's travelling optimizer state, zero at round 0)."""
+    assert config.init_state is not None
+    reader = StateReader(config.init_state)
+    plan = plan_of(config, reader.manifest)
+    manifest = plan.initial_manifest()
+    if manifest == plan.manifest:
+        return config.init_state
+    names = {t.name for t in reader.manifest}
+    path = blobs.temp_path(".safetensors")
+    write_state(
+        path,
+        manifest,
+        lambda spec: reader.read(spec.name) if spec.name in names else torch.zeros(spec.shape),
+    )
+    return path
