@@ -47,6 +47,7 @@ class Phase(enum.IntEnum):
     SYNCING = 2
     TRAINING = 3
     UPLOADING = 4
+    LOADING = 5  # loading the model: beats start at Join
 
 
 class Directive(enum.IntEnum):

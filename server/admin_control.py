@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "evict":
             reply = stub.EvictSite(admin_pb2.EvictSiteRequest(site_id=args.site_id, reason=args.reason), **kw)
         else:
-            request = admin_pb2.SetRoundPolicyRequest(round_deadline_s=args.deadline or 0)
+            request = admin_pb2.SetRoundPolicyRequest()
+            if args.deadline is not None:
+                request.round_deadline_s = args.deadline
             if args.min_sites is not None or args.min_sample_fraction is not None:
                 current = stub.GetStatus(admin_pb2.StatusRequest(), **kw).quorum
                 request.quorum.CopyFrom(

@@ -59,6 +59,7 @@ def load_or_create_run(
         min_sites=policy.min_sites,
         min_sample_fraction=policy.min_sample_fraction,
         round_deadline_s=policy.deadline_s,
+        min_sites_to_open=policy.min_sites_to_open,
     )
     genesis = RoundRecord(
         round=0,

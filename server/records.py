@@ -53,6 +53,8 @@ class RunRecord:
     min_sample_fraction: float = 0.0
     round_deadline_s: int = 0
     optimizer_blob: str = ""  # content address of the server optimizer's state file ("" = fresh)
+    pause_reason: str = ""  # what the operator said when pausing ("" when not paused)
+    min_sites_to_open: int = 0  # alive sites a round waits for before it opens (live-changeable)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -98,6 +100,11 @@ class SiteRecord:
     total_steps: int = 0
     loss: float = 0.0
     beat_round: int = 0
+    last_problem: str = ""  # the worker's last warning or error, as its heartbeat reported it
+    load_seconds: float = 0.0  # the worker's phase timings, as its latest heartbeat reported them
+    sync_seconds: float = 0.0
+    train_seconds: float = 0.0
+    upload_seconds: float = 0.0
 
 
 @dataclass(slots=True, kw_only=True)

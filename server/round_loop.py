@@ -113,7 +113,7 @@ class RoundLoop:
         if run.paused or run.finished or (current is not None and not current.state.is_final):
             return
         alive = state.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),))
-        if len(alive) < self._config.round.min_sites_to_open:
+        if len(alive) < run.min_sites_to_open:
             return
         number = run.current_round + 1
         now = state.now_ms()

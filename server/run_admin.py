@@ -200,7 +200,12 @@ class RunAdmin:
             )
 
     def set_policy(
-        self, *, min_sites: int | None, min_sample_fraction: float | None, deadline_s: int | None
+        self,
+        *,
+        min_sites: int | None,
+        min_sample_fraction: float | None,
+        deadline_s: int | None,
+        min_sites_to_open: int | None = None,
     ) -> None:
         # Validate everything before changing anything: a refused request leaves the policy as it was.
         if min_sample_fraction is not None and not 0.0 <= min_sample_fraction <= 1.0:
@@ -213,6 +218,8 @@ class RunAdmin:
                 run.min_sites = min_sites
             if min_sample_fraction is not None:
                 run.min_sample_fraction = min_sample_fraction
+            if min_sites_to_open is not None:
+                run.min_sites_to_open = min_sites_to_open
             current = self._state.current_round()
             with self._store.transaction():
                 if deadline_s is not None:

@@ -320,7 +320,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             lambda: self._admin.set_policy(
                 min_sites=request.quorum.min_sites if has_quorum else None,
                 min_sample_fraction=request.quorum.min_sample_fraction if has_quorum else None,
-                deadline_s=request.round_deadline_s or None,
+                deadline_s=request.round_deadline_s if request.HasField("round_deadline_s") else None,
+                min_sites_to_open=request.min_sites_to_open
+                if request.HasField("min_sites_to_open")
+                else None,
             )
         )
 

@@ -71,6 +71,33 @@ class Store:
                 self._db.execute(
                     f"CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY ({', '.join(key)}))"
                 )
+                self._add_new_columns(cls, table)
+
+    def _add_new_columns(self, cls: type, table: str) -> None:
+        """Give a table written by an older version the columns of fields added since, at their defaults.
+
+        Records only ever gain fields with defaults, so a state directory from an earlier release
+        opens as it is and its rows read as if the new fields had always held their defaults.
+        """
+        present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+        for f in dataclasses.fields(cls):
+            if f.name in present:
+                continue
+            if f.default is dataclasses.MISSING:
+                raise RuntimeError(
+                    f"{table}.{f.name} is new and has no default: the state directory needs a migration"
+                )
+            default = f.default
+            literal = (
+                f"X'{default.hex()}'"
+                if isinstance(default, bytes)
+                else repr(int(default) if isinstance(default, bool) else default)
+            )
+            if isinstance(default, str):
+                literal = "'" + default.replace("'", "''") + "'"
+            self._db.execute(
+                f"ALTER TABLE {table} ADD COLUMN {f.name} {_column_type(str(f.type))} NOT NULL DEFAULT {literal}"
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -75,6 +75,9 @@ class RunStatus(_message.Message):
     ROUND_DEADLINE_S_FIELD_NUMBER: _builtins.int
     STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
+    PAUSE_REASON_FIELD_NUMBER: _builtins.int
+    MIN_SITES_TO_OPEN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     paused: _builtins.bool
     finished: _builtins.bool
@@ -89,6 +92,12 @@ class RunStatus(_message.Message):
     round_deadline_s: _builtins.int
     started_unix_ms: _builtins.int
     server_version: _builtins.str
+    waiting_reason: _builtins.str
+    """why the run is not moving now ("" = it is): sites, pause, quorum, deadline"""
+    pause_reason: _builtins.str
+    """what the operator said when pausing ("" when not paused)"""
+    min_sites_to_open: _builtins.int
+    """alive sites a round waits for before it opens"""
     @_builtins.property
     def quorum(self) -> _federation_pb2.Quorum: ...
     def __init__(
@@ -107,10 +116,13 @@ class RunStatus(_message.Message):
         round_deadline_s: _builtins.int = ...,
         started_unix_ms: _builtins.int = ...,
         server_version: _builtins.str = ...,
+        waiting_reason: _builtins.str = ...,
+        pause_reason: _builtins.str = ...,
+        min_sites_to_open: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "min_sites_to_open", b"min_sites_to_open", "pause_reason", b"pause_reason", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,6 +315,9 @@ class SiteStatus(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LAST_PROBLEM_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     state: Global___SiteState.ValueType
     last_beat_unix_ms: _builtins.int
@@ -311,8 +326,16 @@ class SiteStatus(_message.Message):
     phase: _federation_pb2.Phase.ValueType
     step: _builtins.int
     loss: _builtins.float
+    total_steps: _builtins.int
+    """local steps of the round the site trains"""
+    last_problem: _builtins.str
+    """the site's last warning or error, as it reported it"""
     @_builtins.property
     def capabilities(self) -> _federation_pb2.Capabilities: ...
+    @_builtins.property
+    def timings(self) -> _federation_pb2.PhaseTimings:
+        """the site's phase timings, as it reported them"""
+
     def __init__(
         self,
         *,
@@ -325,10 +348,13 @@ class SiteStatus(_message.Message):
         step: _builtins.int = ...,
         loss: _builtins.float = ...,
         capabilities: _federation_pb2.Capabilities | None = ...,
+        total_steps: _builtins.int = ...,
+        last_problem: _builtins.str = ...,
+        timings: _federation_pb2.PhaseTimings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_round", b"held_round", "last_beat_unix_ms", b"last_beat_unix_ms", "loss", b"loss", "phase", b"phase", "rounds_joined", b"rounds_joined", "site_id", b"site_id", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_round", b"held_round", "last_beat_unix_ms", b"last_beat_unix_ms", "last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "rounds_joined", b"rounds_joined", "site_id", b"site_id", "state", b"state", "step", b"step", "timings", b"timings", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,8 +519,11 @@ class SetRoundPolicyRequest(_message.Message):
 
     QUORUM_FIELD_NUMBER: _builtins.int
     ROUND_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    MIN_SITES_TO_OPEN_FIELD_NUMBER: _builtins.int
     round_deadline_s: _builtins.int
-    """0 = unchanged"""
+    """unset = unchanged; 0 = no deadline"""
+    min_sites_to_open: _builtins.int
+    """unset = unchanged"""
     @_builtins.property
     def quorum(self) -> _federation_pb2.Quorum:
         """unset = unchanged"""
@@ -503,12 +532,20 @@ class SetRoundPolicyRequest(_message.Message):
         self,
         *,
         quorum: _federation_pb2.Quorum | None = ...,
-        round_deadline_s: _builtins.int = ...,
+        round_deadline_s: _builtins.int | None = ...,
+        min_sites_to_open: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_sites_to_open", b"_min_sites_to_open", "_round_deadline_s", b"_round_deadline_s", "min_sites_to_open", b"min_sites_to_open", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum", "round_deadline_s", b"round_deadline_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_sites_to_open", b"_min_sites_to_open", "_round_deadline_s", b"_round_deadline_s", "min_sites_to_open", b"min_sites_to_open", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_sites_to_open: _TypeAlias = _typing.Literal["min_sites_to_open"]  # noqa: Y015
+    _WhichOneofArgType__min_sites_to_open: _TypeAlias = _typing.Literal["_min_sites_to_open", b"_min_sites_to_open"]  # noqa: Y015
+    _WhichOneofReturnType__round_deadline_s: _TypeAlias = _typing.Literal["round_deadline_s"]  # noqa: Y015
+    _WhichOneofArgType__round_deadline_s: _TypeAlias = _typing.Literal["_round_deadline_s", b"_round_deadline_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_sites_to_open) -> _WhichOneofReturnType__min_sites_to_open | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round_deadline_s) -> _WhichOneofReturnType__round_deadline_s | None: ...
 
 Global___SetRoundPolicyRequest: _TypeAlias = SetRoundPolicyRequest  # noqa: Y015

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from common.pb.gradualdiff.v1 import delta_pb2 as common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)common/pb/gradualdiff/v1/federation.proto\x12\x0egradualdiff.v1\x1a$common/pb/gradualdiff/v1/delta.proto\"t\n\x0c\x43\x61pabilities\x12&\n\x06\x64\x65vice\x18\x01 \x01(\x0e\x32\x16.gradualdiff.v1.Device\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tlora_rank\x18\x03 \x01(\r\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\"\x9e\x01\n\x0bJoinRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x32\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1c.gradualdiff.v1.Capabilities\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x12\n\nheld_round\x18\x05 \x01(\x04\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xc4\x02\n\x0cTrainingSpec\x12&\n\x06method\x18\x01 \x01(\x0e\x32\x16.gradualdiff.v1.Method\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.gradualdiff.v1.TrainMode\x12\x1a\n\x12trainable_patterns\x18\x03 \x03(\t\x12&\n\x04lora\x18\x04 \x01(\x0b\x32\x18.gradualdiff.v1.LoraSpec\x12\x13\n\x0blocal_steps\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12+\n\x0cupload_codec\x18\t \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x0f\n\x07prox_mu\x18\x0b \x01(\x01\"8\n\x06Quorum\x12\x11\n\tmin_sites\x18\x01 \x01(\r\x12\x1b\n\x13min_sample_fraction\x18\x02 \x01(\x01\"\xd3\x02\n\tRoundSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12.\n\x08training\x18\x04 \x01(\x0b\x32\x1c.gradualdiff.v1.TrainingSpec\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12&\n\x06quorum\x18\x06 \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x14\n\x0crun_finished\x18\x07 \x01(\x08\x12\x19\n\x11trainable_tensors\x18\x08 \x03(\t\x12\x1a\n\x12\x61ssigned_lora_rank\x18\t \x01(\r\x12\x12\n\nbase_round\x18\n \x01(\x04\x12\x10\n\x08sits_out\x18\x0b \x01(\x08\x12\x17\n\x0f\x64ownload_blocks\x18\x0c \x03(\t\"\xbe\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14missed_beats_allowed\x18\x04 \x01(\r\x12*\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x19.gradualdiff.v1.RoundSpec\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x04\"\x89\x01\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.gradualdiff.v1.Phase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\"|\n\x0eHeartbeatReply\x12,\n\tdirective\x18\x01 \x01(\x0e\x32\x19.gradualdiff.v1.Directive\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\x12\x14\n\x0cnext_beat_ms\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"J\n\x11\x41waitRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"`\n\x10\x46\x65tchDiffRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x04\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x15\n\ronly_prefixes\x18\x04 \x03(\t\"l\n\x0bPushReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"9\n\x13UploadOffsetRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"?\n\x11UploadOffsetReply\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08*A\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02*h\n\tTrainMode\x12\x1a\n\x16TRAIN_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRAIN_MODE_FULL\x10\x01\x12\x15\n\x11TRAIN_MODE_SUBSET\x10\x02\x12\x13\n\x0fTRAIN_MODE_LORA\x10\x03*b\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12METHOD_GRADUALDIFF\x10\x01\x12\x13\n\x0fMETHOD_FLEXLORA\x10\x02\x12\x13\n\x0fMETHOD_FEDCYBGD\x10\x03*\xc5\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_TRAINING\x10\x02\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x03\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x04\x12\x19\n\x15ROUND_STATE_PUBLISHED\x10\x05\x12\x16\n\x12ROUND_STATE_FAILED\x10\x06*j\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n\nPHASE_IDLE\x10\x01\x12\x11\n\rPHASE_SYNCING\x10\x02\x12\x12\n\x0ePHASE_TRAINING\x10\x03\x12\x13\n\x0fPHASE_UPLOADING\x10\x04*\x81\x01\n\tDirective\x12\x16\n\x12\x44IRECTIVE_CONTINUE\x10\x00\x12\x19\n\x15\x44IRECTIVE_ABORT_ROUND\x10\x01\x12\x14\n\x10\x44IRECTIVE_RESYNC\x10\x02\x12\x17\n\x13\x44IRECTIVE_SLOW_DOWN\x10\x03\x12\x12\n\x0e\x44IRECTIVE_STOP\x10\x04\x32\xd7\x03\n\nFederation\x12>\n\x04Join\x12\x1b.gradualdiff.v1.JoinRequest\x1a\x19.gradualdiff.v1.JoinReply\x12M\n\tHeartbeat\x12 .gradualdiff.v1.HeartbeatRequest\x1a\x1e.gradualdiff.v1.HeartbeatReply\x12J\n\nAwaitRound\x12!.gradualdiff.v1.AwaitRoundRequest\x1a\x19.gradualdiff.v1.RoundSpec\x12K\n\tFetchDiff\x12 .gradualdiff.v1.FetchDiffRequest\x1a\x1a.gradualdiff.v1.DeltaChunk0\x01\x12\x46\n\tPushDelta\x12\x1a.gradualdiff.v1.DeltaChunk\x1a\x1b.gradualdiff.v1.PushReceipt(\x01\x12Y\n\x0fGetUploadOffset\x12#.gradualdiff.v1.UploadOffsetRequest\x1a!.gradualdiff.v1.UploadOffsetReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)common/pb/gradualdiff/v1/federation.proto\x12\x0egradualdiff.v1\x1a$common/pb/gradualdiff/v1/delta.proto\"t\n\x0c\x43\x61pabilities\x12&\n\x06\x64\x65vice\x18\x01 \x01(\x0e\x32\x16.gradualdiff.v1.Device\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x11\n\tlora_rank\x18\x03 \x01(\r\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\"\x9e\x01\n\x0bJoinRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x32\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1c.gradualdiff.v1.Capabilities\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x12\n\nheld_round\x18\x05 \x01(\x04\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\xc4\x02\n\x0cTrainingSpec\x12&\n\x06method\x18\x01 \x01(\x0e\x32\x16.gradualdiff.v1.Method\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.gradualdiff.v1.TrainMode\x12\x1a\n\x12trainable_patterns\x18\x03 \x03(\t\x12&\n\x04lora\x18\x04 \x01(\x0b\x32\x18.gradualdiff.v1.LoraSpec\x12\x13\n\x0blocal_steps\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12+\n\x0cupload_codec\x18\t \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x0f\n\x07prox_mu\x18\x0b \x01(\x01\"8\n\x06Quorum\x12\x11\n\tmin_sites\x18\x01 \x01(\r\x12\x1b\n\x13min_sample_fraction\x18\x02 \x01(\x01\"\xd3\x02\n\tRoundSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12.\n\x08training\x18\x04 \x01(\x0b\x32\x1c.gradualdiff.v1.TrainingSpec\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12&\n\x06quorum\x18\x06 \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x14\n\x0crun_finished\x18\x07 \x01(\x08\x12\x19\n\x11trainable_tensors\x18\x08 \x03(\t\x12\x1a\n\x12\x61ssigned_lora_rank\x18\t \x01(\r\x12\x12\n\nbase_round\x18\n \x01(\x04\x12\x10\n\x08sits_out\x18\x0b \x01(\x08\x12\x17\n\x0f\x64ownload_blocks\x18\x0c \x03(\t\"\xbe\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14missed_beats_allowed\x18\x04 \x01(\r\x12*\n\x07\x63urrent\x18\x05 \x01(\x0b\x32\x19.gradualdiff.v1.RoundSpec\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x04\"i\n\x0cPhaseTimings\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\x12\x14\n\x0csync_seconds\x18\x02 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x03 \x01(\x01\x12\x16\n\x0eupload_seconds\x18\x04 \x01(\x01\"\xce\x01\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12$\n\x05phase\x18\x03 \x01(\x0e\x32\x15.gradualdiff.v1.Phase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x14\n\x0clast_problem\x18\x07 \x01(\t\x12-\n\x07timings\x18\x08 \x01(\x0b\x32\x1c.gradualdiff.v1.PhaseTimings\"|\n\x0eHeartbeatReply\x12,\n\tdirective\x18\x01 \x01(\x0e\x32\x19.gradualdiff.v1.Directive\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\x12\x14\n\x0cnext_beat_ms\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"J\n\x11\x41waitRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"`\n\x10\x46\x65tchDiffRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nhave_round\x18\x02 \x01(\x04\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x15\n\ronly_prefixes\x18\x04 \x03(\t\"l\n\x0bPushReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"9\n\x13UploadOffsetRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"?\n\x11UploadOffsetReply\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08*A\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02*h\n\tTrainMode\x12\x1a\n\x16TRAIN_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRAIN_MODE_FULL\x10\x01\x12\x15\n\x11TRAIN_MODE_SUBSET\x10\x02\x12\x13\n\x0fTRAIN_MODE_LORA\x10\x03*b\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12METHOD_GRADUALDIFF\x10\x01\x12\x13\n\x0fMETHOD_FLEXLORA\x10\x02\x12\x13\n\x0fMETHOD_FEDCYBGD\x10\x03*\xc5\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_TRAINING\x10\x02\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x03\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x04\x12\x19\n\x15ROUND_STATE_PUBLISHED\x10\x05\x12\x16\n\x12ROUND_STATE_FAILED\x10\x06*}\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n\nPHASE_IDLE\x10\x01\x12\x11\n\rPHASE_SYNCING\x10\x02\x12\x12\n\x0ePHASE_TRAINING\x10\x03\x12\x13\n\x0fPHASE_UPLOADING\x10\x04\x12\x11\n\rPHASE_LOADING\x10\x05*\x81\x01\n\tDirective\x12\x16\n\x12\x44IRECTIVE_CONTINUE\x10\x00\x12\x19\n\x15\x44IRECTIVE_ABORT_ROUND\x10\x01\x12\x14\n\x10\x44IRECTIVE_RESYNC\x10\x02\x12\x17\n\x13\x44IRECTIVE_SLOW_DOWN\x10\x03\x12\x12\n\x0e\x44IRECTIVE_STOP\x10\x04\x32\xd7\x03\n\nFederation\x12>\n\x04Join\x12\x1b.gradualdiff.v1.JoinRequest\x1a\x19.gradualdiff.v1.JoinReply\x12M\n\tHeartbeat\x12 .gradualdiff.v1.HeartbeatRequest\x1a\x1e.gradualdiff.v1.HeartbeatReply\x12J\n\nAwaitRound\x12!.gradualdiff.v1.AwaitRoundRequest\x1a\x19.gradualdiff.v1.RoundSpec\x12K\n\tFetchDiff\x12 .gradualdiff.v1.FetchDiffRequest\x1a\x1a.gradualdiff.v1.DeltaChunk0\x01\x12\x46\n\tPushDelta\x12\x1a.gradualdiff.v1.DeltaChunk\x1a\x1b.gradualdiff.v1.PushReceipt(\x01\x12Y\n\x0fGetUploadOffset\x12#.gradualdiff.v1.UploadOffsetRequest\x1a!.gradualdiff.v1.UploadOffsetReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.gradualdiff.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICE']._serialized_start=2054
-  _globals['_DEVICE']._serialized_end=2119
-  _globals['_TRAINMODE']._serialized_start=2121
-  _globals['_TRAINMODE']._serialized_end=2225
-  _globals['_METHOD']._serialized_start=2227
-  _globals['_METHOD']._serialized_end=2325
-  _globals['_ROUNDSTATE']._serialized_start=2328
-  _globals['_ROUNDSTATE']._serialized_end=2525
-  _globals['_PHASE']._serialized_start=2527
-  _globals['_PHASE']._serialized_end=2633
-  _globals['_DIRECTIVE']._serialized_start=2636
-  _globals['_DIRECTIVE']._serialized_end=2765
+  _globals['_DEVICE']._serialized_start=2230
+  _globals['_DEVICE']._serialized_end=2295
+  _globals['_TRAINMODE']._serialized_start=2297
+  _globals['_TRAINMODE']._serialized_end=2401
+  _globals['_METHOD']._serialized_start=2403
+  _globals['_METHOD']._serialized_end=2501
+  _globals['_ROUNDSTATE']._serialized_start=2504
+  _globals['_ROUNDSTATE']._serialized_end=2701
+  _globals['_PHASE']._serialized_start=2703
+  _globals['_PHASE']._serialized_end=2828
+  _globals['_DIRECTIVE']._serialized_start=2831
+  _globals['_DIRECTIVE']._serialized_end=2960
   _globals['_CAPABILITIES']._serialized_start=99
   _globals['_CAPABILITIES']._serialized_end=215
   _globals['_JOINREQUEST']._serialized_start=218
@@ -58,20 +58,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSPEC']._serialized_end=1185
   _globals['_JOINREPLY']._serialized_start=1188
   _globals['_JOINREPLY']._serialized_end=1378
-  _globals['_HEARTBEATREQUEST']._serialized_start=1381
-  _globals['_HEARTBEATREQUEST']._serialized_end=1518
-  _globals['_HEARTBEATREPLY']._serialized_start=1520
-  _globals['_HEARTBEATREPLY']._serialized_end=1644
-  _globals['_AWAITROUNDREQUEST']._serialized_start=1646
-  _globals['_AWAITROUNDREQUEST']._serialized_end=1720
-  _globals['_FETCHDIFFREQUEST']._serialized_start=1722
-  _globals['_FETCHDIFFREQUEST']._serialized_end=1818
-  _globals['_PUSHRECEIPT']._serialized_start=1820
-  _globals['_PUSHRECEIPT']._serialized_end=1928
-  _globals['_UPLOADOFFSETREQUEST']._serialized_start=1930
-  _globals['_UPLOADOFFSETREQUEST']._serialized_end=1987
-  _globals['_UPLOADOFFSETREPLY']._serialized_start=1989
-  _globals['_UPLOADOFFSETREPLY']._serialized_end=2052
-  _globals['_FEDERATION']._serialized_start=2768
-  _globals['_FEDERATION']._serialized_end=3239
+  _globals['_PHASETIMINGS']._serialized_start=1380
+  _globals['_PHASETIMINGS']._serialized_end=1485
+  _globals['_HEARTBEATREQUEST']._serialized_start=1488
+  _globals['_HEARTBEATREQUEST']._serialized_end=1694
+  _globals['_HEARTBEATREPLY']._serialized_start=1696
+  _globals['_HEARTBEATREPLY']._serialized_end=1820
+  _globals['_AWAITROUNDREQUEST']._serialized_start=1822
+  _globals['_AWAITROUNDREQUEST']._serialized_end=1896
+  _globals['_FETCHDIFFREQUEST']._serialized_start=1898
+  _globals['_FETCHDIFFREQUEST']._serialized_end=1994
+  _globals['_PUSHRECEIPT']._serialized_start=1996
+  _globals['_PUSHRECEIPT']._serialized_end=2104
+  _globals['_UPLOADOFFSETREQUEST']._serialized_start=2106
+  _globals['_UPLOADOFFSETREQUEST']._serialized_end=2163
+  _globals['_UPLOADOFFSETREPLY']._serialized_start=2165
+  _globals['_UPLOADOFFSETREPLY']._serialized_end=2228
+  _globals['_FEDERATION']._serialized_start=2963
+  _globals['_FEDERATION']._serialized_end=3434
 # @@protoc_insertion_point(module_scope)

@@ -138,6 +138,8 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     PHASE_SYNCING: _Phase.ValueType  # 2
     PHASE_TRAINING: _Phase.ValueType  # 3
     PHASE_UPLOADING: _Phase.ValueType  # 4
+    PHASE_LOADING: _Phase.ValueType  # 5
+    """loading the model (beats start at Join, whatever the worker does)"""
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
 
@@ -146,6 +148,8 @@ PHASE_IDLE: Phase.ValueType  # 1
 PHASE_SYNCING: Phase.ValueType  # 2
 PHASE_TRAINING: Phase.ValueType  # 3
 PHASE_UPLOADING: Phase.ValueType  # 4
+PHASE_LOADING: Phase.ValueType  # 5
+"""loading the model (beats start at Join, whatever the worker does)"""
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 class _Directive:
@@ -467,6 +471,40 @@ class JoinReply(_message.Message):
 Global___JoinReply: _TypeAlias = JoinReply  # noqa: Y015
 
 @_typing.final
+class PhaseTimings(_message.Message):
+    """How long the worker's phases took, the latest of each (seconds; 0 = not yet)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    SYNC_SECONDS_FIELD_NUMBER: _builtins.int
+    TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    UPLOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    load_seconds: _builtins.float
+    """loading the model"""
+    sync_seconds: _builtins.float
+    """the last FetchDiff and apply"""
+    train_seconds: _builtins.float
+    """the last round's local training"""
+    upload_seconds: _builtins.float
+    """the last PushDelta, retries included"""
+    def __init__(
+        self,
+        *,
+        load_seconds: _builtins.float = ...,
+        sync_seconds: _builtins.float = ...,
+        train_seconds: _builtins.float = ...,
+        upload_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "sync_seconds", b"sync_seconds", "train_seconds", b"train_seconds", "upload_seconds", b"upload_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PhaseTimings: _TypeAlias = PhaseTimings  # noqa: Y015
+
+@_typing.final
 class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -476,6 +514,8 @@ class HeartbeatRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
+    LAST_PROBLEM_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     round: _builtins.int
     phase: Global___Phase.ValueType
@@ -483,6 +523,10 @@ class HeartbeatRequest(_message.Message):
     total_steps: _builtins.int
     loss: _builtins.float
     """latest training loss; NaN not allowed"""
+    last_problem: _builtins.str
+    """the worker's last warning or error, one line, at most 512 bytes ("" = none)"""
+    @_builtins.property
+    def timings(self) -> Global___PhaseTimings: ...
     def __init__(
         self,
         *,
@@ -492,10 +536,12 @@ class HeartbeatRequest(_message.Message):
         step: _builtins.int = ...,
         total_steps: _builtins.int = ...,
         loss: _builtins.float = ...,
+        last_problem: _builtins.str = ...,
+        timings: Global___PhaseTimings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "phase", b"phase", "round", b"round", "site_id", b"site_id", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "round", b"round", "site_id", b"site_id", "step", b"step", "timings", b"timings", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
