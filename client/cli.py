@@ -35,9 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default: one per core)"
     )
+    parser.add_argument(
+        "--max-wait-s",
+        type=_seconds,
+        default=600.0,
+        help="how long each call waits for an aggregator that is away or restarting, from its first "
+        "failure, before the worker gives up with exit code 1 (default: 600)",
+    )
     parser.add_argument("--tls-ca", type=Path)
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds > 0")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         seed=args.seed,
+        max_wait_s=args.max_wait_s,
     )
     tune_malloc()
     return Worker(config).run()

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from common.errors import InvalidArgument
+
 T = TypeVar("T")
 IGNORE = -100  # label value the loss skips (torch's cross-entropy ignore_index)
 
@@ -38,23 +40,50 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
+class DataFileError(InvalidArgument, ValueError):
+    """A data file the worker cannot use; the message names the file and the line.
+
+    An InvalidArgument, so ``gdfed`` reports it as a usage error (exit 2), and a ValueError, as
+    these errors always were.
+    """
+
+
+_SHAPE = "each line must be a JSON object with 'text', or with 'prompt' and 'response'"
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file; a line that is not a JSON object with text or prompt/response is an error."""
+    """The records of a JSONL file; a line that is not a JSON object with text or prompt/response is an error.
+
+    Raises:
+        DataFileError: A line that is not JSON or not such an object (``FILE:LINE`` named, counting
+            from 1 in the file), bytes that are not UTF-8, or a file without examples.
+        OSError: The file cannot be opened (FileNotFoundError names it).
+    """
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    # Binary, decoded line by line: a decoding error then belongs to its line, not to a read-ahead.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is no error
+            except UnicodeDecodeError:
+                raise DataFileError(f"{where}: not UTF-8 text; save the file as UTF-8", field=where) from None
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                # Each line is parsed alone: the decoder's "line 1" is this line.
+                raise DataFileError(
+                    f"{where}: not JSON ({exc.msg} at column {exc.colno}); {_SHAPE}", field=where
+                ) from None
             if not isinstance(record, dict) or not (
                 "text" in record or ("prompt" in record and "response" in record)
             ):
-                raise ValueError(
-                    f"{path}:{number}: expected {{'text': ...}} or {{'prompt': ..., 'response': ...}}"
-                )
+                raise DataFileError(f"{where}: {_SHAPE}", field=where)
             records.append(record)
     if not records:
-        raise ValueError(f"{path} holds no examples")
+        raise DataFileError(f"{path} holds no examples; {_SHAPE}", field=str(path))
     return records
 
 

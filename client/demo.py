@@ -217,7 +217,7 @@ def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
     run_dir.mkdir(parents=True)
     spec = training_spec_of(settings)
     write_init_state(root / "model", run_dir / "init.safetensors", spec)
-    from server.statefile import StateReader
+    from common.statefile import StateReader
 
     trainable_bytes = sum(t.numel * 4 for t in StateReader(run_dir / "init.safetensors").manifest)
     port = _free_port()
@@ -451,11 +451,11 @@ class GlobalEvaluator:
     def evaluate_round(self, round_number: int) -> float:
         from safetensors.torch import load_file
 
-        from client.export import state_file_of_round
         from client.model import load_trainable
+        from common.state_dir import published_state
 
-        path, _ = state_file_of_round(self.root / "run" / "aggregator", round_number)
-        load_trainable(self.loaded, load_file(str(path)))
+        found = published_state(self.root / "run" / "aggregator", round_number)
+        load_trainable(self.loaded, load_file(str(found.path)))
         return self._loss()
 
     def centralized(self, steps: int, checkpoints: int, batch_size: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""The ``--lora-*`` flags of ``gdfed export`` and ``gdfed init-state``, with ``LoraSpec``'s defaults.
+"""The ``--lora-*`` flags of ``gdfed init-state``, with ``LoraSpec``'s defaults (``gdfed export`` reads the run's).
 
 A flag left out is left out of the ``LoraSpec`` too, so the defaults live in
 ``common.spec`` alone. (``common.spec`` is imported only when the flags are

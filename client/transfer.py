@@ -8,8 +8,7 @@ worker's state equals the aggregator's bit for bit.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,30 +19,33 @@ from common.codec import DeltaStreamDecoder, allocate, iter_chunks
 from common.codec.decoder import place_piece
 from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.errors import is_round_over, status_of
-from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
-from common.retry import Retrier, RetryPolicy
+from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.retry import TRANSIENT, Retrier, RetryPolicy
 from common.serde import chunk_from_proto, chunk_to_proto
 from common.spec import OPTIMIZER_MARK
 
 logger = logging.getLogger(__name__)
 
-# Worth another try for a worker: the network, a restart of the aggregator (which a call may see as
-# CANCELLED or INTERNAL), a stream cut mid-way (ABORTED; a closed round is told apart first, by
-# ``is_round_over``), damaged bytes (DATA_LOSS). RESOURCE_EXHAUSTED is not here: the aggregator
-# answers it (LimitExceeded) to an upload over a limit, which no retry changes.
-RESUMABLE: frozenset[grpc.StatusCode] = frozenset(
+# Worth another try for a worker: the aggregator away, slow or busy (common.retry.TRANSIENT:
+# UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED), a restart of the aggregator (which a call may
+# see as CANCELLED or INTERNAL), a stream cut mid-way (ABORTED; a closed round is told apart first,
+# by ``is_round_over``), damaged bytes (DATA_LOSS). RESOURCE_EXHAUSTED is also what the aggregator
+# answers to an upload over a limit (LimitExceeded), which no retry changes: the policy gives that
+# code only a few tries (RetryPolicy.limited_on).
+RESUMABLE: frozenset[grpc.StatusCode] = TRANSIENT | frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.DATA_LOSS,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.INTERNAL,
     }
 )
-# An upload: eight tries (each resumes where the last stopped), waits of up to 30 s, no time limit
-# (one try of a large payload may itself take long).
-PUSH = RetryPolicy(max_delay=30.0, max_attempts=8, max_elapsed=math.inf, retry_on=RESUMABLE)
+# The longest a worker waits for an aggregator that is away, per call, by default (gdfed work
+# --max-wait-s): an aggregator restarting, or upgraded, is back well within it.
+MAX_WAIT_S = 600.0
+# An upload: waits of up to 30 s, for up to MAX_WAIT_S from the failure; a try that moved bytes
+# starts the bound again (one try of a large payload may itself take long).
+PUSH = RetryPolicy(max_delay=30.0, max_elapsed=MAX_WAIT_S, retry_on=RESUMABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +220,20 @@ def push(
     retrier: Retrier | None = None,
     progress: Callable[[int], None] = lambda n: None,
     timeout: float = 3600,
+    resume: bool = False,
 ) -> federation_pb2.PushReceipt:
     """Stream a payload; after a failure, ask where to resume and send the rest (``retrier``: ``PUSH``).
+
+    ``resume``: the upload may have been started by an earlier process; ask where it stands first.
 
     Raises:
         RoundOver: the round closed, or the upload is not wanted in it (nothing of it counts).
         grpc.RpcError: a failure ``retrier`` does not retry, or the last once it gives up.
     """
-    resuming = False
+    resuming = resume
+    # The offset the aggregator last said it committed: the retrier's sign that the push is moving
+    # (bytes merely handed to gRPC are no sign: a try may queue some before it finds the link down).
+    committed = [0]
 
     def attempt() -> federation_pb2.PushReceipt:
         nonlocal resuming
@@ -240,23 +248,32 @@ def push(
                 return federation_pb2.PushReceipt(
                     upload_id=header.upload_id, round=header.round, accepted=True, duplicate=True
                 )
-            start = offset.committed_offset
+            start = committed[0] = offset.committed_offset
+            logger.info(
+                "[upload] resuming %s at offset %d of %d (what the aggregator committed)",
+                header.upload_id,
+                start,
+                header.layout.total_bytes,
+            )
         resuming = True
         try:
-            with payload.open("rb") as source:
-                messages = (
-                    chunk_to_proto(c) for c in _counted(iter_chunks(header, source, start=start), progress)
-                )
-                return stub.PushDelta(messages, metadata=metadata, timeout=timeout)
+            return stub.PushDelta(
+                _messages(header, payload, start, progress), metadata=metadata, timeout=timeout
+            )
         except grpc.RpcError as exc:
             if is_round_over(exc) or status_of(exc) is grpc.StatusCode.FAILED_PRECONDITION:
                 raise RoundOver(exc.details() or "") from None
             raise
 
-    return (retrier or Retrier(PUSH)).call("upload", attempt)
+    return (retrier or Retrier(PUSH)).call("upload", attempt, progress=lambda: committed[0])
 
 
-def _counted(chunks: Iterable[Chunk], progress: Callable[[int], None]) -> Iterator[Chunk]:
-    for chunk in chunks:
-        progress(len(chunk.data))
-        yield chunk
+def _messages(
+    header: DeltaHeader, payload: Path, start: int, progress: Callable[[int], None]
+) -> Iterator[delta_pb2.DeltaChunk]:
+    # The generator owns the file: gRPC reads it on a thread of its own, which may still be between
+    # two chunks when the call has failed, so the file must not be closed under it by the caller.
+    with payload.open("rb") as source:
+        for chunk in iter_chunks(header, source, start=start):
+            progress(len(chunk.data))
+            yield chunk_to_proto(chunk)

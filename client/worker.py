@@ -5,27 +5,33 @@
         ─> train the local steps ─> delta = trained − start ─> encode to disk
         ─> push (resuming after any cut) ─> back to the start state ─> next round
 
-A heartbeat thread reports phase, step and loss all along and obeys the
-aggregator's directives (stop, abort the round). Everything needed to resume
+A heartbeat thread (client.heartbeat) beats from the moment of Join, the
+model's loading included, reporting phase, step, loss, the last problem and
+phase timings, and obeys the aggregator's directives (stop, abort the round).
+Every call rides out an aggregator that is away or restarting (common.retry,
+bounded by ``max_wait_s`` from the first failure). Everything needed to resume
 lives in the state directory: the state it holds and any upload not yet
 acknowledged, so a restarted worker picks up where it stopped.
+
+``run`` returns an exit code (client.exits): 0 the run finished, 1 evicted,
+refused, or the aggregator away for longer than ``max_wait_s``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import torch
 
-from client import optimizer_state
+from client import exits, optimizer_state
 from client.data import Example, batches, read_jsonl, split, tokenize
 from client.feedback import UploadFeedback, upload_accepted
+from client.heartbeat import Heartbeat, ProblemLog, Status, one_line
 from client.local_state import LocalState
 from client.model import (
     LoadedModel,
@@ -37,7 +43,7 @@ from client.model import (
 )
 from client.progress import Progress
 from client.train import Aborted, RoundTraining, difference, train_round
-from client.transfer import PUSH, RESUMABLE, RoundOver, Sync, Synced, push
+from client.transfer import MAX_WAIT_S, PUSH, RESUMABLE, RoundOver, Sync, Synced, push
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
@@ -46,13 +52,13 @@ from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
 from common.retry import Retrier, RetryPolicy
 from common.serde import training_spec_from_proto
-from common.spec import Device, Directive, Method, Phase, RoundState, TrainingSpec, TrainMode
+from common.spec import Device, Method, Phase, RoundState, TrainingSpec, TrainMode
 
 logger = logging.getLogger(__name__)
 
-# The worker's unary calls and fetches: waits of up to 15 s, for up to 10 minutes (an aggregator
+# The worker's unary calls and fetches: waits of up to 15 s, for up to max_wait_s (an aggregator
 # restarting), given up at once when the worker is told to stop.
-CALLS = RetryPolicy(max_delay=15.0, max_elapsed=600.0, retry_on=RESUMABLE)
+CALLS = RetryPolicy(max_delay=15.0, max_elapsed=MAX_WAIT_S, retry_on=RESUMABLE)
 # Round states a site may still train and upload in.
 TAKES_UPLOADS: frozenset[int] = frozenset(int(s) for s in RoundState if s.accepts_uploads)
 
@@ -77,6 +83,12 @@ class WorkerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     seed: int = 0
+    # The longest a call waits for an aggregator that is away (from its first failure), in seconds.
+    max_wait_s: float = MAX_WAIT_S
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_wait_s < float("inf"):
+            raise ValueError(f"max_wait_s is {self.max_wait_s}; must be a number of seconds > 0")
 
 
 @dataclass
@@ -92,17 +104,6 @@ class RoundReport:
     steps: int
 
 
-@dataclass
-class _Status:
-    round: int = 0
-    phase: Phase = Phase.IDLE
-    step: int = 0
-    total: int = 0
-    loss: float = 0.0
-    abort_round: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
-
-
 class Worker:
     """One site's worker process."""
 
@@ -113,7 +114,8 @@ class Worker:
         self.on_round = on_round
         self.local = LocalState(config.state_dir)
         self.progress = Progress(quiet=config.quiet)
-        self._status = _Status()
+        self._status = Status()
+        self._beats: Heartbeat | None = None
         # The last upload's difference tensors, kept from its push to the next fetch (the worker is
         # idle between) and decoded into there, then dropped before training: the fetch touches no
         # fresh memory and training's peak is unchanged.
@@ -130,43 +132,44 @@ class Worker:
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
         self._meta = auth_metadata(config.token)
         stop = self._status.stop
-        self._retry = Retrier(CALLS, sleep=stop.wait, stopped=stop.is_set)
+        self._retry = Retrier(
+            replace(CALLS, max_elapsed=config.max_wait_s), sleep=stop.wait, stopped=stop.is_set
+        )
+        self._push = replace(PUSH, max_elapsed=config.max_wait_s)
         self.feedback = UploadFeedback(
             config.state_dir,
             accepted=upload_accepted(self._stub, self._meta, config.site_id, retrier=self._retry),
         )
         self.reports: list[RoundReport] = []
 
-    # ------------------------------------------------------------ plumbing
-    def _beat_loop(self, interval: float) -> None:
-        while not self._status.stop.wait(interval):
-            s = self._status
-            try:
-                reply = self._stub.Heartbeat(
-                    federation_pb2.HeartbeatRequest(
-                        site_id=self.config.site_id,
-                        round=s.round,
-                        phase=federation_pb2.Phase.ValueType(s.phase),
-                        step=s.step,
-                        total_steps=s.total,
-                        loss=s.loss,
-                    ),
-                    metadata=self._meta,
-                    timeout=max(5.0, interval),
-                )
-            except grpc.RpcError as exc:
-                logger.debug("[heartbeat] %s", exc.code().name)
-                continue
-            directive = int(reply.directive)
-            if directive == Directive.STOP:
-                logger.warning("[heartbeat] the aggregator says stop: %s", reply.message)
-                s.stop.set()
-            elif directive == Directive.ABORT_ROUND:
-                s.abort_round = s.round
-
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
         """Work until the run ends (or ``max_rounds``, or a stop directive). Returns an exit code."""
+        c, s = self.config, self._status
+        failed: grpc.RpcError | None = None
+        with ProblemLog(s):
+            try:
+                code = self._work()
+            except grpc.RpcError as exc:
+                failed, code = exc, exits.FAILED
+                s.problem = one_line(f"ERROR {exits.describe(exc)}")
+            except Exception as exc:
+                s.problem = one_line(f"ERROR {type(exc).__name__}: {exc}")
+                raise
+            finally:
+                s.stop.set()
+                if self._beats is not None:
+                    # A last beat leaves the operator (`gdfed status --site`) the final timings and why
+                    # the worker failed, if it did; its answer tells a refused worker it was evicted.
+                    self._beats.stop(last_word=not s.evicted)
+                self._channel.close()
+            if failed is not None:
+                code = exits.gave_up(
+                    failed, s, site_id=c.site_id, aggregator=c.aggregator, max_wait_s=c.max_wait_s
+                )
+        return code
+
+    def _work(self) -> int:
         c = self.config
         device = pick_device(c.device)
         # What the aggregator needs to know at Join (samples, base model) comes from the files alone,
@@ -196,15 +199,23 @@ class Worker:
                 timeout=30,
             ),
         )
+        # Beat from now on, whatever the worker does: the aggregator counts silence from Join.
+        self._status.phase = Phase.LOADING
+        self._beats = Heartbeat(
+            self._stub,
+            self._meta,
+            c.site_id,
+            self._status,
+            interval_s=(join.heartbeat_interval_ms or 5000) / 1000,
+        )
+        self._beats.start()
         run_id = join.run_id
         spec = training_spec_from_proto(join.current.training)
-        loaded = load_model(c.model, spec, device, lora_rank=c.lora_rank)
-        train = tokenize(train_records, loaded.tokenizer, spec.max_seq_len)
-        held_out = tokenize(eval_records, loaded.tokenizer, spec.max_seq_len)
-        beats = threading.Thread(
-            target=self._beat_loop, args=(join.heartbeat_interval_ms / 1000,), name="heartbeat", daemon=True
-        )
-        beats.start()
+        with self._status.timed(Phase.LOADING, "load"):
+            loaded = load_model(c.model, spec, device, lora_rank=c.lora_rank)
+            train = tokenize(train_records, loaded.tokenizer, spec.max_seq_len)
+            held_out = tokenize(eval_records, loaded.tokenizer, spec.max_seq_len)
+        logger.info("[worker] model loaded in %.1fs", self._status.timings["load"])
         # FedCyBGD's compressed download trains against the base model's own values outside the
         # fetched blocks: keep them (only then; it is a copy of the trainable state).
         base_state = trainable_state(loaded) if spec.method is Method.FEDCYBGD else {}
@@ -222,39 +233,36 @@ class Worker:
             state, held_round = held.state, held.round
             logger.info("[worker] resuming run %s from round %d held on disk", run_id, held_round)
         done, rounds = 0, 0
-        try:
-            while not self._status.stop.is_set():
-                round_spec = self._await(done)
-                if round_spec is None:
-                    continue
-                if round_spec.run_finished:
-                    logger.info("[worker] the run is finished")
-                    break
-                bytes_down = 0
-                start = state
-                if round_spec.download_blocks:
-                    start = {name: tensor.clone() for name, tensor in base_state.items()}
-                    synced = self._sync(held_round, start, only=tuple(round_spec.download_blocks))
-                    bytes_down = synced.bytes
-                elif held_round != round_spec.base_round:
-                    synced = self._sync(held_round, state)
-                    held_round, bytes_down = synced.round, synced.bytes
-                    self.local.save_held(run_id, held_round, state)
-                self._spare = {}
-                report = self._round(loaded, round_spec, start, train, held_out, run_id)
-                if report is not None:
-                    report.bytes_down = bytes_down
-                    self.reports.append(report)
-                    self.on_round(report)
-                done = round_spec.round
-                rounds += 1
-                if c.max_rounds and rounds >= c.max_rounds:
-                    break
-        finally:
-            self._status.stop.set()
-            beats.join(timeout=5)
-            self._channel.close()
-        return 0
+        while not self._status.stop.is_set():
+            round_spec = self._await(done)
+            if round_spec is None:
+                continue
+            if round_spec.run_finished:
+                logger.info("[worker] the run is finished")
+                break
+            bytes_down = 0
+            start = state
+            if round_spec.download_blocks:
+                start = {name: tensor.clone() for name, tensor in base_state.items()}
+                synced = self._sync(held_round, start, only=tuple(round_spec.download_blocks))
+                bytes_down = synced.bytes
+            elif held_round != round_spec.base_round:
+                synced = self._sync(held_round, state)
+                held_round, bytes_down = synced.round, synced.bytes
+                self.local.save_held(run_id, held_round, state)
+            self._spare = {}
+            report = self._round(loaded, round_spec, start, train, held_out, run_id)
+            if report is not None:
+                report.bytes_down = bytes_down
+                self.reports.append(report)
+                self.on_round(report)
+            done = round_spec.round
+            rounds += 1
+            if c.max_rounds and rounds >= c.max_rounds:
+                break
+        if self._status.evicted:
+            return exits.evicted(c.site_id, c.aggregator, self._status.evicted)
+        return exits.FINISHED
 
     def _await(self, after: int) -> federation_pb2.RoundSpec | None:
         self._status.phase = Phase.IDLE
@@ -280,8 +288,10 @@ class Worker:
         snapshot: bool = False,
         only: tuple[str, ...] = (),
     ) -> Synced:
-        self._status.phase = Phase.SYNCING
-        with self.progress.bytes(f"{self.config.site_id} fetch") as bar:
+        with (
+            self._status.timed(Phase.SYNCING, "sync"),
+            self.progress.bytes(f"{self.config.site_id} fetch") as bar,
+        ):
             # One Sync across retries: after a broken stream it resumes from the round it reached.
             sync = Sync(
                 self._stub,
@@ -295,7 +305,8 @@ class Worker:
                 spare=self._spare,
             )
             self._spare = {}
-            synced: Synced = self._retry.call("fetch", sync)
+            # Each delta applied is progress: a chain that keeps breaking but moves on is not given up.
+            synced: Synced = self._retry.call("fetch", sync, progress=lambda: sync.deltas)
         logger.info(
             "[sync] round %d -> %d: %d delta(s)%s, %d bytes",
             held_round,
@@ -340,7 +351,7 @@ class Worker:
         else:
             header, payload = pending.header, pending.payload
             logger.info("[round %d] resuming upload %s", number, header.upload_id)
-        return self._upload(run_id, header, payload)
+        return self._upload(run_id, header, payload, resume=pending is not None)
 
     def _train(
         self,
@@ -364,17 +375,18 @@ class Worker:
             tick(loss)
 
         try:
-            return train_round(
-                loaded,
-                spec,
-                data,
-                start,
-                params,
-                carried,
-                held_out,
-                on_step=on_step,
-                should_stop=lambda: s.stop.is_set() or s.abort_round == number,
-            )
+            with s.timed(Phase.TRAINING, "train"):
+                return train_round(
+                    loaded,
+                    spec,
+                    data,
+                    start,
+                    params,
+                    carried,
+                    held_out,
+                    on_step=on_step,
+                    should_stop=lambda: s.stop.is_set() or s.abort_round == number,
+                )
         except Aborted as exc:
             logger.warning("[round %d] training aborted: %s", number, exc)
             load_trainable(loaded, start)
@@ -420,19 +432,27 @@ class Worker:
         self.local.save_pending(header)
         return header, payload
 
-    def _upload(self, run_id: str, header: DeltaHeader, payload: Path) -> RoundReport | None:
-        """Push a pending upload, then settle its error feedback: taken, or not counted at all."""
+    def _upload(
+        self, run_id: str, header: DeltaHeader, payload: Path, *, resume: bool = False
+    ) -> RoundReport | None:
+        """Push a pending upload, then settle its error feedback: taken, or not counted at all.
+
+        ``resume``: an earlier process may have sent part of it; ask the aggregator where it stands.
+        """
         number, metrics = header.round, header.metrics
-        self._status.phase = Phase.UPLOADING
         try:
-            with self.progress.bytes(f"{self.config.site_id} upload", header.layout.total_bytes) as bar:
+            with (
+                self._status.timed(Phase.UPLOADING, "upload"),
+                self.progress.bytes(f"{self.config.site_id} upload", header.layout.total_bytes) as bar,
+            ):
                 receipt = push(
                     self._stub,
                     self._meta,
                     header,
                     payload,
-                    retrier=self._retry.with_policy(PUSH),
+                    retrier=self._retry.with_policy(self._push),
                     progress=bar,
+                    resume=resume,
                 )
         except RoundOver as exc:
             logger.warning("[round %d] upload not taken: %s", number, exc)

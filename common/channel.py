@@ -12,7 +12,13 @@ import grpc
 # (MIB is spelled out rather than imported from common.delta, which pulls in torch: `gdfed status`
 # and `gdfed admin` import this module and must start fast.)
 _MIB = 1024 * 1024
-_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 4 * _MIB)]
+# Reconnect at least every 5 s while the aggregator is away: gRPC's own backoff grows to 120 s, so a
+# worker would find a restarted aggregator up to two minutes late, its retries failing fast meanwhile.
+_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_receive_message_length", 4 * _MIB),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,7 +48,18 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def read_token(path: str | None, env: str) -> str:
-    """A token from a file, else from environment variable ``env``; "" when neither is set."""
+    """A token from a file, else from environment variable ``env``; "" when neither is set.
+
+    Raises:
+        InvalidArgument: The file is empty (``gdfed`` exits 2 naming it).
+    """
     if path:
-        return Path(path).read_text().strip().splitlines()[0].strip()
+        lines = Path(path).read_text().strip().splitlines()
+        if not lines:
+            from common.errors import InvalidArgument
+
+            raise InvalidArgument(
+                f"token file {path} is empty; write the token on its first line", field=path
+            )
+        return lines[0].strip()
     return os.environ.get(env, "")

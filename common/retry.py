@@ -8,10 +8,21 @@
 Full jitter (each wait drawn from zero up to the exponential ceiling) keeps
 sites that lost the aggregator at the same moment from coming back in step.
 Two bounds, either or both: ``max_attempts`` (tries, the first included) and
-``max_elapsed`` (seconds on ``clock`` from the first try: no try starts later,
-a wait is shortened to end by then). A policy with neither is refused, so every
-loop ends. ``sleep``, ``clock`` and ``rng`` are injected: tests run the loop
-without waiting, and a worker's ``sleep`` wakes up when it is told to stop.
+``max_elapsed`` (seconds on ``clock`` from the first failure: no try starts
+later, a wait is shortened to end by then). A policy with neither is refused,
+so every loop ends. The bound counts from the first failure, not the first try,
+so that it measures the wait for the aggregator and not the work: an upload
+that streams for an hour before its connection drops still gets the whole
+allowance. A call that reports ``progress`` (bytes moved) and made some since
+the last failure starts its bounds again: it is moving, not stuck.
+
+RESOURCE_EXHAUSTED means an aggregator too busy to take the call, or a request
+over one of its limits (``LimitExceeded``), which no retry changes; the code
+alone cannot tell them apart, so a code in ``limited_on`` gets at most
+``limited_attempts`` tries however long the time bound.
+
+``sleep``, ``clock`` and ``rng`` are injected: tests run the loop without
+waiting, and a worker's ``sleep`` wakes up when it is told to stop.
 """
 
 from __future__ import annotations
@@ -49,8 +60,11 @@ class RetryPolicy:
     multiplier: float = 2.0  # each further wait's ceiling grows by this factor ...
     max_delay: float = 30.0  # ... up to this
     max_attempts: int = 0  # tries in all, the first included; 0 = no limit
-    max_elapsed: float = 600.0  # seconds from the first try after which none starts; inf = no limit
+    max_elapsed: float = 600.0  # seconds from the first failure after which no try starts; inf = no limit
     retry_on: frozenset[grpc.StatusCode] = TRANSIENT
+    # Codes that may as well mean "never" (see the module docstring): tried at most limited_attempts times.
+    limited_on: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+    limited_attempts: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.first_delay <= self.max_delay:
@@ -59,6 +73,8 @@ class RetryPolicy:
             raise ValueError(f"multiplier {self.multiplier} must be >= 1")
         if self.max_attempts < 0 or not self.max_elapsed > 0:
             raise ValueError("max_attempts must be >= 0 and max_elapsed > 0")
+        if self.limited_attempts < 1:
+            raise ValueError(f"limited_attempts {self.limited_attempts} must be >= 1")
         if self.max_attempts == 0 and math.isinf(self.max_elapsed):
             raise ValueError("a retry policy needs max_attempts or a finite max_elapsed")
 
@@ -87,12 +103,14 @@ class Retrier:
         """The same means of waiting under another policy."""
         return Retrier(policy, self.sleep, self.clock, self.rng, self.stopped)
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T], *, progress: Callable[[], int] | None = None) -> T:
         """``fn()``, retried while it raises a ``grpc.RpcError`` whose code the policy retries.
 
         Args:
             what: names the call in the log line written before each wait.
             fn: the call; it is called again as it is, so it resumes by itself if it must.
+            progress: a count of the work ``fn`` has done so far (bytes moved), if it keeps one;
+                a failure after the count grew starts the bounds again.
 
         Returns:
             What ``fn`` returned on the first try that did not raise.
@@ -102,8 +120,10 @@ class Retrier:
                 bound is spent or ``stopped`` says so. Anything else ``fn`` raises, at once.
         """
         policy = self.policy
-        give_up_at = self.clock() + policy.max_elapsed
-        attempt = 1
+        done = progress() if progress is not None else 0
+        give_up_at = 0.0
+        failed = False
+        attempt = limited = 0  # failures since the bounds (re)started, and those of a limited code
         while True:
             try:
                 return fn()
@@ -111,21 +131,35 @@ class Retrier:
                 code = status_of(exc)
                 if code not in policy.retry_on or self.stopped():
                     raise
+                now = self.clock()
+                moved = progress() if progress is not None else 0
+                if moved > done or not failed:
+                    done, attempt, limited, failed = max(done, moved), 0, 0, True
+                    give_up_at = now + policy.max_elapsed
+                attempt += 1
+                limited += code in policy.limited_on
                 if policy.max_attempts and attempt >= policy.max_attempts:
                     raise
-                left = give_up_at - self.clock()
+                if limited >= policy.limited_attempts:
+                    raise
+                left = give_up_at - now
                 if left <= 0:
                     raise
                 delay = min(self.rng.uniform(0, policy.ceiling(attempt - 1)), left)
                 logger.warning(
-                    "[%s] %s: %s; attempt %d failed, next in %.1fs",
+                    "[%s] %s: %s; attempt %d failed, next in %.1fs (giving up %s)",
                     what,
-                    code.name,
-                    exc.details(),
+                    code.name if code is not None else "no status",
+                    _one_line(exc.details() if callable(getattr(exc, "details", None)) else str(exc)),
                     attempt,
                     delay,
+                    "never" if math.isinf(left) else f"in {left:.1f}s",
                 )
                 self.sleep(delay)
                 if self.stopped():
                     raise
-                attempt += 1
+
+
+def _one_line(text: object) -> str:
+    # gRPC details may span lines (a remote traceback); a log line per wait must stay one line.
+    return " ".join(str(text or "").split())[:300]

@@ -10,28 +10,38 @@ from server.admin_cli import add_connection_arguments, connect
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = []
     for name, help_text in (
         ("pause", "open no new round, close none by quorum or deadline"),
         ("resume", "undo pause"),
         ("close-round", "close the open round now with the uploads accepted so far"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--reason", default="", help="recorded in the aggregator's log")
-    evict = sub.add_parser("evict", help="remove a site from the run")
+        actions.append(p)
+    evict = sub.add_parser(
+        "evict", help="remove a site from the run", description="remove a site from the run"
+    )
     evict.add_argument("site_id")
     evict.add_argument("--reason", default="")
-    policy = sub.add_parser("policy", help="change the quorum or the deadline")
+    policy = sub.add_parser(
+        "policy", help="change the quorum or the deadline", description="change the quorum or the deadline"
+    )
     policy.add_argument("--min-sites", type=int, help="uploads a round needs (0 = every participant)")
     policy.add_argument("--min-sample-fraction", type=float, help="fraction of participants' samples needed")
-    policy.add_argument("--deadline", type=int, help="seconds a round stays open")
+    policy.add_argument("--deadline", type=int, help="seconds a round stays open (0 = no deadline)")
+    policy.add_argument("--min-sites-to-open", type=int, help="alive sites a round waits for before it opens")
+    # `gdfed admin pause --admin-token-file F` as well as `gdfed admin --admin-token-file F pause`.
+    for p in (*actions, evict, policy):
+        add_connection_arguments(p, defaults=False)
 
 
 def run(args: argparse.Namespace) -> int:
     import grpc
 
     from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
-    from server.admin_cli import render
+    from server.admin_cli import render_run
 
     stub, metadata = connect(args)
     kw = {"metadata": metadata, "timeout": args.timeout}
@@ -48,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             request = admin_pb2.SetRoundPolicyRequest()
             if args.deadline is not None:
                 request.round_deadline_s = args.deadline
+            if args.min_sites_to_open is not None:
+                request.min_sites_to_open = args.min_sites_to_open
             if args.min_sites is not None or args.min_sample_fraction is not None:
                 current = stub.GetStatus(admin_pb2.StatusRequest(), **kw).quorum
                 request.quorum.CopyFrom(
@@ -64,5 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"gdfed admin {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    print(render(reply.status, [], []).splitlines()[0])
+    print("\n".join(render_run(reply.status)))
+    if reply.message:  # warnings: settings taken that the sites alive now cannot meet
+        print(reply.message, file=sys.stderr)
     return 0

@@ -52,5 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from server.app import serve
     from server.config import load_config
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "verbose", "_module")}
+    # The top level's flags (gdfed -v, --debug) are not settings.
+    top = ("config", "command", "verbose", "debug", "_module")
+    overrides = {k: v for k, v in vars(args).items() if k not in top}
     return serve(load_config(args.config, overrides))

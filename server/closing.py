@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from common.buffers import ReusableBuffer
 from common.delta import TensorSpec
 from common.serde import header_from_bytes
+from common.statefile import StateReader
 from server import rounds
 from server.accumulation import Accumulation
 from server.blobs import BlobStore
@@ -33,7 +34,6 @@ from server.publish import Published, publish, publish_diff, rebuild
 from server.records import RoundRecord, RoundState, SiteRecord, UploadRecord
 from server.run_state import RunState
 from server.spool import Spool
-from server.statefile import StateReader
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class Closing:
         state.emit("round_closed", round_number=record.round, state=record.state, detail=reason)
         state.changed.notify_all()
 
-    def fail(self, record: RoundRecord, reason: str) -> None:
-        """End the round without aggregating it (caller holds the lock)."""
+    def fail(self, record: RoundRecord, reason: str, *, kind: str) -> None:
+        """End the round without aggregating it (caller holds the lock); ``kind`` is its word in
+        ``server.reasons.FAILURE_REASONS``, for the metrics."""
         state = self._state
         record.state = rounds.advance(record.state, RoundState.FAILED)
         state.set_open_round(0)
@@ -108,6 +109,7 @@ class Closing:
         if state.acc is not None:
             state.acc.detach()
         logger.warning("[round] round=%d failed: %s", record.round, reason)
+        state.observe("round_failed", 1, kind)
         state.emit("round_failed", round_number=record.round, state=RoundState.FAILED, detail=reason)
         state.changed.notify_all()
 
@@ -119,7 +121,7 @@ class Closing:
         accepted = state.accepted_records(round_number)
         if not accepted:
             with state.lock:
-                self.fail(record, "no accepted uploads when the round closed")
+                self.fail(record, "no accepted uploads when the round closed", kind="no_uploads")
             return
         try:
             result = (
@@ -129,7 +131,7 @@ class Closing:
             logger.exception("[round] round=%d aggregation failed", round_number)
             with state.lock:
                 self.optimizer = self._load_optimizer()  # drop half-applied optimizer steps
-                self.fail(record, f"aggregation failed: {exc}")
+                self.fail(record, f"aggregation failed: {exc}", kind="aggregation")
             return
         self._record_published(record, accepted, result)
 

@@ -384,24 +384,35 @@ def _training(raw: object) -> TrainingSpec:
     return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
 
 
-def read_secret(path: Path, field: str = "admin_token_file") -> str:
+def _read_file(path: Path, field: str, what: str, label: str = "") -> str:
+    """The text of the file that setting ``field`` names (``label``: how the operator spelled it, "--tokens")."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc})"
+        raise ConfigError(f"{label or field} {path}: {problem}; it should hold {what}", field=field) from None
+
+
+def read_secret(path: Path, field: str = "admin_token_file", label: str = "") -> str:
     """A token from a file (first line, stripped), so tokens stay out of config files and process lists."""
-    lines = path.read_text().strip().splitlines()
+    lines = _read_file(path, field, "the token on its first line", label).strip().splitlines()
     if not lines or not lines[0].strip():
-        raise ConfigError(f"{field} {path} is empty; write the token on its first line", field=field)
+        raise ConfigError(f"{label or field} {path} is empty; write the token on its first line", field=field)
     return lines[0].strip()
 
 
-def parse_tokens(text: str) -> dict[str, str]:
-    """``site = token`` lines (TOML or plain); blank lines and # comments ignored."""
+def parse_tokens(text: str, source: str = "site tokens") -> dict[str, str]:
+    """``site = token`` lines (TOML or plain); blank lines and # comments ignored; others a ConfigError."""
     tokens = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line or line.startswith("["):
             continue
         site, sep, token = line.partition("=")
-        if not sep:
-            raise ValueError(f"token line {line!r} is not `site = token`")
+        if not sep or not site.strip() or not token.strip():
+            raise ConfigError(
+                f"{source} line {number}: {line!r} is not `site = token`", field="site_tokens_file"
+            )
         tokens[site.strip().strip('"')] = token.strip().strip('"')
     return tokens
 
@@ -430,12 +441,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
 
     Raises:
         ConfigError: On an unknown setting, a value of the wrong type, an unknown choice or a
-            value out of range, naming the setting and what it may be.
+            value out of range, naming the setting and what it may be; on a file named that is bad.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
+    try:
+        raw = tomllib.loads(_read_file(path, "config", "settings in TOML", "--config")) if path else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}", field="config") from None
     base = Path(path).parent if path is not None else Path.cwd()
 
     def rel(value: str | Path) -> Path:
@@ -460,17 +471,26 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
     tokens = dict(_table(raw.pop("sites", {}), "sites"))
     admin = str(raw.pop("admin_token", ""))
     for source in (raw, flags):  # the file's, then the flags'
-        if "site_tokens_file" in source:
-            tokens |= parse_tokens(Path(source.pop("site_tokens_file")).read_text())
-        if "admin_token_file" in source:
-            admin = read_secret(Path(source.pop("admin_token_file")))
+        for key, flag in (("site_tokens_file", "--tokens"), ("admin_token_file", "--admin-token-file")):
+            if key in source:
+                file, label = Path(source.pop(key)), (f"{key} (in {path})" if source is raw else flag)
+                if key == "admin_token_file":
+                    admin = read_secret(file, key, label)
+                else:
+                    tokens |= parse_tokens(
+                        _read_file(file, key, "`site = token` lines", label), f"{label} {file}"
+                    )
     admin = str(flags.pop("admin_token", admin)) or os.environ.get("GDFED_ADMIN_TOKEN", "")
     raw |= flags
+    tls = TlsConfig(**_values(TlsConfig, raw.pop("tls", {}), "tls"))
+    for name, pem in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
+        if pem is not None and not pem.is_file():  # read only once the run is loaded: check them now
+            raise ConfigError(f"tls.{name} {pem}: no such file", field=f"tls.{name}")
     return ServerConfig(
         round=RoundPolicy(**_values(RoundPolicy, raw.pop("round", {}), "round")),
         optimizer=OptimizerConfig(**_values(OptimizerConfig, raw.pop("optimizer", {}), "optimizer")),
         cybgd=CyBgdConfig(**_values(CyBgdConfig, raw.pop("cybgd", {}), "cybgd")),
-        tls=TlsConfig(**_values(TlsConfig, raw.pop("tls", {}), "tls")),
+        tls=tls,
         training=_training(raw.pop("training", {})),
         broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
         site_tokens=tokens,

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from common.statefile import StateReader
 from server.blobs import BlobStore
 from server.closing import Closing
 from server.config import ServerConfig
@@ -34,7 +35,6 @@ from server.round_loop import RoundLoop
 from server.run_admin import RunAdmin
 from server.run_state import RunState
 from server.spool import Spool
-from server.statefile import StateReader
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Coordinator:
             intake=self.intake,
             full_model_bytes=sum(t.numel * 4 for t in manifest),
             total_rounds=config.rounds,
+            configured_sites=len(config.site_tokens),
         )
         self._recover()
 

@@ -23,10 +23,10 @@ from common.codec import encode
 from common.delta import Codec, DeltaHeader, DeltaKind
 from common.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 from common.serde import header_from_bytes
+from common.statefile import StateReader
 from server.blobs import BlobStore
 from server.publish import store_snapshot
 from server.records import RoundRecord, RoundState, SiteRecord
-from server.statefile import StateReader
 from server.store import Store
 
 MAX_PREFIXES = 4096

@@ -37,9 +37,9 @@ from common.codec.decoder import ShardDecoder, place_piece
 from common.codec.decoder import allocate as allocate_tensors
 from common.delta import DeltaHeader, TensorSpec
 from common.lora import lora_pairs, slice_a, slice_b
+from common.statefile import StateReader
 from server.flexlora import LoraFactors, ModuleSum
 from server.spool import Spool
-from server.statefile import StateReader
 
 logger = logging.getLogger(__name__)
 

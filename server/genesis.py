@@ -1,8 +1,9 @@
 """The run's record and its round 0: found in the state directory, or created from the initial state.
 
-A state directory holds one run. The first start writes the run record and
-round 0 (the initial trainable state, published, with its snapshot); every
-later start finds them and refuses a ``run_id`` that names another run.
+A state directory holds one run. The first start writes the run's training
+spec (``common.state_dir``, for ``gdfed export``), the run record and round 0
+(the initial trainable state, published, with its snapshot); every later start
+finds them and refuses a ``run_id`` that names another run.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from pathlib import Path
 import torch
 
 from common.errors import FailedPrecondition
+from common.state_dir import write_training_spec
+from common.statefile import StateReader, write_state
 from server.blobs import BlobStore
 from server.config import ServerConfig
 from server.methods import plan_of
 from server.publish import store_initial_state
 from server.records import RoundRecord, RoundState, RunRecord, check_id
-from server.statefile import StateReader, write_state
 from server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def load_or_create_run(
         snapshot_header=snapshot.header,
         snapshot_bytes=snapshot.nbytes,
     )
+    # Before the run record: a run found at a later start always has its spec beside it.
+    write_training_spec(config.state_dir, config.training)
     with store.transaction():
         store.put(run)
         store.put(genesis)

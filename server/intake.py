@@ -26,6 +26,7 @@ from common.errors import (
 from common.serde import header_from_bytes, header_to_proto
 from server.config import ServerConfig
 from server.folding import FoldWorker
+from server.reasons import refusal_reason
 from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id
 from server.run_state import RunState
 from server.spool import Spool
@@ -68,7 +69,11 @@ class Intake:
             raise InvalidArgument("the stream carried no chunk", field="header")
         if first.header is None:
             raise InvalidArgument("the first chunk must carry the header", field="header")
-        opened = self.open_upload(site_id, first.header, first.offset)
+        try:
+            opened = self.open_upload(site_id, first.header, first.offset)
+        except GdfedError as exc:
+            self._metrics("upload_refused", 1, refusal_reason(exc))
+            raise
         if isinstance(opened, Receipt):
             return opened
         session = opened
@@ -310,6 +315,7 @@ class Intake:
             self._emit(
                 "upload_rejected", round_number=session.round, site_id=session.site_id, detail=error.message
             )
+            self._metrics("upload_refused", 1, refusal_reason(error))
 
     def end_session(self, session: UploadSession) -> None:
         with self._lock:

@@ -3,7 +3,14 @@
 A site's record says whether it is alive; its participant record says whether
 it has a part in the open round (``add_participant``). Liveness counts from
 this process's start at the earliest: sites cannot beat while the aggregator
-is down, so after a restart each gets its full allowance again.
+is down, so after a restart each gets its full allowance again. A site that
+beats is alive, whatever it does (a worker beats from Join on, loading its
+model included).
+
+Each beat also carries the worker's last problem (one line, at most
+``MAX_PROBLEM_BYTES``) and its phase timings; the site's record keeps the
+latest, for ``gdfed status --site``. An evicted site is told so: STOP
+"evicted" to its beats, PERMISSION_DENIED to its Join and AwaitRound.
 """
 
 from __future__ import annotations
@@ -23,6 +30,27 @@ from server.run_state import RunState
 logger = logging.getLogger(__name__)
 
 MAX_AWAIT_S = 60.0
+MAX_PROBLEM_BYTES = 512  # HeartbeatRequest.last_problem
+# How often a waiting AwaitRound looks again whether its site was evicted (nothing wakes it for that).
+EVICTION_CHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTimings:
+    """A worker's latest phase durations, in seconds, as its heartbeat reported them (0 = not yet)."""
+
+    load: float = 0.0
+    sync: float = 0.0
+    train: float = 0.0
+    upload: float = 0.0
+
+    def check(self) -> None:
+        """InvalidArgument naming the field unless every duration is finite and >= 0."""
+        for name in ("load", "sync", "train", "upload"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                field_name = f"timings.{name}_seconds"
+                raise InvalidArgument(f"{field_name} is {value}; must be finite and >= 0", field=field_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +161,24 @@ class Membership:
         )
 
     def heartbeat(self, site_id: str, *, round_number: int, phase: Phase | None, step: int, total_steps: int,
-                  loss: float) -> BeatReply:  # fmt: skip
+                  loss: float, last_problem: str = "", timings: PhaseTimings | None = None) -> BeatReply:  # fmt: skip
         if not math.isfinite(loss):
             raise InvalidArgument(f"loss is {loss}; must be finite", field="loss")
+        size = len(last_problem.encode())
+        if size > MAX_PROBLEM_BYTES:
+            raise InvalidArgument(
+                f"last_problem is {size} bytes; the limit is {MAX_PROBLEM_BYTES}",
+                field="last_problem",
+                limit=MAX_PROBLEM_BYTES,
+            )
+        timings = timings or PhaseTimings()
+        timings.check()
         state = self._state
         with state.lock:
             site = state.joined_site(site_id)
             run = state.run
             if site.state is SiteState.EVICTED:
                 return BeatReply(Directive.STOP, run.current_round, self._interval_ms, "evicted")
-            if run.finished:
-                return BeatReply(Directive.STOP, run.current_round, self._interval_ms, "the run is finished")
             was_silent = site.state is SiteState.SILENT
             site = replace(
                 site,
@@ -154,7 +189,17 @@ class Membership:
                 total_steps=total_steps,
                 loss=loss,
                 beat_round=round_number,
+                # One line, as the worker sends it; a stray newline must not break a status table.
+                last_problem=" ".join(last_problem.split()),
+                load_seconds=timings.load,
+                sync_seconds=timings.sync,
+                train_seconds=timings.train,
+                upload_seconds=timings.upload,
             )
+            if run.finished:
+                # Kept all the same: a worker's last beat leaves its final timings, or why it failed.
+                state.store.put(site)
+                return BeatReply(Directive.STOP, run.current_round, self._interval_ms, "the run is finished")
             with state.store.transaction():
                 state.store.put(site)
                 if was_silent:
@@ -174,8 +219,10 @@ class Membership:
         deadline = time.monotonic() + max(0.0, min(wait_s, MAX_AWAIT_S))
         state = self._state
         with state.lock:
-            site = state.joined_site(site_id)
             while True:
+                site = state.joined_site(site_id)
+                if site.state is SiteState.EVICTED:
+                    raise PermissionDenied(f"site {site_id!r} was evicted from this run", field="site_id")
                 view = self.round_view(site)
                 if view.finished or (
                     view.round > after_round and view.state.accepts_uploads and view.assignment.trains
@@ -184,7 +231,7 @@ class Membership:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or state.stopping.is_set():
                     return view
-                state.changed.wait(remaining)
+                state.changed.wait(min(remaining, EVICTION_CHECK_S))
 
     def round_view(self, site: SiteRecord | None = None) -> RoundView:
         """The current round as ``site`` sees it (caller holds the lock)."""
@@ -213,17 +260,19 @@ class Membership:
             if now - max(site.last_beat_ms, self._live_since_ms) <= limit:
                 continue
             site.state = SiteState.SILENT
+            dropped = False
             with state.store.transaction():
                 state.store.put(site)
                 if current is not None and current.state.accepts_uploads:
                     part = state.store.get(ParticipantRecord, current.round, site.site_id)
                     if part is not None and not part.dropped:
-                        part.dropped = True
+                        part.dropped = dropped = True
                         state.store.put(part)
             logger.warning(
-                "[site] site=%s silent for %d ms: dropped from round %d",
+                "[site] site=%s silent for %d ms (allowance %d ms)%s",
                 site.site_id,
                 now - site.last_beat_ms,
-                round_number,
+                limit,
+                f": dropped from round {round_number}" if dropped else "",
             )
             state.emit("site_dropped", round_number=round_number, site_id=site.site_id)

@@ -39,12 +39,12 @@ from common.dtypes import DType
 from common.errors import InvalidArgument
 from common.lora import is_lora_a, is_lora_b, lora_pairs
 from common.spec import OPTIMIZER_MARK, Method, TrainingSpec, TrainMode
+from common.statefile import StateReader
 from server import cybgd
 from server.config import CyBgdOptimizerState, ServerConfig
 from server.flexlora_round import FlexUpload
 from server.flexlora_round import next_state as flexlora_next_state
 from server.spool import Spool
-from server.statefile import StateReader
 
 
 @dataclass(frozen=True, slots=True)

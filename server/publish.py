@@ -27,11 +27,11 @@ from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, Ten
 from common.dtypes import DType
 from common.files import rewrite
 from common.serde import header_to_proto
+from common.statefile import StateReader, write_state
 from server.accumulation import Accumulation
 from server.blobs import BlobStore
 from server.optimizers import ServerOptimizer
 from server.spool import Spool
-from server.statefile import StateReader, write_state
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@
              neither           -> wait for the next tick
 
 The loop thread ticks every ``tick_s`` and at once when ``RunState.wake`` is
-called (an upload was accepted: the quorum may hold now).
+called (an upload was accepted: the quorum may hold now). After each tick,
+``waiting`` says why the run does not move (sites, pause, quorum, finished);
+the log gets one line each time that reason changes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class RoundLoop:
         self._config = config
         self._admin_close = False
         self._thread: threading.Thread | None = None
+        self._logged_waiting = rounds.Waiting()
 
     # ------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -70,7 +73,11 @@ class RoundLoop:
 
     # ------------------------------------------------------------ one tick
     def tick(self) -> None:
-        """One pass: liveness, then close, fail, publish or open as due."""
+        """One pass: liveness, then close, fail, publish or open as due; log a new waiting reason."""
+        self._step()
+        self._log_waiting()
+
+    def _step(self) -> None:
         state = self._state
         with state.lock:
             self._membership.check_liveness()
@@ -85,7 +92,7 @@ class RoundLoop:
                 return
             decision = rounds.decide(state.policy(), self._tally(current), admin_close=self._admin_close)
             if decision.fail:
-                self._closing.fail(current, decision.reason)
+                self._closing.fail(current, decision.reason, kind=decision.kind)
                 self.open_next_round()
                 return
             if not decision.close:
@@ -131,6 +138,38 @@ class RoundLoop:
         logger.info("[round] round=%d opened with %d site(s)", number, len(alive))
         state.emit("round_opened", round_number=number, state=RoundState.OPEN)
         state.changed.notify_all()
+
+    def waiting(self) -> rounds.Waiting:
+        """Why the run does not move now (caller holds the lock)."""
+        state = self._state
+        run = state.run
+        current = state.current_round()
+        if run.finished:
+            return rounds.finished(run.current_round)
+        is_open = current is not None and current.state.accepts_uploads
+        if run.paused:
+            return rounds.paused(
+                run.pause_reason,
+                open_round=run.current_round if is_open else 0,
+                next_round=run.current_round + 1,
+            )
+        if current is None or current.state.is_final:
+            alive = len(state.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),)))
+            return rounds.waiting_to_open(
+                next_round=run.current_round + 1, alive=alive, min_sites_to_open=run.min_sites_to_open
+            )
+        if is_open:
+            return rounds.waiting_for_quorum(state.policy(), self._tally(current), current.round)
+        return rounds.Waiting()  # aggregating
+
+    def _log_waiting(self) -> None:
+        with self._state.lock:  # also called by close-round's thread: one line per change
+            waiting = self.waiting()
+            if waiting == self._logged_waiting:  # the countdown is not in it: no line every tick
+                return
+            self._logged_waiting = waiting
+            if waiting.text:
+                logger.info("[round] waiting: %s", waiting.line(self._state.now_ms()))
 
     def _tally(self, record: RoundRecord) -> rounds.Tally:
         state = self._state

@@ -16,6 +16,7 @@ needs. Pure logic: no I/O, no clock, no gRPC.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from server.config import RoundPolicy
@@ -67,11 +68,13 @@ class Tally:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``close``: aggregate now; ``fail``: end the round without aggregating; ``reason`` says why."""
+    """``close``: aggregate now; ``fail``: end the round without aggregating; ``reason`` says why,
+    and a failure's ``kind`` names it in one word of ``server.reasons.FAILURE_REASONS``."""
 
     close: bool = False
     fail: bool = False
     reason: str = ""
+    kind: str = ""
 
 
 def required_sites(policy: RoundPolicy, tally: Tally) -> int:
@@ -93,7 +96,9 @@ def decide(policy: RoundPolicy, tally: Tally, *, admin_close: bool = False) -> D
     """Whether an open round should close now, fail now, or go on."""
     if admin_close:
         if tally.accepted == 0:
-            return Decision(fail=True, reason="closed by an operator before any upload was accepted")
+            return Decision(
+                fail=True, reason="closed by an operator before any upload was accepted", kind="operator"
+            )
         return Decision(close=True, reason="admin")
     if quorum_holds(policy, tally):
         return Decision(close=True, reason="quorum" if policy.min_sites > 0 else "all")
@@ -103,6 +108,7 @@ def decide(policy: RoundPolicy, tally: Tally, *, admin_close: bool = False) -> D
             return Decision(close=True, reason="deadline")
         return Decision(
             fail=True,
+            kind="deadline",
             reason=(
                 f"deadline passed with {tally.accepted} accepted upload(s) "
                 f"({tally.accepted_samples} of {tally.expected_samples} samples); "
@@ -111,3 +117,92 @@ def decide(policy: RoundPolicy, tally: Tally, *, admin_close: bool = False) -> D
             ),
         )
     return Decision()
+
+
+# ---------------------------------------------------------------- why the run waits
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Why the run is not moving now: ``kind`` (one of WAITING_KINDS) and one line of ``text``.
+
+    ``text`` changes only when something but the clock changes (the log prints it then, not
+    every tick); ``line`` adds the open round's countdown to its deadline (0 = none).
+    """
+
+    kind: str = ""
+    text: str = ""
+    deadline_ms: int = 0
+
+    def line(self, now_ms: int) -> str:
+        """The reason as status shows it ("" when the run is moving)."""
+        if self.kind != "quorum":
+            return self.text
+        if not self.deadline_ms:
+            return f"{self.text}; no deadline"
+        return f"{self.text}; deadline in {_duration(max(0, self.deadline_ms - now_ms))}"
+
+
+# "": moving (a round is aggregating, or the next opens at the next tick).
+WAITING_KINDS = ("", "sites", "paused", "quorum", "finished")
+
+
+def waiting_to_open(*, next_round: int, alive: int, min_sites_to_open: int) -> Waiting:
+    """Between rounds: the next one waits for ``min_sites_to_open`` sites alive."""
+    if alive >= min_sites_to_open:
+        return Waiting()
+    return Waiting(
+        "sites",
+        f"waiting for {min_sites_to_open} sites alive to open round {next_round}: "
+        f"{alive} of {min_sites_to_open} alive (min_sites_to_open)",
+    )
+
+
+def waiting_for_quorum(policy: RoundPolicy, tally: Tally, round_number: int) -> Waiting:
+    """An open round waits for its quorum (uploads, and samples if the policy asks), or its deadline."""
+    needed = required_sites(policy, tally)
+    who = f"min_sites={policy.min_sites}" if policy.min_sites else "every live participant"
+    text = (
+        f"round {round_number} waits for its quorum: {tally.accepted} of {needed} upload(s) accepted "
+        f"({who}; {tally.alive_participants} live participant(s))"
+    )
+    if policy.min_sample_fraction > 0:
+        samples = math.ceil(policy.min_sample_fraction * tally.expected_samples)
+        text += (
+            f", {tally.accepted_samples} of {samples} samples "
+            f"({policy.min_sample_fraction:.0%} of {tally.expected_samples})"
+        )
+    return Waiting("quorum", text, tally.deadline_ms)
+
+
+def paused(reason: str, *, open_round: int, next_round: int) -> Waiting:
+    """Paused by the operator: nothing opens, and the open round (if any) closes only on request."""
+    said = reason or "no reason given"
+    if open_round:
+        then = f"round {open_round} takes uploads but closes only on resume or close-round"
+    else:
+        then = f"round {next_round} opens on resume"
+    return Waiting("paused", f"paused by the operator ({said}); {then}")
+
+
+def finished(last_round: int) -> Waiting:
+    return Waiting("finished", f"finished: round {last_round}, the last, is published")
+
+
+def describe(policy: RoundPolicy) -> str:
+    """The round policy in force, one line (what the log and ``gdfed admin policy`` print)."""
+    return (
+        f"min_sites={policy.min_sites or 'all'} min_sample_fraction={policy.min_sample_fraction:g} "
+        f"deadline={f'{policy.deadline_s}s' if policy.deadline_s else 'none'} "
+        f"min_sites_to_open={policy.min_sites_to_open}"
+    )
+
+
+def _duration(ms: int) -> str:
+    seconds = math.ceil(ms / 1000)
+    if seconds < 120:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 120:
+        return f"{minutes} min {seconds} s"
+    return f"{minutes // 60} h {minutes % 60} min"

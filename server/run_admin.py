@@ -1,10 +1,13 @@
 """Administering the run, on the aggregator: what the Admin service reads and changes.
 
-Reads: the run's status, its rounds, one round's participants and uploads,
-the sites. Changes: pause, resume, close the open round now, evict a site,
-set the quorum and deadline. (The operator's side of these calls is the
-command line: ``admin_cli.py`` for ``gdfed status``, ``admin_control.py`` for
-``gdfed admin``.)
+Reads: the run's status (with why it waits, if it does), its rounds (a round
+not yet published with its values so far), one round's participants and
+uploads, the sites. Changes: pause, resume, close the open round now, evict a
+site, set the round settings. A setting no site could ever meet (more sites
+than the config has tokens for, less the evicted) is refused; one the sites
+alive now cannot meet is taken with a warning, returned to the operator.
+(The operator's side of these calls is the command line: ``admin_cli.py``
+for ``gdfed status``, ``admin_control.py`` for ``gdfed admin``.)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from server import rounds
 from server.config import RoundPolicy
 from server.records import (
     ParticipantRecord,
@@ -40,6 +44,7 @@ class StatusView:
     policy: RoundPolicy
     total_rounds: int
     full_model_bytes: int
+    waiting_reason: str = ""  # why the run does not move now ("" = it does)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,7 @@ class RoundControl(Protocol):
     def open_next_round(self) -> None: ...
     def request_close(self) -> None: ...
     def tick(self) -> None: ...
+    def waiting(self) -> rounds.Waiting: ...
 
 
 class UploadCanceller(Protocol):
@@ -84,8 +90,9 @@ class RunAdmin:
 
     Given the run's ``state``; ``rounds``, the round loop (it opens and closes rounds);
     ``intake``, to stop an evicted site's uploads; the ``full_model_bytes`` of the fp32
-    trainable state (compression ratios are against it) and the ``total_rounds`` the run is
-    configured for (0: until stopped).
+    trainable state (compression ratios are against it), the ``total_rounds`` the run is
+    configured for (0: until stopped) and ``configured_sites``, how many site tokens the config
+    holds (no more sites can ever join).
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class RunAdmin:
         intake: UploadCanceller,
         full_model_bytes: int,
         total_rounds: int,
+        configured_sites: int,
     ) -> None:
         self._state = state
         self._rounds = rounds
@@ -106,6 +114,7 @@ class RunAdmin:
         self._emit = state.emit
         self._full_model_bytes = full_model_bytes
         self._total_rounds = total_rounds
+        self._configured_sites = configured_sites
 
     def status(self) -> StatusView:
         with self._lock:
@@ -118,6 +127,7 @@ class RunAdmin:
                 policy=self._state.policy(),
                 total_rounds=self._total_rounds,
                 full_model_bytes=self._full_model_bytes,
+                waiting_reason=self._rounds.waiting().line(self._state.now_ms()),
             )
 
     def rounds_page(self, limit: int, before: int) -> list[RoundReport]:
@@ -140,6 +150,8 @@ class RunAdmin:
     def _report(self, record: RoundRecord) -> RoundReport:
         participants = self._state.participants(record.round)
         uploads = self._store.select(UploadRecord, "round = ?", (record.round,))
+        if not record.state.is_final:
+            record = _so_far(record, [u for u in uploads if u.state is UploadState.ACCEPTED])
         return RoundReport(
             record=record,
             ratio_to_full_model=_mean_ratio(uploads, self._full_model_bytes),
@@ -154,6 +166,7 @@ class RunAdmin:
         with self._lock:
             run = self._state.run
             run.paused = True
+            run.pause_reason = reason
             self._store.put(run)
             logger.info("[admin] paused: %s", reason or "(no reason)")
             self._emit("paused", round_number=run.current_round, detail=reason)
@@ -162,6 +175,7 @@ class RunAdmin:
         with self._lock:
             run = self._state.run
             run.paused = False
+            run.pause_reason = ""
             self._store.put(run)
             logger.info("[admin] resumed: %s", reason or "(no reason)")
             self._emit("resumed", round_number=run.current_round, detail=reason)
@@ -174,10 +188,22 @@ class RunAdmin:
         with self._lock:
             current = self._state.current_round()
             if current is None or not current.state.accepts_uploads:
-                raise FailedPrecondition("no round is open", field="round")
+                raise FailedPrecondition(f"no round is open: {self._between_rounds(current)}", field="round")
             logger.info("[admin] round=%d close requested: %s", current.round, reason or "(no reason)")
             self._rounds.request_close()
         self._rounds.tick()
+
+    def _between_rounds(self, current: RoundRecord | None) -> str:
+        """Where the run stands when no round is open, and when the next one opens."""
+        run = self._state.run
+        where = f"round {current.round} is {current.state.name.lower()}; " if current else ""
+        if run.finished:
+            return f"{where}the run is finished"
+        if current is not None and not current.state.is_final:  # aggregating
+            then = " and the run is resumed" if run.paused else ""
+            return f"{where}round {current.round + 1} opens once it is published{then}"
+        waiting = self._rounds.waiting().line(self._state.now_ms())
+        return where + (waiting or f"round {run.current_round + 1} opens at the next tick")
 
     def evict(self, site_id: str, reason: str) -> None:
         with self._lock:
@@ -206,30 +232,108 @@ class RunAdmin:
         min_sample_fraction: float | None,
         deadline_s: int | None,
         min_sites_to_open: int | None = None,
-    ) -> None:
-        # Validate everything before changing anything: a refused request leaves the policy as it was.
+    ) -> list[str]:
+        """Change the settings given (None: unchanged) from the next tick on; the warnings for those
+        the sites alive now cannot meet. A setting no site could ever meet is refused
+        (FailedPrecondition naming it), and a refused request changes nothing."""
+        for field, value in (
+            ("quorum.min_sites", min_sites),
+            ("round_deadline_s", deadline_s),
+            ("min_sites_to_open", min_sites_to_open),
+        ):
+            if value is not None and value < 0:
+                raise InvalidArgument(f"{field} is {value}; must be >= 0", field=field)
         if min_sample_fraction is not None and not 0.0 <= min_sample_fraction <= 1.0:
             raise InvalidArgument(
                 f"min_sample_fraction is {min_sample_fraction}; must be 0..1", field="min_sample_fraction"
             )
         with self._lock:
             run = self._state.run
+            current = self._state.current_round()
+            is_open = current is not None and current.state.accepts_uploads
+            deadline = run.round_deadline_s if deadline_s is None else deadline_s
+            warnings = []
+            if min_sites is not None:
+                then = (
+                    "otherwise it fails at its deadline"
+                    if deadline
+                    else "with no deadline it waits until then"
+                )
+                warnings += self._check_sites(
+                    "quorum.min_sites",
+                    min_sites,
+                    f"a round closes only once {min_sites} uploads are accepted; {then}",
+                )
+            if min_sites_to_open is not None:
+                between = current is None or current.state.is_final
+                which = f"round {run.current_round + 1}" if between else "the next round"
+                warnings += self._check_sites(
+                    "min_sites_to_open",
+                    min_sites_to_open,
+                    f"{which} opens once {min_sites_to_open} are alive",
+                )
             if min_sites is not None:
                 run.min_sites = min_sites
             if min_sample_fraction is not None:
                 run.min_sample_fraction = min_sample_fraction
             if min_sites_to_open is not None:
                 run.min_sites_to_open = min_sites_to_open
-            current = self._state.current_round()
             with self._store.transaction():
                 if deadline_s is not None:
                     run.round_deadline_s = deadline_s
-                    if current is not None and current.state.accepts_uploads:
+                    if current is not None and is_open:
                         current.deadline_ms = current.opened_ms + deadline_s * 1000 if deadline_s else 0
                         self._store.put(current)
+                        if deadline_s and current.deadline_ms <= self._state.now_ms():
+                            warnings.append(
+                                f"round {current.round} opened more than {deadline_s} s ago: it closes "
+                                "(or fails, short of its quorum) at the next tick"
+                            )
                 self._store.put(run)
-            logger.info("[admin] policy now %s", self._state.policy())
-            self._emit("policy_changed", round_number=run.current_round, detail=str(self._state.policy()))
+            policy = rounds.describe(self._state.policy())
+            logger.info("[admin] policy now %s", policy)
+            for warning in warnings:
+                logger.warning("[admin] policy: %s", warning)
+            self._emit("policy_changed", round_number=run.current_round, detail=policy)
+            if current is None or current.state.is_final:
+                self._rounds.open_next_round()  # min_sites_to_open may hold now
+            self._state.wake()  # the quorum may hold now, or the deadline have passed
+            self._changed.notify_all()
+            return warnings
+
+    def _check_sites(self, field: str, value: int, consequence: str) -> list[str]:
+        """Refuse ``value`` sites for ``field`` if no site could ever make it; warn if the sites
+        alive now cannot (caller holds the lock)."""
+        sites = self._store.select(SiteRecord)
+        evicted = sum(s.state is SiteState.EVICTED for s in sites)
+        alive = sum(s.state is SiteState.ALIVE for s in sites)
+        possible = max(0, self._configured_sites - evicted)
+        counts = (
+            f"{self._configured_sites} site token(s) in the config, {len(sites)} joined, "
+            f"{alive} alive, {evicted} evicted"
+        )
+        if value > possible:
+            raise FailedPrecondition(
+                f"{field} is {value} but at most {possible} site(s) can ever take part ({counts})",
+                field=field,
+                limit=possible,
+            )
+        if value > alive:
+            return [f"{field} is {value} but {alive} site(s) are alive now ({counts}): {consequence}"]
+        return []
+
+
+def _so_far(record: RoundRecord, accepted: list[UploadRecord]) -> RoundRecord:
+    """A round not yet published, with the samples and losses of the uploads it has accepted so far."""
+    samples = sum(u.sample_count for u in accepted)
+    if not samples:
+        return replace(record, samples=0)
+    return replace(
+        record,
+        samples=samples,
+        mean_train_loss=sum(u.train_loss * u.sample_count for u in accepted) / samples,
+        mean_eval_loss=sum(u.eval_loss * u.sample_count for u in accepted) / samples,
+    )
 
 
 def _mean_ratio(uploads: list[UploadRecord], full_model_bytes: int) -> float:

@@ -35,7 +35,8 @@ from server.records import (
 )
 from server.store import Store
 
-Observer = Callable[[str, float], None]
+# (name, value, label): label is "" or a word from a fixed set (server.reasons), never an id.
+Observer = Callable[[str, float, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +122,13 @@ class RunState:
         self.events.emit(kind, round_number=round_number, site_id=site_id, state=state, detail=detail)
 
     def add_observer(self, observer: Observer) -> None:
-        """Have ``observer(name, value)`` called for every measurement (bytes in and out, seconds)."""
+        """Have ``observer(name, value, label)`` called for every measurement (bytes in and out,
+        seconds, refused uploads and failed rounds by reason)."""
         self._observers.append(observer)
 
-    def observe(self, name: str, value: float) -> None:
+    def observe(self, name: str, value: float, label: str = "") -> None:
         for observer in self._observers:
-            observer(name, value)
+            observer(name, value, label)
 
     def wake(self) -> None:
         """Have the round loop tick now (an upload was accepted: the quorum may be met)."""
@@ -160,11 +162,12 @@ class RunState:
         return rows[0]
 
     def policy(self) -> RoundPolicy:
-        """The quorum and deadline in force (the configured ones, as changed by the operator)."""
+        """The round settings in force (the configured ones, as changed by the operator)."""
         return RoundPolicy(
             min_sites=self.run.min_sites,
             min_sample_fraction=self.run.min_sample_fraction,
             deadline_s=self.run.round_deadline_s,
+            min_sites_to_open=self.run.min_sites_to_open,
         )
 
     def joined_site(self, site_id: str) -> SiteRecord:

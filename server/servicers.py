@@ -29,7 +29,7 @@ from server import wire
 from server.auth import Authenticator
 from server.fetching import Fetching
 from server.intake import Intake
-from server.membership import Membership
+from server.membership import Membership, PhaseTimings
 from server.run_admin import RunAdmin
 from server.run_state import EventBus
 from server.uploads import Receipt
@@ -142,6 +142,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             step=request.step,
             total_steps=request.total_steps,
             loss=request.loss,
+            last_problem=request.last_problem,
+            timings=PhaseTimings(
+                load=request.timings.load_seconds,
+                sync=request.timings.sync_seconds,
+                train=request.timings.train_seconds,
+                upload=request.timings.upload_seconds,
+            ),
         )
         return federation_pb2.HeartbeatReply(
             directive=federation_pb2.Directive.ValueType(reply.directive),
@@ -278,9 +285,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         finally:
             self._events.unsubscribe(events)
 
-    def _control(self, action: Callable[[], None]) -> admin_pb2.ControlReply:
-        action()
-        return admin_pb2.ControlReply(ok=True, status=self._status())
+    def _control(self, action: Callable[[], list[str] | None]) -> admin_pb2.ControlReply:
+        """Do ``action``; its warnings (settings taken that cannot hold yet) go back in ``message``."""
+        warnings = action() or []
+        message = "\n".join(f"warning: {w}" for w in warnings)
+        return admin_pb2.ControlReply(ok=True, message=message, status=self._status())
 
     @rpc
     def Pause(

@@ -58,6 +58,9 @@ def run_status(status: StatusView, server_version: str) -> admin_pb2.RunStatus:
         round_deadline_s=policy.deadline_s,
         started_unix_ms=run.created_ms,
         server_version=server_version,
+        waiting_reason=status.waiting_reason,
+        pause_reason=run.pause_reason if run.paused else "",
+        min_sites_to_open=policy.min_sites_to_open,
     )
 
 
@@ -111,6 +114,14 @@ def site_status(site: SiteRecord) -> admin_pb2.SiteStatus:
             memory_bytes=site.memory_bytes,
             lora_rank=site.lora_rank,
             num_samples=site.num_samples,
+        ),
+        total_steps=site.total_steps,
+        last_problem=site.last_problem,
+        timings=federation_pb2.PhaseTimings(
+            load_seconds=site.load_seconds,
+            sync_seconds=site.sync_seconds,
+            train_seconds=site.train_seconds,
+            upload_seconds=site.upload_seconds,
         ),
     )
 

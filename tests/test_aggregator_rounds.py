@@ -150,6 +150,21 @@ def test_full_round_publishes_the_weighted_mean(harness: MakeHarness) -> None:
     assert all(s.state == admin_pb2.SITE_STATE_ALIVE and s.rounds_joined == 2 for s in sites.values())
 
 
+def test_a_round_not_published_reports_its_uploads_so_far(harness: MakeHarness) -> None:
+    h = harness({"a": 10, "b": 30, "c": 7})
+    h.join_all()
+    for site, (train, evaluated) in (("a", (0.5, 1.5)), ("b", (1.0, 2.0))):
+        metrics = UploadMetrics(train_loss=train, eval_loss=evaluated, steps=3)
+        push(h, site, random_delta(ord(site), h.init), round=1, base=0, metrics=metrics)
+    status = h.admin.round(1)  # c has not uploaded: the round collects, with what it has so far
+    assert (status.state, status.samples, status.published_unix_ms) == (COLLECTING, 40, 0)
+    assert status.mean_train_loss == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert status.mean_eval_loss == pytest.approx((1.5 * 10 + 2.0 * 30) / 40)
+    assert h.admin.rounds()[0].samples == 40
+    push(h, "c", random_delta(3, h.init), round=1, base=0)
+    assert h.admin.wait_round(1).samples == 47
+
+
 def test_quorum_holds_when_a_silent_site_is_dropped(harness: MakeHarness) -> None:
     h = harness({"a": 10, "b": 20, "c": 30})
     events = h.admin.watch()
@@ -665,23 +680,21 @@ def test_status_and_admin_cli(harness: MakeHarness, tmp_path: Path) -> None:
     assert "quorum min_sites=all" in lines[0]
     [row1] = [line for line in lines if line.split()[:2] == ["1", "published"]]
     assert row1.split()[2:4] == ["2/2", "30"]
-    assert row1.rstrip().endswith("all")
+    assert row1.rstrip().endswith("all 2 live sites")
     assert any(line.split()[:2] == ["2", "open"] for line in lines)
     assert any(line.split()[:2] == ["a", "alive"] for line in lines)
     assert any(line.split()[:2] == ["b", "alive"] for line in lines)
 
     assert rc_json == 0, err_json
     doc = json.loads(raw)
-    assert doc["run"]["run_id"] == "test-run" and doc["run"]["current_round"] == "2"
-    round1 = next(r for r in doc["rounds"] if r["round"] == "1")
-    assert round1["state"] == "ROUND_STATE_PUBLISHED"
+    assert doc["schema"] == "gdfed.status/1"
+    assert doc["run"]["run_id"] == "test-run" and doc["run"]["current_round"] == 2
+    round1 = next(r for r in doc["rounds"] if r["round"] == 1)
+    assert round1["state"] == "published"
     assert int(round1["samples"]) == 30 and int(round1["bytes_in"]) == sum(sizes.values())
     assert round1["close_reason"] == "all"
     assert {p["site_id"]: int(p["bytes_in"]) for p in round1["participants"]} == sizes
-    assert {s["site_id"]: s["state"] for s in doc["sites"]} == {
-        "a": "SITE_STATE_ALIVE",
-        "b": "SITE_STATE_ALIVE",
-    }
+    assert {s["site_id"]: s["state"] for s in doc["sites"]} == {"a": "alive", "b": "alive"}
 
     assert rc_round == 0
     assert any(line.split()[:2] == ["a", "accepted"] and "samples=10" in line for line in detail.splitlines())

@@ -1,4 +1,9 @@
-"""The shape of the source tree: no import cycle, no overlong module, the Coordinator wired from app.py only.
+"""The shape of the source tree: layers kept, no import cycle, no overlong module, the Coordinator wired from app.py only.
+
+The layers: ``common`` (what both sides read: wire, codec, formats) imports
+neither ``server`` nor ``client``; ``client`` (what a site installs: worker,
+export, demo) does not import ``server`` (the aggregator daemon), so a site's
+install does not carry the daemon.
 
 A small AST check, no dependency: every ``import`` and ``from … import``
 statement of a module counts, wherever it stands (module level, under
@@ -22,6 +27,8 @@ PACKAGES = ("server", "client", "common")
 GENERATED = ("common.pb",)
 MAX_LINES = 500
 MAX_COORDINATOR_LINES = 200
+# package -> the packages none of its modules may import
+LAYERS: dict[str, tuple[str, ...]] = {"common": ("server", "client"), "client": ("server",)}
 Graph = Mapping[str, Set[str]]
 
 
@@ -179,6 +186,25 @@ def describe(cycle: Iterable[str]) -> str:
     return " → ".join(cycle)
 
 
+# ---------------------------------------------------------------- layers
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layer_violations(graph: Graph, layers: Mapping[str, Iterable[str]] = LAYERS) -> list[str]:
+    """``"a → b"`` for every import of ``graph`` by which a module of a layer reaches a package it may not."""
+    return sorted(
+        f"{name} → {target}"
+        for name, targets in graph.items()
+        for package, forbidden in layers.items()
+        if _in(name, package)
+        for target in targets
+        if any(_in(target, f) for f in forbidden)
+    )
+
+
 # ---------------------------------------------------------------- the checker itself
 
 
@@ -227,7 +253,39 @@ def test_import_graph_counts_type_checking_and_local_imports(tmp_path: Path) -> 
     ]
 
 
+def test_layer_violations_on_synthetic_graphs(tmp_path: Path) -> None:
+    graph = {
+        "common.a": {"common.b"},
+        "common.b": {"server.x"},
+        "client.w": {"common.a", "server"},
+        "client.v": {"client.w"},
+        "server.x": {"common.a", "client.w"},
+        "commons.z": {"server.x"},  # another package that merely starts with the same letters
+    }
+    assert layer_violations(graph) == ["client.w → server", "common.b → server.x"]
+    assert layer_violations(graph, {"server": ("client",)}) == ["server.x → client.w"]
+    # Read from files: a function-local import and one under TYPE_CHECKING count like any other.
+    for package, text in {
+        "common": "def f():\n    from client import w\n",
+        "client": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import server.x\n",
+        "server": "",
+    }.items():
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / ("x.py" if package == "server" else "w.py")).write_text(text)
+    assert layer_violations(import_graph(tmp_path)) == ["client.w → server.x", "common.w → client.w"]
+
+
 # ---------------------------------------------------------------- the tree
+
+
+def test_common_imports_neither_server_nor_client_and_client_not_server() -> None:
+    leaks = layer_violations(import_graph(ROOT))
+    assert not leaks, (
+        "imports across layers (common may import neither server nor client; client may not import server; "
+        "type-only and function-local imports count). Move what both sides read into common/:\n"
+        + "\n".join(f"  {leak}" for leak in leaks)
+    )
 
 
 def test_no_import_cycle() -> None:

@@ -15,10 +15,10 @@ from common.delta import Codec, DeltaHeader, DeltaKind, TensorSpec
 from common.dtypes import DType
 from common.lora import slice_state
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.statefile import StateReader
 from server.flexlora_round import FlexUpload, next_state
 from server.methods import CyBgdPlan, FlexLoraPlan, MethodPlan, make_plan
 from server.spool import Spool
-from server.statefile import StateReader
 
 F32 = DType.F32
 

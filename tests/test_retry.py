@@ -127,11 +127,63 @@ def test_the_total_wait_is_bounded_and_the_last_wait_shortened_to_fit() -> None:
     call = failing(*[Code.UNAVAILABLE] * 100, takes=0.5, time=time)
     with pytest.raises(Failure):
         retrier(time, policy, Top()).call("await", call)
-    # Each try takes 0.5 s; waits 1, 2, 4, 4, ... and the last one cut to end at the bound.
+    # Each try takes 0.5 s; waits 1, 2, 4, 4, ... and the last one cut to end at the bound, which
+    # counts from the first failure (0.5 s in): the last try starts at the bound, and fails.
     assert time.slept[:3] == [1.0, 2.0, 4.0]
-    assert time.now - start == pytest.approx(20.0 + 0.5)  # the last try starts at the bound, and fails
-    assert sum(time.slept) + 0.5 * call.calls == pytest.approx(20.5)
+    assert time.now - start == pytest.approx(0.5 + 20.0 + 0.5)
+    assert sum(time.slept) + 0.5 * call.calls == pytest.approx(21.0)
     assert max(time.slept) <= 4.0
+
+
+def test_the_bound_counts_from_the_first_failure_not_from_a_long_first_try() -> None:
+    # An upload that streamed for an hour before its link dropped still gets its whole allowance.
+    time = FakeTime()
+    tries: list[float] = []
+
+    def call() -> str:
+        tries.append(time.now)
+        if len(tries) == 1:
+            time.now += 3600.0
+        if len(tries) < 4:
+            raise Failure(Code.UNAVAILABLE)
+        return "done"
+
+    assert retrier(time, RetryPolicy(max_elapsed=60.0)).call("upload", call) == "done"
+    assert len(tries) == 4
+
+
+def test_progress_between_failures_starts_the_bounds_again() -> None:
+    time = FakeTime()
+    policy = RetryPolicy(first_delay=1.0, max_delay=1.0, max_attempts=3, max_elapsed=1e9)
+    done = [0]
+    plan = iter([True, False] * 4 + [False] * 5)
+
+    def call() -> str:
+        moved = next(plan)
+        if moved:
+            done[0] += 1  # the call got somewhere (a delta applied, an offset committed) before failing
+        raise Failure(Code.UNAVAILABLE)
+
+    with pytest.raises(Failure):
+        retrier(time, policy, Top()).call("fetch", call, progress=lambda: done[0])
+    # Each try that moved things on started the count of three again; the third in a row without ends it.
+    assert time.slept == [1.0] * 8
+
+
+def test_a_code_that_may_mean_never_gets_a_few_tries_however_long_the_bound() -> None:
+    # RESOURCE_EXHAUSTED: a busy aggregator, or an upload over one of its limits (LimitExceeded).
+    time = FakeTime()
+    policy = RetryPolicy(max_elapsed=1e9)
+    call = failing(*[Code.RESOURCE_EXHAUSTED] * 100)
+    with pytest.raises(Failure) as info:
+        retrier(time, policy).call("upload", call)
+    assert info.value.code() is Code.RESOURCE_EXHAUSTED
+    assert call.calls == policy.limited_attempts and len(time.slept) == policy.limited_attempts - 1
+    # Other codes in between do not reset the count of tries of a limited one.
+    mixed = failing(*[Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE] * 50)
+    with pytest.raises(Failure):
+        retrier(FakeTime(), policy).call("upload", mixed)
+    assert mixed.calls == 2 * policy.limited_attempts - 1
 
 
 def test_max_attempts_bounds_the_tries() -> None:
@@ -279,9 +331,41 @@ def test_a_push_into_a_round_that_is_over_gives_the_round_up_at_once(
     assert stub.starts == [0] and time.slept == []
 
 
-def test_a_push_gives_up_after_its_attempts(upload: tuple[DeltaHeader, Path]) -> None:
+def test_a_push_gives_up_once_the_aggregator_is_away_for_longer_than_the_bound(
+    upload: tuple[DeltaHeader, Path],
+) -> None:
     time = FakeTime()
-    stub = FakeStub([Failure(Code.UNAVAILABLE)] * 20)
+    stub = FakeStub([Failure(Code.UNAVAILABLE)] * 1000)
     with pytest.raises(Failure):
         _push(stub, upload, time)
-    assert len(stub.starts) == PUSH.max_attempts and len(time.slept) == PUSH.max_attempts - 1
+    assert time.now - 1000.0 == pytest.approx(PUSH.max_elapsed)
+    assert len(stub.starts) > 10 and max(time.slept) <= PUSH.max_delay
+
+
+def test_a_push_that_moves_on_between_failures_is_not_given_up(upload: tuple[DeltaHeader, Path]) -> None:
+    # Each resume finds more committed: the time bound starts again at each failure after it.
+    time = FakeTime()
+
+    class Slow(FakeStub):
+        def PushDelta(
+            self, messages: Iterator[delta_pb2.DeltaChunk], **kw: object
+        ) -> federation_pb2.PushReceipt:
+            time.now += PUSH.max_elapsed  # each try streams for as long as the whole bound
+            return super().PushDelta(messages, **kw)
+
+        def GetUploadOffset(self, request: federation_pb2.UploadOffsetRequest, **kw: object) -> object:
+            self.committed += 1024
+            return super().GetUploadOffset(request, **kw)
+
+    stub = Slow([Failure(Code.UNAVAILABLE)] * 5)
+    assert _push(stub, upload, time).accepted
+    assert stub.starts == [0, 1024, 2048, 3072, 4096, 5120]
+
+
+def test_a_push_started_by_an_earlier_process_asks_where_it_stands_first(
+    upload: tuple[DeltaHeader, Path],
+) -> None:
+    stub = FakeStub([], committed=8192)
+    retry = Retrier(PUSH, sleep=FakeTime().sleep, rng=random.Random(0))
+    receipt = push(cast(federation_pb2_grpc.FederationStub, stub), (), *upload, retrier=retry, resume=True)
+    assert receipt.accepted and stub.offset_asks == 1 and stub.starts == [8192]

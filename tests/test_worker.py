@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.data import IGNORE, read_jsonl, tokenize
-from client.export import export, state_file_of_round
+from client.export import state_file_of_round
 from client.model import fingerprint
+from common.cli import main as cli_main
 from common.spec import Phase, TrainingSpec
 from server.records import RoundRecord
 from tests.federation import demo_config, demo_worker, run_workers, tiny_demo
@@ -83,17 +84,33 @@ def test_two_sites_two_rounds_then_export(tmp_path: Path, demo: Path) -> None:
         for site in ("site-a", "site-b"):
             held = load_file(str(tmp_path / site / "held.safetensors"))
             assert_same_bits(held, load_file(str(agg_round1)))
-        out = tmp_path / "exported"
         path, number = state_file_of_round(state_dir, None)
         assert number == 2
-        export(demo / "model", path, out, spec=SPEC, merge_lora=False)
+        # Exported while the aggregator runs, with no flag: the run's mode is read from its state directory.
+        out = tmp_path / "exported"
+        command = [
+            "export",
+            "--model",
+            str(demo / "model"),
+            "--aggregator-state",
+            str(state_dir),
+            "--out",
+            str(out),
+        ]
+        assert cli_main(command) == 0
+    assert not (tmp_path / "exported-adapter").exists()  # a full fine-tuning run has no adapter
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model: Any = AutoModelForCausalLM.from_pretrained(out)
     tokenizer: Any = AutoTokenizer.from_pretrained(out)
+    # Full fine-tuning: the published state holds every parameter, and the exported model is exactly it.
     state = load_file(str(path))
-    assert torch.equal(dict(model.named_parameters())["lm_head.weight"].detach(), state["lm_head.weight"])
+    params = dict(model.named_parameters())
+    assert params.keys() == state.keys()
+    assert all(torch.equal(p.detach(), state[name]) for name, p in params.items())
+    base: Any = AutoModelForCausalLM.from_pretrained(demo / "model")
+    assert not torch.equal(base.lm_head.weight, params["lm_head.weight"]), "two rounds changed the model"
     ids = tokenizer("12 + 9 =", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > ids.shape[1]

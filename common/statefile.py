@@ -1,5 +1,9 @@
 """The global trainable state on the aggregator's disk: a plain safetensors file, written and read a tensor at a time.
 
+The aggregator writes these files (``server.publish``, ``server.genesis``); the
+aggregator, ``gdfed export`` and the demo's evaluator read them, so the format
+lives here, where a site install finds it without the daemon.
+
 The aggregator never needs the whole state in memory: a new state is
 ``previous + difference``, computed tensor by tensor. The file is a standard
 safetensors file (``safetensors.torch.load_file`` reads it), written by
