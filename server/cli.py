@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from server.app import serve
-    from server.config import load_config
+    from server.config_file import load_config
 
     # The top level's flags (gdfed -v, --debug) are not settings.
     top = ("config", "command", "verbose", "debug", "_module")

@@ -22,23 +22,22 @@ Validated once, where it is built: each section checks itself in ``__post_init__
 built in code (as tests do) is held to the same rules as one loaded from TOML, and the daemon
 never starts on a setting it would refuse later. A bad setting raises ``ConfigError`` naming the
 field and its allowed values or limit. Enumerated settings are StrEnums: TOML strings and flags
-parse into them, and they still compare equal to their strings.
+parse into them, and they still compare equal to their strings. Reading the file and the flags
+is ``server.config_file``'s job.
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from common.codec.layout import DecodeLimits, validate_codec
-from common.delta import GIB, MIB, Cast, Codec, Lossy
-from common.errors import FailedPrecondition, InvalidArgument
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.codec.layout import DecodeLimits
+from common.delta import GIB, MIB, Codec
+from common.errors import FailedPrecondition
+from common.spec import Method, TrainingSpec
 from server.cybgd import CyBgdMode
 from server.optimizers import OptimizerName, make_optimizer, optimizer_params
 
@@ -55,9 +54,6 @@ __all__ = [
     "RoundPolicy",
     "ServerConfig",
     "TlsConfig",
-    "load_config",
-    "parse_tokens",
-    "read_secret",
 ]
 
 # Bounds of stream_window_bytes, the HTTP/2 window of each received stream (server.app.server_options).
@@ -280,220 +276,3 @@ def _bounded(name: str, value: float, *, low: float, high: float | None = None, 
     if not ok:
         limit = high if high is not None and value > high else low
         raise ConfigError(f"{name} = {value!r}: must be {need}", field=name, limit=limit)
-
-
-def _table(raw: object, section: str) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"[{section}] must be a table, got {raw!r}", field=section)
-    return raw
-
-
-def _values(cls: type[Any], raw: object, section: str, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``raw`` (a TOML table, flags merged in) as keyword arguments of the dataclass ``cls``.
-
-    Refuses unknown keys and values of the wrong type; enumerations are left to ``cls``'s own
-    ``__post_init__``, which parses them. ``section`` "" is the top level.
-    """
-    table = _table(raw, section)
-    known = {f.name: str(f.type) for f in fields(cls) if f.name not in skip}
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{f'[{section}]' if section else 'top level'}: unknown settings {unknown}; known: {sorted(known)}",
-            field=f"{section}.{unknown[0]}" if section else unknown[0],
-        )
-    return {
-        key: _typed(f"{section}.{key}" if section else key, known[key], value) for key, value in table.items()
-    }
-
-
-# The annotations _typed checks, and how an error describes them.
-_KINDS = {
-    "Path": "a path",
-    "str": "a string",
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "tuple[str, ...]": "a list of strings",
-}
-
-
-def _typed(name: str, kind: str, value: object) -> object:
-    """``value`` as its field's annotation ``kind`` (a string: the modules use ``from __future__``)."""
-    kind = kind.removesuffix(" | None")  # TOML has no null: a value given is a value
-    number = not isinstance(value, bool)  # bool is an int to Python, never a number in a config
-    if kind == "Path" and isinstance(value, str | Path):
-        return Path(value)
-    if (kind == "str" and isinstance(value, str)) or (kind == "bool" and isinstance(value, bool)):
-        return value
-    if kind == "int" and isinstance(value, int) and number:
-        return value
-    if kind == "float" and isinstance(value, int | float) and number:
-        return float(value)
-    if (
-        kind == "tuple[str, ...]"
-        and isinstance(value, list | tuple)
-        and all(isinstance(v, str) for v in value)
-    ):
-        return tuple(value)
-    if kind in _KINDS:
-        raise ConfigError(f"{name} = {value!r}: must be {_KINDS[kind]}", field=name)
-    return value  # an enumeration: the section's __post_init__ parses it
-
-
-_CASTS = {"none": Cast.NONE, "exact": Cast.NONE, "bf16": Cast.BF16, "f16": Cast.F16, "fp16": Cast.F16}
-_LOSSY = {"none": Lossy.NONE, "topk": Lossy.TOPK, "int8": Lossy.INT8}
-_METHODS = {m.name.lower(): m for m in Method}
-_TRAIN_MODES = {m.name.lower(): m for m in TrainMode}
-
-
-def _codec(raw: object, *, section: str = "training.upload_codec") -> Codec:
-    values = dict(_table(raw, section))
-    cast = _pick(_CASTS, values.pop("cast", "none"), f"{section}.cast")
-    lossy = _pick(_LOSSY, values.pop("lossy", "none"), f"{section}.lossy")
-    if lossy is not Lossy.NONE and section != "training.upload_codec":
-        # Lossy forms need a residual kept by the sender (error feedback): uploads only.
-        raise ConfigError(
-            f"{section}.lossy = {lossy.name.lower()!r}: lossy codecs apply to uploads only",
-            field=f"{section}.lossy",
-        )
-    if lossy is Lossy.TOPK:
-        values.setdefault("topk_fraction", 0.01)
-    else:
-        values.pop("topk_fraction", None)  # meaningless without top-k; Codec wants 0 there
-    codec = Codec(cast=cast, lossy=lossy, **_values(Codec, values, section))
-    try:
-        validate_codec(codec)
-    except InvalidArgument as exc:
-        raise ConfigError(
-            f"[{section}] {exc.message}", field=f"{section}.{exc.field}" if exc.field else section
-        ) from None
-    return codec
-
-
-def _training(raw: object) -> TrainingSpec:
-    values = dict(_table(raw, "training"))
-    parsed: dict[str, Any] = {
-        "upload_codec": _codec(values.pop("upload_codec", {})),
-        "lora": LoraSpec(**_values(LoraSpec, values.pop("lora", {}), "training.lora")),
-    }
-    if "method" in values:
-        parsed["method"] = _pick(_METHODS, values.pop("method"), "training.method")
-    if "mode" in values:
-        parsed["mode"] = _pick(_TRAIN_MODES, values.pop("mode"), "training.mode")
-    return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
-
-
-def _read_file(path: Path, field: str, what: str, label: str = "") -> str:
-    """The text of the file that setting ``field`` names (``label``: how the operator spelled it, "--tokens")."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read it ({exc})"
-        raise ConfigError(f"{label or field} {path}: {problem}; it should hold {what}", field=field) from None
-
-
-def read_secret(path: Path, field: str = "admin_token_file", label: str = "") -> str:
-    """A token from a file (first line, stripped), so tokens stay out of config files and process lists."""
-    lines = _read_file(path, field, "the token on its first line", label).strip().splitlines()
-    if not lines or not lines[0].strip():
-        raise ConfigError(f"{label or field} {path} is empty; write the token on its first line", field=field)
-    return lines[0].strip()
-
-
-def parse_tokens(text: str, source: str = "site tokens") -> dict[str, str]:
-    """``site = token`` lines (TOML or plain); blank lines and # comments ignored; others a ConfigError."""
-    tokens = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line or line.startswith("["):
-            continue
-        site, sep, token = line.partition("=")
-        if not sep or not site.strip() or not token.strip():
-            raise ConfigError(
-                f"{source} line {number}: {line!r} is not `site = token`", field="site_tokens_file"
-            )
-        tokens[site.strip().strip('"')] = token.strip().strip('"')
-    return tokens
-
-
-# Built from their own tables (or, for the tokens, from several sources), not from top-level keys.
-_STRUCTURED = (
-    "round",
-    "optimizer",
-    "cybgd",
-    "training",
-    "broadcast_codec",
-    "tls",
-    "site_tokens",
-    "admin_token",
-)
-
-
-def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
-    """The config from a TOML file (if any) with flag ``overrides`` on top (None = not given).
-
-    Relative paths in the file are relative to the file. Flags (dotted names reach sections:
-    ``round.min_sites``) replace the file's values before anything is built, so every check,
-    those spanning two settings too, sees the final values. Site tokens add up: the file's
-    ``[sites]``, its ``site_tokens_file``, then the flag's; the admin token is the flag's file,
-    else the file's, else ``$GDFED_ADMIN_TOKEN``.
-
-    Raises:
-        ConfigError: On an unknown setting, a value of the wrong type, an unknown choice or a
-            value out of range, naming the setting and what it may be; on a file named that is bad.
-    """
-    try:
-        raw = tomllib.loads(_read_file(path, "config", "settings in TOML", "--config")) if path else {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path}: not valid TOML: {exc}", field="config") from None
-    base = Path(path).parent if path is not None else Path.cwd()
-
-    def rel(value: str | Path) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else base / p
-
-    for key in ("state_dir", "init_state", "site_tokens_file", "admin_token_file"):
-        if key in raw:
-            raw[key] = rel(raw[key])
-    if "tls" in raw:
-        raw["tls"] = {k: rel(v) for k, v in _table(raw["tls"], "tls").items()}
-    flags: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        section, dot, name = key.partition(".")
-        if dot:
-            raw[section] = {**_table(raw.get(section, {}), section), name: value}
-        else:
-            flags[key] = value
-
-    tokens = dict(_table(raw.pop("sites", {}), "sites"))
-    admin = str(raw.pop("admin_token", ""))
-    for source in (raw, flags):  # the file's, then the flags'
-        for key, flag in (("site_tokens_file", "--tokens"), ("admin_token_file", "--admin-token-file")):
-            if key in source:
-                file, label = Path(source.pop(key)), (f"{key} (in {path})" if source is raw else flag)
-                if key == "admin_token_file":
-                    admin = read_secret(file, key, label)
-                else:
-                    tokens |= parse_tokens(
-                        _read_file(file, key, "`site = token` lines", label), f"{label} {file}"
-                    )
-    admin = str(flags.pop("admin_token", admin)) or os.environ.get("GDFED_ADMIN_TOKEN", "")
-    raw |= flags
-    tls = TlsConfig(**_values(TlsConfig, raw.pop("tls", {}), "tls"))
-    for name, pem in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
-        if pem is not None and not pem.is_file():  # read only once the run is loaded: check them now
-            raise ConfigError(f"tls.{name} {pem}: no such file", field=f"tls.{name}")
-    return ServerConfig(
-        round=RoundPolicy(**_values(RoundPolicy, raw.pop("round", {}), "round")),
-        optimizer=OptimizerConfig(**_values(OptimizerConfig, raw.pop("optimizer", {}), "optimizer")),
-        cybgd=CyBgdConfig(**_values(CyBgdConfig, raw.pop("cybgd", {}), "cybgd")),
-        tls=tls,
-        training=_training(raw.pop("training", {})),
-        broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
-        site_tokens=tokens,
-        admin_token=admin,
-        **_values(ServerConfig, raw, "", skip=_STRUCTURED),
-    )

@@ -465,7 +465,7 @@ def free_port() -> int:
 def write_daemon_config(
     path: Path, *, port: int, init_state: Path, sites: Sequence[str], min_sites: int = 0, deadline_s: int = 0
 ) -> Path:
-    """A TOML config for ``gdfed serve`` (keys as server.config.load_config reads them)."""
+    """A TOML config for ``gdfed serve`` (keys as server.config_file.load_config reads them)."""
     lines = [
         f'listen = "127.0.0.1:{port}"',
         f'state_dir = "{path.parent / "state"}"',

@@ -22,7 +22,8 @@ import torch
 from common.codec.compact import compact_tensor
 from common.delta import MIB, Cast, Codec, DeltaHeader, Lossy
 from common.pb.gradualdiff.v1 import federation_pb2
-from server.config import ServerConfig, load_config
+from server.config import ServerConfig
+from server.config_file import load_config
 from tests.scripted import (
     AdminClient,
     Daemon,

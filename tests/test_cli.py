@@ -44,7 +44,7 @@ def test_parser_lists_codec_demo():
 
 def test_stream_window_comes_from_toml_and_flags_and_is_bounded(tmp_path):
     from server.app import server_options
-    from server.config import load_config
+    from server.config_file import load_config
 
     path = tmp_path / "aggregator.toml"
     path.write_text("stream_window_bytes = 8388608\n")

@@ -29,8 +29,8 @@ from server.config import (
     RoundPolicy,
     ServerConfig,
     TlsConfig,
-    load_config,
 )
+from server.config_file import load_config
 from server.optimizers import OPTIMIZERS, make_optimizer, optimizer_params
 
 

@@ -28,7 +28,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # a dependency of transformers; no stubs installed
 
 from common.cli import build_parser
-from server.config import load_config
+from server.config_file import load_config
 from tests.scripted import Daemon, free_port, small_state, write_state
 
 ROOT = Path(__file__).resolve().parent.parent
