@@ -320,6 +320,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return self._control(lambda: self._admin.evict(request.site_id, _reason(request.reason)))
 
     @rpc
+    def ReloadTokens(
+        self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ControlReply:
+        self._auth.admin(context)
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReloadTokens is not implemented by this aggregator yet")
+        raise AssertionError("context.abort returned")
+
+    @rpc
+    def RetryRound(
+        self, request: admin_pb2.RetryRoundRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ControlReply:
+        self._auth.admin(context)
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "RetryRound is not implemented by this aggregator yet")
+        raise AssertionError("context.abort returned")
+
+    @rpc
     def SetRoundPolicy(
         self, request: admin_pb2.SetRoundPolicyRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:

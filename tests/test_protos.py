@@ -28,6 +28,8 @@ ADMIN_RPCS = {
     "CloseRound": (False, False),
     "EvictSite": (False, False),
     "SetRoundPolicy": (False, False),
+    "ReloadTokens": (False, False),
+    "RetryRound": (False, False),
 }
 
 

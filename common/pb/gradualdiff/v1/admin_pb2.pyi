@@ -514,6 +514,29 @@ class EvictSiteRequest(_message.Message):
 Global___EvictSiteRequest: _TypeAlias = EvictSiteRequest  # noqa: Y015
 
 @_typing.final
+class RetryRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    reason: _builtins.str
+    """recorded in the log, at most 512 bytes"""
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRoundRequest: _TypeAlias = RetryRoundRequest  # noqa: Y015
+
+@_typing.final
 class SetRoundPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -84,6 +84,16 @@ class AdminStub:
                 request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
                 response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
+        self.ReloadTokens = channel.unary_unary(
+                '/gradualdiff.v1.Admin/ReloadTokens',
+                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                _registered_method=True)
+        self.RetryRound = channel.unary_unary(
+                '/gradualdiff.v1.Admin/RetryRound',
+                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
+                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -150,6 +160,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadTokens(self, request, context):
+        """Re-read the site tokens file (as SIGHUP does): tokens rotate and revoke without a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryRound(self, request, context):
+        """Aggregate a round again from its recorded accepted uploads (after a failure while publishing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +225,16 @@ def add_AdminServicer_to_server(servicer, server):
             'SetRoundPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRoundPolicy,
                     request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.FromString,
+                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+            ),
+            'ReloadTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadTokens,
+                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+            ),
+            'RetryRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRound,
+                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.FromString,
                     response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
     }
@@ -473,6 +507,60 @@ class Admin:
             target,
             '/gradualdiff.v1.Admin/SetRoundPolicy',
             common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
+            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradualdiff.v1.Admin/ReloadTokens',
+            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradualdiff.v1.Admin/RetryRound',
+            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
             common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,

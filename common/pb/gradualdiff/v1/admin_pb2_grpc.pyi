@@ -44,6 +44,10 @@ class AdminStub:
     CloseRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlReply]
     EvictSite: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EvictSiteRequest, _admin_pb2.ControlReply]
     SetRoundPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRoundPolicyRequest, _admin_pb2.ControlReply]
+    ReloadTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlReply]
+    """Re-read the site tokens file (as SIGHUP does): tokens rotate and revoke without a restart."""
+    RetryRound: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryRoundRequest, _admin_pb2.ControlReply]
+    """Aggregate a round again from its recorded accepted uploads (after a failure while publishing)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -59,6 +63,10 @@ class AdminAsyncStub(AdminStub):
     CloseRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlReply]  # type: ignore[assignment]
     EvictSite: _aio.UnaryUnaryMultiCallable[_admin_pb2.EvictSiteRequest, _admin_pb2.ControlReply]  # type: ignore[assignment]
     SetRoundPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRoundPolicyRequest, _admin_pb2.ControlReply]  # type: ignore[assignment]
+    ReloadTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRequest, _admin_pb2.ControlReply]  # type: ignore[assignment]
+    """Re-read the site tokens file (as SIGHUP does): tokens rotate and revoke without a restart."""
+    RetryRound: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryRoundRequest, _admin_pb2.ControlReply]  # type: ignore[assignment]
+    """Aggregate a round again from its recorded accepted uploads (after a failure while publishing)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -131,5 +139,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetRoundPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ControlReply, _abc.Awaitable[_admin_pb2.ControlReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ReloadTokens(
+        self,
+        request: _admin_pb2.ControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlReply, _abc.Awaitable[_admin_pb2.ControlReply]]:
+        """Re-read the site tokens file (as SIGHUP does): tokens rotate and revoke without a restart."""
+
+    @_abc_1.abstractmethod
+    def RetryRound(
+        self,
+        request: _admin_pb2.RetryRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ControlReply, _abc.Awaitable[_admin_pb2.ControlReply]]:
+        """Aggregate a round again from its recorded accepted uploads (after a failure while publishing)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
