@@ -51,6 +51,8 @@ bench: plots
 # Every method and codec on the demo task: docs/methods.md and its plots (about 15 minutes on 2 cores).
 compare: plots
 	$(PY) -m bench.compare --dir compare-run
+	# FedCyBGD in its own regime (IID sites, N >= L blocks), in one process: docs/methods.md's second table.
+	$(PY) -m bench.compare --cybgd-regime
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-run compare-run

@@ -8,7 +8,14 @@ compute. Writes docs/methods.md (the table) and docs/methods-*.png (eval
 loss against round and against cumulative bytes sent up), and
 docs/methods.json with every figure.
 
+FedCyBGD in its own regime (issue 22) is a second table: the demo's data
+split IID over N ≥ L sites at equal total optimizer steps with exact full
+fine-tuning, in one process (bench.cybgd_sim), and its per-turn plot.
+
     python -m bench.compare [--rounds 10] [--only NAME ...] [--quick]
+    python -m bench.compare --cybgd-regime [--only iid4-exact ...]   # only the FedCyBGD regime rows
+
+``--only`` (either table) reruns the rows named and keeps every other row of docs/methods.json.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench import cybgd_sim
 from client.demo import SITES, DemoSettings, run_federation
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -186,11 +194,11 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             )
     if "fedcybgd-asc" in by:
         cy = by["fedcybgd-asc"]
-        # One upload per site per FedCyBGD round (cycle): its bytes against the trainable state's
-        # fp32 bytes. One block of L is 1/L of them before the codec; the exact codec then takes
-        # its usual share off.
-        per_site_cycle = cy["bytes_up"] / cy["rounds"]  # one site per aggregator round
-        out["fedcybgd_upload_fraction_of_trainable_fp32"] = per_site_cycle / cy["trainable_fp32_bytes"]
+        # One upload (one block) per FedCyBGD turn: its bytes against the trainable state's fp32
+        # bytes. One block of L is 1/L of them before the codec; the exact codec then takes its
+        # usual share off.
+        per_turn = cy["bytes_up"] / cy["rounds"]  # one site per aggregator round
+        out["fedcybgd_upload_fraction_of_trainable_fp32"] = per_turn / cy["trainable_fp32_bytes"]
         if "exact" in by:
             ex = by["exact"]
             out["exact_codec_fraction_of_fp32"] = (
@@ -225,7 +233,7 @@ def _plots(result: dict[str, Any]) -> list[str]:
         )
     if result["centralized_eval_loss"] is not None:
         ax.axhline(result["centralized_eval_loss"], color="k", ls="--", lw=1, label="centralized")
-    ax.set_xlabel("round (FedCyBGD: cycle of 3 turns)")
+    ax.set_xlabel("round (FedCyBGD: 3 turns, one round's optimizer steps)")
     ax.set_ylabel("eval loss (shared held-out set)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -296,7 +304,7 @@ def write_docs(result: dict[str, Any]) -> None:
             "each at its better server step, eval loss (goal ≤ 1.05)",
             "top1_ef_slr2_vs_exact_bytes_up_ratio": "top-1% + error feedback at server lr 2 vs exact, bytes up (goal ≤ 0.01)",
             "exact_slr2_vs_exact_eval_loss_ratio": "the control: exact at server lr 2 vs exact at server lr 1, eval loss",
-            "fedcybgd_upload_fraction_of_trainable_fp32": "FedCyBGD bytes up per site per cycle vs its trainable state's fp32 bytes "
+            "fedcybgd_upload_fraction_of_trainable_fp32": "FedCyBGD bytes up per turn vs its trainable state's fp32 bytes "
             "(4 decoder layers: 1/L = 0.25 before the codec)",
             "fedcybgd_asc_travel_bytes_down_vs_fedcybgd_asc": "FedCyBGD with the optimizer travelling vs reset, bytes down",
             "fedcybgd_asc_dl50_bytes_down_vs_fedcybgd_asc": "FedCyBGD downloading half of the other blocks vs all, bytes down",
@@ -329,12 +337,13 @@ def write_docs(result: dict[str, Any]) -> None:
         "- **FlexLoRA**: every site downloads the rank-R adapters and slices its rank locally (our reading:",
         "  one broadcast for every rank), so the bytes down do not shrink with a site's rank; the bytes up do.",
         "- **FedCyBGD** trains one block per turn, one site after another, on the demo's strongly non-IID",
-        "  sites (arithmetic, atlas, stories), with a fresh optimizer each turn: the global model swings",
-        "  towards whichever domain trained last, so its eval loss oscillates from turn to turn. The",
-        "  authors' runs used IID shards. In ascending mode with N = 3 sites and L = 4 layers, block 3 is",
-        "  never trained (pitfall 2 of ALGORITHMS.md §3). `-travel` carries each block's AdamW state from",
-        "  turn to turn (3x the block's bytes each way); `-dl50` fetches a site's own block and half of the",
-        "  other updated blocks and trains against the base model's values for the rest.",
+        "  sites (arithmetic, atlas, stories): the global model swings towards whichever domain trained",
+        "  last, so its eval loss oscillates from turn to turn. With N = 3 sites and L = 4 layers the cycle",
+        "  advances by blocks (the rule for N < L, below): a cycle is 4 turns, the sites take them in turn,",
+        "  and every block is trained once a cycle. `-travel` carries each block's AdamW state from turn",
+        "  to turn (3x the block's bytes each way); `-dl50` fetches a site's own block and half of the",
+        "  other updated blocks and trains against the base model's values for the rest. FedCyBGD in its",
+        "  own regime (IID sites, N ≥ L) is the next section.",
         "- **FedAvgM and FedAdam** run with untuned server learning rates here; they are shown to exercise",
         "  the server optimizers, not to rank them.",
         "- Worker peak memory is dominated by the Python, torch and transformers processes themselves at",
@@ -343,6 +352,10 @@ def write_docs(result: dict[str, Any]) -> None:
         "  anonymous memory the same, `libtorch_cpu.so` 95 against 48 MB).",
     ]
     lines += [""] + [f"![{p}]({p})" for p in plots]
+    if result.get("cybgd_regime"):
+        lines += ["", *cybgd_sim.DOC_HEAD, *cybgd_sim.markdown(result["cybgd_regime"]), *cybgd_sim.DOC_TAIL]
+        if cybgd_sim.plot(result["cybgd_regime"], DOCS / "methods-cybgd-turns.png"):
+            lines += ["", "![methods-cybgd-turns.png](methods-cybgd-turns.png)"]
     (DOCS / "methods.md").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {DOCS / 'methods.md'}")
 
@@ -352,7 +365,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("compare-run"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=25)
-    parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", default=[], help="rerun these rows, keep the others")
+    parser.add_argument(
+        "--cybgd-regime", action="store_true", help="only the FedCyBGD regime rows (IID, N >= L; in process)"
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds of 5 steps (a smoke run)")
     parser.add_argument("--render", action="store_true", help="only rewrite the docs from docs/methods.json")
     args = parser.parse_args()
@@ -362,8 +378,36 @@ def main() -> None:
         write_docs(saved)
         return
     rounds, steps = (3, 5) if args.quick else (args.rounds, args.local_steps)
-    result = run(args.dir.resolve(), rounds, steps, args.only)
-    write_docs(result)
+    saved_path = DOCS / "methods.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    saved.pop("summary", None)
+    root = args.dir.resolve()
+    if args.cybgd_regime:
+        if not (root / "model" / "config.json").exists():
+            from client.demo_init import init_demo
+
+            init_demo(root)
+        regime = cybgd_sim.run_rows(root, args.only, rounds=rounds, local_steps=steps)
+        write_docs(saved | {"cybgd_regime": _merged(saved.get("cybgd_regime"), regime)})
+        return
+    result = run(root, rounds, steps, args.only)
+    if saved and args.only:
+        result = result | {
+            "rows": _merged(saved, result)["rows"],
+            "centralized_eval_loss": result["centralized_eval_loss"] or saved.get("centralized_eval_loss"),
+        }
+    # The regime rows run apart (--cybgd-regime): a rerun of the federation rows keeps them.
+    write_docs(result | {"cybgd_regime": saved.get("cybgd_regime")})
+
+
+def _merged(saved: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``saved``'s rows with those of ``new`` put in place (same name) or appended: a partial rerun
+    keeps the rows it did not run."""
+    if not saved:
+        return new
+    fresh = {r["name"]: r for r in new["rows"]}
+    rows = [fresh.pop(r["name"], r) for r in saved["rows"]]
+    return saved | {"rows": rows + list(fresh.values())}
 
 
 if __name__ == "__main__":

@@ -26,17 +26,33 @@ def split(names: Sequence[str]) -> tuple[list[str], list[str]]:
 def restored_adamw(
     part: LoadedModel, state: Mapping[str, torch.Tensor], names: Sequence[str], lr: float
 ) -> torch.optim.AdamW:
-    """An AdamW over ``part``'s trainable parameters, with the moments and step found in ``state``."""
+    """An AdamW over ``part``'s trainable parameters, with the moments and step found in ``state``.
+
+    With one site cycling over every block this is BAdam's block-coordinate descent with one
+    persistent AdamW, step for step (tests/test_cybgd_reference.py). There is no learning-rate
+    schedule to carry: ``TrainingSpec`` has a constant rate (the authors' cosine schedule travels
+    with their optimizer; ours would need a run-wide step budget).
+
+    Raises:
+        ValueError: a moment's shape differs from its parameter's.
+    """
     params = dict(part.model.named_parameters())
     optimizer = torch.optim.AdamW([params[n] for n in part.trainable], lr=lr, weight_decay=0.0)
     step = _step_of(state, names)
     if step <= 0:
         return optimizer  # never trained yet: AdamW starts from zero moments anyway
     for name in part.trainable:
-        optimizer.state[params[name]] = {
-            "step": torch.tensor(step),
-            "exp_avg": state[name + OPTIMIZER_MARK + "exp_avg"].to(params[name].device).clone(),
-            "exp_avg_sq": state[name + OPTIMIZER_MARK + "exp_avg_sq"].to(params[name].device).clone(),
+        param = params[name]
+        moments = {kind: state[name + OPTIMIZER_MARK + kind] for kind in ("exp_avg", "exp_avg_sq")}
+        for kind, value in moments.items():
+            # Moments are elementwise: on a parameter of another shape they would be another's.
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{name}{OPTIMIZER_MARK}{kind} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                )
+        # One count per block: AdamW's bias correction continues from this block's own steps.
+        optimizer.state[param] = {"step": torch.tensor(step, dtype=torch.float32)} | {
+            kind: value.to(param.device, torch.float32).clone() for kind, value in moments.items()
         }
     return optimizer
 

@@ -9,7 +9,7 @@ each downloads the latest version of every block updated so far (optionally only
 copy (latest writer wins). In ``agg`` mode the blocks are visited in order and the sites of one block train
 in parallel from the same state, then their uploads are averaged uniformly.
 
-Modes (L blocks, N sites, R rounds), from ``run_fl_sft``:
+Modes (L blocks, N ≥ L sites, R rounds), from ``run_fl_sft``; N < L is below:
 
 ==============  ==========================================================================
 ``ascending``   site c trains block c mod L, every round
@@ -18,8 +18,14 @@ Modes (L blocks, N sites, R rounds), from ``run_fl_sft``:
 ``agg``         block b is trained by sites {b, L+b, 2L+b, ...} in parallel, then averaged
 ==============  ==========================================================================
 
-Pitfall: with N < L, ``ascending`` never trains blocks N..L−1 (``descending``: 0..L−1−N; ``agg``: N..L−1);
-``untrained_blocks`` says which. Pure logic: no gRPC, no I/O.
+**Fewer sites than blocks (N < L), cyclic modes.** The authors' table leaves blocks N..L−1 untrained
+for ever in ``ascending`` (pitfall 2). Here the cycle then advances by blocks, not by sites: a cycle
+is L turns, turn k of cycle e trains block k (``ascending``), L−1−k (``descending``) or element k of
+a fresh seeded permutation of the blocks (``random``), and is taken by site (e·L + k) mod N — each
+site takes the next untrained block on its turn, so every block is trained once per cycle and the
+sites take turns evenly. With N ≥ L the authors' assignment stands unchanged. ``agg`` keeps the
+authors' groups (blocks N..L−1 have no site there; ``untrained_blocks`` says which). Pure logic: no
+gRPC, no I/O.
 """
 
 from __future__ import annotations
@@ -149,10 +155,27 @@ def _random_block(site_index: int, round_index: int, n_blocks: int, seed: int) -
     return order[round_index % n_blocks]
 
 
+def _block_cycle(
+    mode: str, n_sites: int, n_blocks: int, round_index: int, seed: int
+) -> list[tuple[int, int]]:
+    """N < L in a cyclic mode: cycle ``round_index``'s L (site, block) turns, every block once."""
+    if mode == "descending":
+        blocks = list(range(n_blocks - 1, -1, -1))
+    elif mode == "random":
+        blocks = list(range(n_blocks))
+        random.Random(f"fedcybgd-random-cycle/{seed}/{round_index}").shuffle(blocks)
+    else:
+        blocks = list(range(n_blocks))
+    first = round_index * n_blocks  # the sites go on taking turns across cycles
+    return [((first + k) % n_sites, b) for k, b in enumerate(blocks)]
+
+
 def assign(
     mode: str, *, site_index: int, round_index: int, n_blocks: int, n_sites: int, seed: int
 ) -> list[int]:
-    """The block index(es) site ``site_index`` trains in round ``round_index``: always exactly one here.
+    """The block index(es) site ``site_index`` trains in round ``round_index``, in turn order.
+
+    With N ≥ L (and always in ``agg``), exactly one block:
 
     * ``ascending``: c mod L. ``descending``: (L−1) − (c mod L). Same block every round.
     * ``random``: site c's rounds 0..L−1 visit a random permutation of all L blocks, so no block repeats
@@ -161,6 +184,9 @@ def assign(
       our extension (the last block of one permutation may equal the first of the next). Deterministic in
       (seed, site, round), independent of N and of other sites [INFERRED: the authors use the global RNG].
     * ``agg``: c mod L, the block whose group c belongs to (``agg_groups``).
+
+    With N < L in a cyclic mode, the blocks of the turns k with (e·L + k) mod N = c (module
+    docstring): one or more, so that the cycle trains every block.
 
     Raises:
         ValueError: unknown mode, site_index outside 0..N−1, negative round, N or L < 1.
@@ -175,6 +201,8 @@ def assign(
         raise ValueError(f"site_index must be in 0..{n_sites - 1}, got {site_index}")
     if round_index < 0:
         raise ValueError(f"round_index must be ≥ 0, got {round_index}")
+    if n_sites < n_blocks and mode in CYCLIC_MODES:
+        return [b for c, b in _block_cycle(mode, n_sites, n_blocks, round_index, seed) if c == site_index]
     if mode == "descending":
         return [(n_blocks - 1) - (site_index % n_blocks)]
     if mode == "random":
@@ -202,8 +230,8 @@ def schedule(
 ) -> list[list[tuple[int, int]]]:
     """Per round, the ordered (site, block) pairs.
 
-    Cyclic modes list sites c = 0..N−1 in order: they train one after another, each starting from the
-    blocks its predecessors uploaded (pitfall (1): wall-clock ∝ N; do not parallelise and average).
+    Cyclic modes list sites c = 0..N−1 in order (N < L: the L turns of the block cycle, module
+    docstring): they train one after another, each starting from the blocks its predecessors uploaded (pitfall (1): wall-clock ∝ N; do not parallelise and average).
     ``agg`` lists blocks 0..L−1 in order, each followed by its group's sites (which train in parallel
     from the same state), e.g. L=2, N=3: [(0, 0), (2, 0), (1, 1)].
 
@@ -218,6 +246,8 @@ def schedule(
         groups = agg_groups(n_sites, n_blocks)
         one_round = [(c, b) for b in range(n_blocks) for c in groups[b]]
         return [list(one_round) for _ in range(rounds)]
+    if n_sites < n_blocks:
+        return [_block_cycle(mode, n_sites, n_blocks, e, seed) for e in range(rounds)]
     return [
         [
             (c, b)
@@ -231,12 +261,12 @@ def schedule(
 def untrained_blocks(mode: str, n_sites: int, n_blocks: int, rounds: int, *, seed: int = 0) -> set[int]:
     """Blocks that no site trains in ``rounds`` rounds: they stay at their pretrained values.
 
-    Pitfall (2): with N < L, ``ascending`` never trains blocks N..L−1, whatever the number of rounds;
-    ``descending`` never trains 0..L−1−N; ``agg`` never trains N..L−1. ``random`` depends on ``seed``
-    and is empty once rounds ≥ L (each site visits every block). Zero rounds leave every block untrained.
+    The cyclic modes train every block in every round (cycle) whatever N (the block cycle when
+    N < L); ``random`` with N ≥ L depends on ``seed`` and is empty once rounds ≥ L. ``agg`` with N < L
+    never trains N..L−1 (the authors' groups). Zero rounds leave every block untrained.
 
     Example:
-        >>> sorted(untrained_blocks("ascending", n_sites=3, n_blocks=5, rounds=10))
+        >>> sorted(untrained_blocks("agg", n_sites=3, n_blocks=5, rounds=10))
         [3, 4]
     """
     trained = {b for pairs in schedule(mode, n_sites, n_blocks, rounds, seed) for _, b in pairs}

@@ -19,10 +19,12 @@ never by the plan's class.
 FedCyBGD (ALGORITHMS.md §3) trains sites one after another within a cycle;
 here one aggregator round is one *turn*: the round's participants are the
 site whose turn it is (cyclic modes) or the sites of one block (``agg``),
-and a cycle of N sites is N rounds (``agg``: one round per block that has
-sites). With FedAvg at learning rate 1 and a single uploader, publishing the
-mean difference sets the block to exactly what the site trained: the
-authors' "latest writer wins".
+and a cycle is max(N, L) rounds for N sites and L blocks: with fewer sites
+than blocks the cycle advances by blocks, so every block is trained once a
+cycle (server.cybgd; ``agg``: one round per block that has sites). With
+FedAvg at learning rate 1 and a single uploader, publishing the mean
+difference sets the block to exactly what the site trained: the authors'
+"latest writer wins".
 """
 
 from __future__ import annotations
@@ -177,7 +179,13 @@ class FlexLoraPlan(MethodPlan):
 
 
 class CyBgdPlan(MethodPlan):
-    """FedCyBGD: per round, the site(s) whose turn it is train one decoder block."""
+    """FedCyBGD: per round, the site(s) whose turn it is train one decoder block.
+
+    A cycle is N rounds with N ≥ L sites (the authors' table: site c trains block c mod L), and L
+    rounds with N < L in the cyclic modes (the block cycle of server.cybgd: round k of a cycle
+    trains the k-th block and the sites take the rounds in turn), so that every block is trained
+    once a cycle whatever N.
+    """
 
     def __init__(
         self,

@@ -104,10 +104,8 @@ def _blocks(mode: str, n_sites: int, n_blocks: int, round_index: int, seed: int 
 @pytest.mark.parametrize(
     ("mode", "n_sites", "n_blocks", "expected"),
     [
-        ("ascending", 3, 5, [0, 1, 2]),  # N < L
         ("ascending", 4, 4, [0, 1, 2, 3]),  # N = L
         ("ascending", 7, 3, [0, 1, 2, 0, 1, 2, 0]),  # N > L
-        ("descending", 3, 5, [4, 3, 2]),
         ("descending", 4, 4, [3, 2, 1, 0]),
         ("descending", 7, 3, [2, 1, 0, 2, 1, 0, 2]),
         ("agg", 3, 5, [0, 1, 2]),
@@ -120,6 +118,30 @@ def test_fixed_modes_give_the_same_table_every_round(
 ) -> None:
     for e in range(4):
         assert _blocks(mode, n_sites, n_blocks, e) == expected
+
+
+@pytest.mark.parametrize("mode", ["ascending", "descending", "random"])
+@pytest.mark.parametrize(("n_sites", "n_blocks"), [(1, 4), (3, 4), (3, 5), (2, 7)])
+def test_fewer_sites_than_blocks_still_train_every_block_each_cycle(
+    mode: str, n_sites: int, n_blocks: int
+) -> None:
+    for e, pairs in enumerate(schedule(mode, n_sites, n_blocks, 4, seed=2)):
+        assert sorted(b for _, b in pairs) == list(range(n_blocks)), (e, pairs)
+        # The sites take the turns in order, on from where the last cycle stopped.
+        assert [c for c, _ in pairs] == [(e * n_blocks + k) % n_sites for k in range(n_blocks)]
+        for c in range(n_sites):  # assign() agrees with the schedule, in turn order
+            got = assign(mode, site_index=c, round_index=e, n_blocks=n_blocks, n_sites=n_sites, seed=2)
+            assert got == [b for s, b in pairs if s == c]
+
+
+def test_block_cycle_tables_for_fewer_sites_than_blocks() -> None:
+    assert schedule("ascending", 3, 5, 2, 0) == [
+        [(0, 0), (1, 1), (2, 2), (0, 3), (1, 4)],
+        [(2, 0), (0, 1), (1, 2), (2, 3), (0, 4)],
+    ]
+    assert schedule("descending", 3, 5, 1, 0) == [[(0, 4), (1, 3), (2, 2), (0, 1), (1, 0)]]
+    # N = L and N > L keep the authors' table: site c trains block c mod L.
+    assert schedule("ascending", 5, 4, 1, 0) == [[(0, 0), (1, 1), (2, 2), (3, 3), (4, 0)]]
 
 
 @pytest.mark.parametrize(
@@ -137,26 +159,30 @@ def test_agg_groups(n_sites: int, n_blocks: int, expected: dict[int, list[int]])
 
 def test_random_mode_is_pinned_for_a_given_seed() -> None:
     """Pins the RNG stream: a change here changes every random-mode run's block order."""
-    assert schedule("random", 3, 4, 6, seed=0) == [
-        [(0, 3), (1, 3), (2, 2)],
-        [(0, 2), (1, 1), (2, 3)],
-        [(0, 0), (1, 2), (2, 0)],
-        [(0, 1), (1, 0), (2, 1)],
-        [(0, 1), (1, 3), (2, 0)],
-        [(0, 3), (1, 0), (2, 2)],
+    assert schedule("random", 4, 3, 4, seed=0) == [  # N ≥ L: each site its own permutations
+        [(0, 1), (1, 1), (2, 1), (3, 2)],
+        [(0, 0), (1, 0), (2, 0), (3, 0)],
+        [(0, 2), (1, 2), (2, 2), (3, 1)],
+        [(0, 0), (1, 1), (2, 2), (3, 0)],
+    ]
+    # N < L: one permutation of the blocks per cycle, the sites in turn.
+    assert schedule("random", 3, 4, 2, seed=0) == [
+        [(0, 1), (1, 3), (2, 2), (0, 0)],
+        [(1, 3), (2, 2), (0, 1), (1, 0)],
     ]
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n_sites=st.integers(1, 6),
-    n_blocks=st.integers(1, 9),
+    n_blocks=st.integers(1, 6),
+    extra_sites=st.integers(0, 4),
     cycles=st.integers(1, 3),
     seed=st.integers(0, 10**6),
 )
 def test_random_mode_never_repeats_while_blocks_remain(
-    n_sites: int, n_blocks: int, cycles: int, seed: int
+    n_blocks: int, extra_sites: int, cycles: int, seed: int
 ) -> None:
+    n_sites = n_blocks + extra_sites  # N ≥ L: the authors' per-site draws
     rounds = cycles * n_blocks + 1
     plan = schedule("random", n_sites, n_blocks, rounds, seed)
     for c in range(n_sites):
@@ -167,11 +193,11 @@ def test_random_mode_never_repeats_while_blocks_remain(
 
 
 def test_random_mode_is_deterministic_per_seed_and_site() -> None:
-    one = schedule("random", 5, 8, 8, seed=3)
-    assert one == schedule("random", 5, 8, 8, seed=3)
-    assert one != schedule("random", 5, 8, 8, seed=4)
-    # A site's draws do not depend on how many other sites there are.
-    assert [dict(p)[1] for p in schedule("random", 2, 8, 8, seed=3)] == [dict(p)[1] for p in one]
+    one = schedule("random", 8, 5, 8, seed=3)
+    assert one == schedule("random", 8, 5, 8, seed=3)
+    assert one != schedule("random", 8, 5, 8, seed=4)
+    # N ≥ L: a site's draws do not depend on how many other sites there are.
+    assert [dict(p)[1] for p in schedule("random", 6, 5, 8, seed=3)] == [dict(p)[1] for p in one]
 
 
 @pytest.mark.parametrize(
@@ -213,8 +239,8 @@ def test_agg_schedule_groups_sites_by_block() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_every_site_trains_exactly_once_per_round(mode: str) -> None:
-    for n_sites, n_blocks in [(3, 5), (4, 4), (7, 3)]:
+def test_every_site_trains_exactly_once_per_round_when_sites_are_at_least_blocks(mode: str) -> None:
+    for n_sites, n_blocks in [(4, 4), (7, 3)]:
         for pairs in schedule(mode, n_sites, n_blocks, 3, seed=1):
             assert sorted(c for c, _ in pairs) == list(range(n_sites))
 
@@ -232,9 +258,10 @@ def test_schedule_rejects_negative_rounds_and_unknown_modes() -> None:
 @pytest.mark.parametrize(
     ("mode", "n_sites", "n_blocks", "rounds", "expected"),
     [
-        ("ascending", 3, 5, 10, {3, 4}),  # N < L: blocks N..L-1 never trained, however many rounds
-        ("descending", 3, 5, 10, {0, 1}),
-        ("agg", 3, 5, 10, {3, 4}),
+        ("ascending", 3, 5, 1, set()),  # N < L: the block cycle trains every block in one cycle
+        ("descending", 3, 5, 1, set()),
+        ("random", 2, 5, 1, set()),
+        ("agg", 3, 5, 10, {3, 4}),  # the authors' groups: blocks N..L-1 have no site
         ("ascending", 5, 5, 1, set()),
         ("descending", 7, 5, 1, set()),
         ("agg", 6, 5, 1, set()),
@@ -247,10 +274,10 @@ def test_untrained_blocks(mode: str, n_sites: int, n_blocks: int, rounds: int, e
 
 
 def test_random_mode_untrained_blocks_depend_on_the_seed() -> None:
-    left = untrained_blocks("random", 1, 5, 2, seed=0)
-    assert len(left) == 3  # one site, two rounds, two distinct blocks
-    visited = {b for pairs in schedule("random", 1, 5, 2, 0) for _, b in pairs}
-    assert left == set(range(5)) - visited
+    # N ≥ L: each site draws its own block, so one round may leave some untrained.
+    assert untrained_blocks("random", 6, 5, 1, seed=0) == {0, 4}
+    assert untrained_blocks("random", 6, 5, 1, seed=3) == {0}
+    assert untrained_blocks("random", 6, 5, 5, seed=0) == set()  # L rounds: every site a permutation
 
 
 # ------------------------------------------------------------------------------------ download subset

@@ -53,8 +53,9 @@ def test_cybgd_ascending_one_site_per_round_and_exact_block_prefixes() -> None:
     plan = make_plan(spec, LAYERED, ["site-b", "site-a", "site-c"])
     assert isinstance(plan, CyBgdPlan)
     assert plan.blocks == ["model.layers.0.", "model.layers.1.", "model.layers.2.", "model.layers.10."]
-    assert plan.turns_per_cycle == 3  # one round per site; sites in sorted order
-    expected = {1: ("site-a", 0), 2: ("site-b", 1), 3: ("site-c", 2), 4: ("site-a", 0), 5: ("site-b", 1)}
+    # N = 3 < L = 4: the cycle advances by blocks, one round per block; sites in sorted order, in turn.
+    assert plan.turns_per_cycle == 4
+    expected = {1: ("site-a", 0), 2: ("site-b", 1), 3: ("site-c", 2), 4: ("site-a", 3), 5: ("site-b", 0)}
     for number, (site, block) in expected.items():
         for other in ("site-a", "site-b", "site-c"):
             got = plan.assignment(number, other)
@@ -65,9 +66,28 @@ def test_cybgd_ascending_one_site_per_round_and_exact_block_prefixes() -> None:
         assert all(n.startswith(plan.blocks[block]) for n in got.tensors) and got.tensors
         assert [t.name for t in plan.upload_manifest(got)] == list(got.tensors)
     assert plan.assignment(2, "site-b").tensors == ("model.layers.1.mlp.w",)
-    # N < L: block 3 (layers.10.) is never trained in ascending mode.
-    trained = {plan.assignment(n, s).block for n in range(1, 30) for s in plan.sites}
-    assert "model.layers.10." not in trained
+    # Every block is trained within one cycle, layers.10. included (the authors' table never trains it).
+    for cycle in range(3):
+        rounds = range(1 + 4 * cycle, 5 + 4 * cycle)
+        trained = [
+            plan.assignment(n, s).block for n in rounds for s in plan.sites if plan.assignment(n, s).trains
+        ]
+        assert sorted(trained) == sorted(plan.blocks)
+
+
+def test_cybgd_keeps_the_authors_assignment_when_sites_are_at_least_blocks() -> None:
+    plan = CyBgdPlan(TrainingSpec(method=Method.FEDCYBGD), LAYERED, [f"s{i}" for i in range(6)])
+    assert plan.turns_per_cycle == 6
+    # Site c trains block c mod L, every cycle.
+    assert [plan.turn(n)[1:] for n in range(1, 8)] == [
+        (0, ["s0"]),
+        (1, ["s1"]),
+        (2, ["s2"]),
+        (3, ["s3"]),
+        (0, ["s4"]),
+        (1, ["s5"]),
+        (0, ["s0"]),
+    ]
 
 
 def test_cybgd_agg_trains_one_block_per_round_with_its_group_in_parallel() -> None:
@@ -84,11 +104,15 @@ def test_cybgd_agg_trains_one_block_per_round_with_its_group_in_parallel() -> No
     ]
 
 
-def test_cybgd_random_visits_every_block_within_a_cycle_of_cycles() -> None:
+@pytest.mark.parametrize("mode", ["random", "descending"])
+def test_cybgd_fewer_sites_visit_every_block_each_cycle(mode: str) -> None:
     spec = TrainingSpec(method=Method.FEDCYBGD, seed=7)
-    plan = CyBgdPlan(spec, LAYERED, ["a", "b"], mode="random")
-    blocks_of_a = [plan.assignment(n, "a").block for n in range(1, 9) if plan.assignment(n, "a").trains]
-    assert len(blocks_of_a) == 4 and sorted(blocks_of_a) == sorted(plan.blocks)
+    plan = CyBgdPlan(spec, LAYERED, ["a", "b"], mode=mode)
+    assert plan.turns_per_cycle == 4
+    for cycle in range(3):
+        turns = [plan.turn(n) for n in range(1 + 4 * cycle, 5 + 4 * cycle)]
+        assert sorted(b for _, b, _ in turns) == [0, 1, 2, 3]
+        assert [m for _, _, m in turns] == [["a"], ["b"], ["a"], ["b"]]
 
 
 def test_cybgd_needs_configured_sites_and_blocks() -> None:

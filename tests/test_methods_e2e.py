@@ -99,9 +99,10 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
         workers = _run(agg.target, demo, tmp_path, dict.fromkeys(sites, 0))
         states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(5)]
         full_bytes = sum(t.numel() * 4 for t in states[0].values())
-        # descending over 4 blocks: site-a (index 0) trains layers.3., site-b layers.2., in turn.
+        # descending, 2 sites over 4 blocks (N < L): the cycle advances by blocks, 3, 2, 1, 0, and the
+        # sites take the turns in order, so every block is trained within the cycle.
         expected = {1: ("site-a", "model.layers.3."), 2: ("site-b", "model.layers.2."),
-                    3: ("site-a", "model.layers.3."), 4: ("site-b", "model.layers.2.")}  # fmt: skip
+                    3: ("site-a", "model.layers.1."), 4: ("site-b", "model.layers.0.")}  # fmt: skip
         for number, (site, block) in expected.items():
             r = admin.round(number)
             assert r.state == 5, r.failure_reason
@@ -112,29 +113,32 @@ def test_cybgd_sites_take_turns_and_upload_one_block(tmp_path: Path, demo: Path)
         for w in workers:
             assert [r.round for r in w.reports] == ([1, 3] if w.config.site_id == "site-a" else [2, 4])
             for report in w.reports:
-                # One block of four travels (compressed), not the model; down, at most two blocks.
+                # One block of four travels (compressed), not the model; down, its own block and
+                # ceil(p·n) of the n = round − 1 others trained before it.
                 assert report.bytes_up <= block_bytes < full_bytes / 4
-                assert 0 < report.bytes_down <= 2 * block_bytes
+                others = -(-(report.round - 1) // 2)
+                assert 0 < report.bytes_down <= (1 + others) * block_bytes
 
 
 @pytest.mark.slow
 def test_cybgd_optimizer_state_travels_with_the_block(tmp_path: Path, demo: Path) -> None:
     spec = replace(BASE, method=Method.FEDCYBGD, mode=TrainMode.FULL)
     sites = ["site-a", "site-b"]
-    config = demo_config(tmp_path, demo, sites, spec, rounds=4, keep_states=5,
+    config = demo_config(tmp_path, demo, sites, spec, rounds=5, keep_states=6,
                          cybgd=CyBgdConfig(mode=CyBgdMode.ASCENDING, optimizer_state=CyBgdOptimizerState.TRAVEL))  # fmt: skip
     with Aggregator(config) as agg, AdminClient(agg.target) as admin:
         _run(agg.target, demo, tmp_path, dict.fromkeys(sites, 0))
-        for number in range(1, 5):
+        for number in range(1, 6):
             assert admin.round(number).state == 5
-        states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(5)]
+        states = [load_file(str(state_file_of_round(config.state_dir, n)[0])) for n in range(6)]
     steps = [{b: float(s[f"model.layers.{b}.#step"][0]) for b in range(4)} for s in states]
-    # ascending, N = 2: site-a trains block 0 in rounds 1 and 3, site-b block 1 in rounds 2 and 4. The
-    # AdamW of the second turn continues the first's: its step count goes on from 3 to 6.
+    # ascending, N = 2 < L = 4: rounds 1-4 train blocks 0-3 (site-a, site-b, site-a, site-b), round 5
+    # block 0 again (site-a). Its AdamW continues the first turn's: the step count goes on from 3 to 6.
     assert steps[0] == {0: 0, 1: 0, 2: 0, 3: 0}
     assert steps[1] == {0: 3, 1: 0, 2: 0, 3: 0}
-    assert steps[3] == {0: 6, 1: 3, 2: 0, 3: 0}
-    assert steps[4] == {0: 6, 1: 6, 2: 0, 3: 0}
+    assert steps[3] == {0: 3, 1: 3, 2: 3, 3: 0}
+    assert steps[4] == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert steps[5] == {0: 6, 1: 3, 2: 3, 3: 3}
     moment = "model.layers.0.mlp.down_proj.weight#exp_avg_sq"
-    assert states[1][moment].abs().sum() > 0 and not torch.equal(states[3][moment], states[1][moment])
-    assert not states[4]["model.layers.2.mlp.down_proj.weight#exp_avg"].any()  # never trained
+    assert states[1][moment].abs().sum() > 0 and not torch.equal(states[5][moment], states[1][moment])
+    assert torch.equal(states[4][moment], states[1][moment])  # untouched while other blocks train
