@@ -38,7 +38,10 @@ EXIT_PIPE_CLOSED = 141  # what a shell reports for a command killed by SIGPIPE
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "run the aggregator daemon"),
     "status": ("server.admin_cli", "show the run, its rounds and sites (--watch to follow)"),
-    "admin": ("server.admin_control", "steer a run: pause, resume, close-round, evict, policy"),
+    "admin": (
+        "server.admin_control",
+        "steer a run: pause, resume, close-round, evict, reload-tokens, policy",
+    ),
     "work": ("client.cli", "run a site's worker: train locally, send only what changed"),
     "init-state": (
         "client.init_state",
@@ -50,6 +53,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "a whole federation on this machine: `gdfed demo init DIR`, `gdfed demo run DIR`",
     ),
     "codec-demo": ("common.codec_demo", "encode and decode a generated delta, and show what travels"),
+    "token": ("server.token_cli", "a new site token, and the hashed line for the aggregator's tokens file"),
 }
 
 

@@ -13,10 +13,21 @@ tensors; each upload gets a CompactAssembler here, which hands a tensor over
 (checked) once all of its compact parts have arrived, and it is folded as
 ``n_i · dense`` range by range. The assembler lives as long as the round's
 accumulation, so a cut and resumed stream keeps the parts already received.
+
+Bounded influence (``server.influence``): each upload's global L2 norm is
+summed up shard by shard as it folds. Its shards fold at full weight while the
+norm so far is within the round's clipping bound; once it is over, the upload
+is *held*: nothing more of it is added, and if it is accepted the sum is dirty
+and rebuilt at close, where each upload folds as ``n_i · min(1, clip/‖Δ_i‖) · Δ_i``
+(its norm now known). Honest rounds pay nothing; a round with a clipped upload
+decodes the accepted spools once more. An upload over ``max_norm`` is refused,
+and one whose ``n_i·‖Δ_i‖`` would take the sum near the accumulator's range
+too: ``Σ n_i·‖Δ_i‖`` bounds every element of the sum, so it cannot overflow.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
@@ -26,9 +37,18 @@ from common.buffers import ReusableBuffer
 from common.codec.compact import CompactAssembler, is_lossy
 from common.codec.decoder import DecodedPiece
 from common.delta import PayloadLayout, TensorSpec
+from common.errors import InvalidArgument
 from server.aggregate import WeightedSum
+from server.influence import RoundBounds, squared_norm
 
 ACCUMULATORS = {"fp32": torch.float32, "fp64": torch.float64}
+# Σ n_i·‖Δ_i‖ may reach this fraction of the accumulator's largest value: the mean, and the server
+# optimizer's arithmetic on it, keep a wide margin.
+_MASS_HEADROOM = 2.0**-20
+# A weight·clip factor below this (a delta near fp32's limit, clipped) is applied in fp64: in fp32
+# it would be subnormal, or zero. Above it, a clipped upload folds as fast as any other.
+_TINY_ALPHA = 2.0**-100
+_SCALED_CHUNK = 1 << 20  # elements scaled in fp64 per pass
 
 
 class Accumulation:
@@ -43,6 +63,7 @@ class Accumulation:
         summing: bool = True,
         uniform: bool = False,
         memory: ReusableBuffer | None = None,
+        bounds: RoundBounds | None = None,
     ) -> None:
         if precision not in ACCUMULATORS:
             raise ValueError(f"accumulator must be one of {sorted(ACCUMULATORS)}, got {precision!r}")
@@ -64,6 +85,12 @@ class Accumulation:
         self._folded: dict[str, set[int]] = {}
         self.accepted: list[str] = []
         self.detached = False
+        self.bounds = bounds or RoundBounds()
+        self._squares: dict[str, float] = {}  # Σ Δ² of each upload so far (fp64)
+        self._held: set[str] = set()  # over the clipping bound while streaming: its folds stopped
+        self._mass = 0.0  # Σ n·scale·‖Δ‖ (so far) of everything added
+        self._mass_of: dict[str, float] = {}
+        self._mass_limit = torch.finfo(ACCUMULATORS[precision]).max * _MASS_HEADROOM
 
     def fold(
         self,
@@ -72,6 +99,8 @@ class Accumulation:
         pieces: Sequence[DecodedPiece],
         weight: int,
         layout: PayloadLayout | None = None,
+        *,
+        scale: float | None = None,
     ) -> bool:
         """Add ``weight * piece`` for each piece of one shard; False (nothing added) once the round has closed.
 
@@ -80,9 +109,13 @@ class Accumulation:
         restarted upload re-sends the same shard and must not count it twice.
         ``layout`` (the upload's) is needed when its codec is lossy: the pieces
         are then compact tensors, each folded densified once it is complete.
+        ``scale`` (a rebuild, the upload's norm known): fold ``weight·scale·piece``;
+        without it, the upload is held once its norm so far is over the clipping bound.
 
         Raises:
-            InvalidArgument: a lossy upload's compact data is invalid (nothing of that tensor is added).
+            InvalidArgument: a lossy upload's compact data is invalid (nothing of that tensor is
+                added); the upload's norm is over ``max_norm``, or its weighted norm would take
+                the sum near the accumulator's range (nothing of this shard is added).
         """
         with self.lock:
             if self.detached:
@@ -95,26 +128,70 @@ class Accumulation:
             if not self.summing:
                 # Lossy ones too: their tensors may differ in shape from this manifest (FlexLoRA's
                 # ranks); the close reads the spools back through common.codec.compact.decode_dense,
-                # which checks the compact data against the upload's own manifest.
+                # which checks the compact data against the upload's own manifest. A dense upload's
+                # norm is still bounded by max_norm here.
+                if layout is None or not is_lossy(layout.codec):
+                    self._measure(upload_id, [p.values for p in pieces])
                 return True
-            if layout is not None and is_lossy(layout.codec):
-                self._fold_compact(upload_id, pieces, weight, layout)
-                return True
-            for piece in pieces:
-                self.sum.fold(piece.name, piece.start, piece.values, float(weight))
+            ranges = (
+                self._compact_ranges(upload_id, pieces, layout)
+                if layout is not None and is_lossy(layout.codec)
+                else [(p.name, p.start, p.values) for p in pieces]
+            )
+            norm = self._measure(upload_id, [values for _, _, values in ranges])
+            if scale is None:
+                if upload_id in self._held or norm > self.bounds.clip:
+                    self._held.add(upload_id)  # folded again, scaled, when the round closes
+                    return True
+                scale = 1.0
+            self._add_mass(upload_id, weight * scale * norm)
+            alpha = float(weight) * scale
+            for name, start, values in ranges:
+                if alpha >= _TINY_ALPHA:
+                    self.sum.fold(name, start, values, alpha)
+                else:
+                    self._fold_scaled(name, start, values, alpha)
             return True
 
-    def _fold_compact(
-        self, upload_id: str, pieces: Sequence[DecodedPiece], weight: int, layout: PayloadLayout
-    ) -> None:
+    def _compact_ranges(
+        self, upload_id: str, pieces: Sequence[DecodedPiece], layout: PayloadLayout
+    ) -> list[tuple[str, int, torch.Tensor]]:
         assembler = self._assemblers.get(upload_id)
         if assembler is None:
             assembler = self._assemblers[upload_id] = CompactAssembler(layout, self.manifest)
-        for tensor in assembler.add(pieces):  # checked before any of it is added
-            for start, values in tensor.ranges():
-                self.sum.fold(tensor.name, start, values, float(weight))
+        ranges = [
+            (tensor.name, start, values)
+            for tensor in assembler.add(pieces)  # checked before any of it is added
+            for start, values in tensor.ranges()
+        ]
         if assembler.finished:
             del self._assemblers[upload_id]
+        return ranges
+
+    def _measure(self, upload_id: str, values: Sequence[torch.Tensor]) -> float:
+        """Add these values to the upload's squared norm; its norm so far (refused over max_norm)."""
+        squares = self._squares.get(upload_id, 0.0) + sum(squared_norm(v) for v in values)
+        self._squares[upload_id] = squares
+        norm = math.sqrt(squares)
+        self.bounds.check(upload_id, norm)
+        return norm
+
+    def _add_mass(self, upload_id: str, mass: float) -> None:
+        total = self._mass + mass - self._mass_of.get(upload_id, 0.0)
+        if not total <= self._mass_limit:
+            raise InvalidArgument(
+                f"upload {upload_id!r}: its weighted norm {mass:.4g} would take the round's sum to "
+                f"{total:.4g}, over the {self.precision} accumulator's safe range {self._mass_limit:.4g}",
+                field="sample_count",
+                limit=self._mass_limit,
+            )
+        self._mass = total
+        self._mass_of[upload_id] = mass
+
+    def _fold_scaled(self, name: str, start: int, values: torch.Tensor, alpha: float) -> None:
+        for lo in range(0, values.numel(), _SCALED_CHUNK):
+            part = values[lo : lo + _SCALED_CHUNK].to(torch.float64).mul_(alpha)
+            self.sum.fold(name, start + lo, part, 1.0)
 
     def accept(self, upload_id: str, weight: int) -> bool:
         """Count a fully folded upload's weight; False once the round has closed."""
@@ -124,6 +201,16 @@ class Accumulation:
             self.sum.add_weight(1.0 if self.uniform else float(weight))
             self.accepted.append(upload_id)
             return True
+
+    def norm(self, upload_id: str) -> float:
+        """The upload's global L2 norm over what has been decoded of it (0 before anything)."""
+        with self.lock:
+            return math.sqrt(self._squares.get(upload_id, 0.0))
+
+    def norms(self) -> dict[str, float]:
+        """Every measured upload's norm so far (complete for the accepted ones)."""
+        with self.lock:
+            return {u: math.sqrt(sq) for u, sq in self._squares.items()}
 
     def folded_shards(self, upload_id: str) -> set[int]:
         with self.lock:
@@ -146,6 +233,7 @@ class Accumulation:
 
     @property
     def dirty(self) -> bool:
-        """Whether uploads that were not accepted left something in the sum."""
+        """Whether uploads that were not accepted left something in the sum, or an accepted one is
+        in it unclipped (held: it is not all in it)."""
         with self.lock:
-            return bool(set(self._folded) - set(self.accepted))
+            return bool(set(self._folded) - set(self.accepted)) or bool(self._held & set(self.accepted))

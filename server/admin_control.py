@@ -1,4 +1,4 @@
-"""``gdfed admin``: steer a running aggregator (pause, resume, close the round, evict, change policy)."""
+"""``gdfed admin``: steer a running aggregator (pause, resume, close the round, evict, reload tokens, change policy)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("pause", "open no new round, close none by quorum or deadline"),
         ("resume", "undo pause"),
         ("close-round", "close the open round now with the uploads accepted so far"),
+        ("reload-tokens", "re-read the site tokens file: added sites may join, removed ones are refused"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--reason", default="", help="recorded in the aggregator's log")
@@ -25,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     evict.add_argument("site_id")
     evict.add_argument("--reason", default="")
+    retry = sub.add_parser(
+        "retry-round",
+        help="aggregate a failed round again from its accepted uploads",
+        description="aggregate a failed round again from its accepted uploads (the latest round only)",
+    )
+    retry.add_argument("round", type=int)
+    retry.add_argument("--reason", default="")
     policy = sub.add_parser(
         "policy", help="change the quorum or the deadline", description="change the quorum or the deadline"
     )
@@ -33,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--deadline", type=int, help="seconds a round stays open (0 = no deadline)")
     policy.add_argument("--min-sites-to-open", type=int, help="alive sites a round waits for before it opens")
     # `gdfed admin pause --admin-token-file F` as well as `gdfed admin --admin-token-file F pause`.
-    for p in (*actions, evict, policy):
+    for p in (*actions, evict, retry, policy):
         add_connection_arguments(p, defaults=False)
 
 
@@ -52,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
             reply = stub.Resume(admin_pb2.ControlRequest(reason=args.reason), **kw)
         elif args.action == "close-round":
             reply = stub.CloseRound(admin_pb2.ControlRequest(reason=args.reason), **kw)
+        elif args.action == "reload-tokens":
+            reply = stub.ReloadTokens(admin_pb2.ControlRequest(reason=args.reason), **kw)
+        elif args.action == "retry-round":
+            reply = stub.RetryRound(admin_pb2.RetryRoundRequest(round=args.round, reason=args.reason), **kw)
         elif args.action == "evict":
             reply = stub.EvictSite(admin_pb2.EvictSiteRequest(site_id=args.site_id, reason=args.reason), **kw)
         else:
@@ -77,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"gdfed admin {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     print("\n".join(render_run(reply.status)))
-    if reply.message:  # warnings: settings taken that the sites alive now cannot meet
+    if reply.message:  # warnings: settings taken that the sites alive now cannot meet; reload's summary
         print(reply.message, file=sys.stderr)
     return 0

@@ -31,9 +31,11 @@ from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, 
 from server.auth import Authenticator
 from server.config import ConfigError, ServerConfig
 from server.coordinator import Coordinator
+from server.fair_share import CallKind, FairShare, pool_size
 from server.metrics import Metrics
 from server.servicers import AdminServicer, FederationServicer
 from server.state_lock import StateDirLock
+from server.tokens import SiteTokens
 
 logger = logging.getLogger(__name__)
 
@@ -131,19 +133,33 @@ class _Built:
     health: health.HealthServicer
     services: tuple[str, ...]
     tls: bool
+    auth: Authenticator
 
 
 def _build(config: ServerConfig) -> _Built:
+    # Checked before the coordinator is built: a bad tokens file fails the start with its line.
+    tokens = SiteTokens(config.site_tokens, config.site_tokens_files, config.admin_token)
     coordinator = Coordinator(config)
-    auth = Authenticator(config.site_tokens, config.admin_token)
-    if not config.site_tokens:
+    auth = Authenticator(tokens, config.admin_token)
+    if not tokens.sites():
         logger.warning("no site tokens configured: every Federation call will be refused")
     if not config.admin_token:
         logger.warning("no admin token configured: the Admin service will refuse every call")
-    # Uploads hold a thread for their whole stream; leave room for heartbeats and admin calls beside them.
+    # Long calls (uploads, fetches, long polls) hold a thread each, up to max_long_calls in all
+    # (server.fair_share): the pool has room beyond them, so heartbeats and health checks never queue.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="gdfed-rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=pool_size(config.max_long_calls), thread_name_prefix="gdfed-rpc"
+        ),
         options=server_options(config),
+    )
+    share = FairShare(
+        {
+            CallKind.PUSH: config.max_streams_per_site,
+            CallKind.FETCH: config.max_streams_per_site,
+            CallKind.POLL: config.max_polls_per_site,
+        },
+        config.max_long_calls,
     )
     federation = FederationServicer(
         membership=coordinator.membership,
@@ -152,6 +168,7 @@ def _build(config: ServerConfig) -> _Built:
         training=config.training,
         max_concurrent_uploads=config.max_concurrent_uploads,
         auth=auth,
+        fair_share=share,
     )
     admin = AdminServicer(
         admin=coordinator.admin, events=coordinator.state.events, auth=auth, version=package_version()
@@ -185,7 +202,7 @@ def _build(config: ServerConfig) -> _Built:
             "choose another --listen",
             field="listen",
         )
-    return _Built(config, server, port, coordinator, health_servicer, services, credentials is not None)
+    return _Built(config, server, port, coordinator, health_servicer, services, credentials is not None, auth)
 
 
 def _start(built: _Built) -> None:
@@ -247,11 +264,12 @@ def _serve_locked(config: ServerConfig) -> int:
             metrics = metrics_of(built.coordinator)
             # Bound before the daemon says it listens: a port in use fails the start, not later.
             metrics_port = _serve_metrics(metrics, config.metrics_listen)
+        signals = _catch_signals()
         _start(built)
         started = True
         if metrics is not None:
             logger.info("[serve] metrics on %s (port %d)", config.metrics_listen, metrics_port)
-        _wait_for_signal(built.coordinator, config)
+        _wait_for_signal(built.coordinator, config, built.auth, signals)
     finally:
         if started:
             shutdown(built.server, built.coordinator)
@@ -278,17 +296,48 @@ def _serve_metrics(metrics: Metrics, listen: str) -> int:
         ) from None
 
 
-def _wait_for_signal(coordinator: Coordinator, config: ServerConfig) -> None:
+def reload_tokens(auth: Authenticator, why: str) -> bool:
+    """Reload the site tokens, logging what changed or why the old ones stay; True if reloaded."""
+    try:
+        report = auth.reload()
+    except ConfigError as exc:
+        logger.error("[serve] %s: site tokens NOT reloaded, the old ones stay in force: %s", why, exc.message)
+        return False
+    logger.warning("[serve] %s: site tokens reloaded: %s", why, report.describe())
+    return True
+
+
+def _catch_signals() -> tuple[threading.Event, threading.Event]:
+    """(stop, hangup): set by SIGTERM/SIGINT and by SIGHUP. Installed before the server starts, so
+    a SIGHUP sent as soon as the port answers reloads instead of killing the daemon."""
     stop = threading.Event()
+    hangup = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         logger.info("[serve] signal %d: shutting down", signum)
         stop.set()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        hangup.set()  # the reload reads files and logs: not in a signal handler
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+    return stop, hangup
+
+
+def _wait_for_signal(
+    coordinator: Coordinator,
+    config: ServerConfig,
+    auth: Authenticator,
+    signals: tuple[threading.Event, threading.Event],
+) -> None:
+    stop, hangup = signals
+    announced = False
     while not stop.wait(0.5):
-        if coordinator.run.finished and config.rounds:
+        if hangup.is_set():
+            hangup.clear()
+            reload_tokens(auth, "SIGHUP")
+        if coordinator.run.finished and config.rounds and not announced:
+            announced = True
             logger.info("[serve] the run finished; the aggregator keeps serving fetches until stopped")
-            break
-    stop.wait()

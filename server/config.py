@@ -49,8 +49,10 @@ __all__ = [
     "CyBgdConfig",
     "CyBgdMode",
     "CyBgdOptimizerState",
+    "InfluenceConfig",
     "OptimizerConfig",
     "OptimizerName",
+    "PublishPolicy",
     "RoundPolicy",
     "ServerConfig",
     "TlsConfig",
@@ -167,6 +169,39 @@ class CyBgdConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InfluenceConfig:
+    """How far one upload may move the model (server.influence; docs/operator.md "Bounded influence")."""
+
+    clip_norm: float = 0.0  # an upload's global L2 norm is scaled down to this; 0 = no fixed bound
+    adaptive: float = 0.0  # > 0: clip at adaptive x the median of recent accepted norms; 0 = off
+    history: int = 50  # recent accepted norms (earlier rounds) the median is taken over
+    outlier_factor: float = 3.0  # flag an upload over this x the median; 0 = never
+    # Refused above this, clipping or not: no upload can overflow the sum or the server optimizer.
+    max_norm: float = 1e9
+
+    def __post_init__(self) -> None:
+        _bounded("influence.clip_norm", self.clip_norm, low=0, high=1e30)
+        _bounded("influence.adaptive", self.adaptive, low=0, high=1e6)
+        _bounded("influence.history", self.history, low=1, high=100_000)
+        _bounded("influence.outlier_factor", self.outlier_factor, low=0, high=1e6)
+        _bounded("influence.max_norm", self.max_norm, low=0, high=1e30, above=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishPolicy:
+    """What a failed publication does: retried with backoff, failed only after ``max_attempts``."""
+
+    max_attempts: int = 0  # attempts before the round is FAILED (its uploads kept); 0 = retry until it works
+    backoff_s: float = 1.0  # first wait; doubled after each failure up to max_backoff_s
+    max_backoff_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _bounded("publish.max_attempts", self.max_attempts, low=0)
+        _bounded("publish.backoff_s", self.backoff_s, low=0, above=True)
+        _bounded("publish.max_backoff_s", self.max_backoff_s, low=self.backoff_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
@@ -193,9 +228,13 @@ class ServerConfig:
     round: RoundPolicy = field(default_factory=RoundPolicy)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     cybgd: CyBgdConfig = field(default_factory=CyBgdConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    publish: PublishPolicy = field(default_factory=PublishPolicy)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     broadcast_codec: Codec = field(default_factory=Codec)
     site_tokens: Mapping[str, str] = field(default_factory=dict)
+    # Re-read on SIGHUP and `gdfed admin reload-tokens` (server.tokens); [sites] tokens stay until restart.
+    site_tokens_files: tuple[Path, ...] = ()
     admin_token: str = ""
     heartbeat_interval_s: float = 5.0
     missed_beats: int = 3
@@ -216,6 +255,11 @@ class ServerConfig:
     metrics_listen: str = ""  # host:port of the Prometheus endpoint; "" = off
     tls: TlsConfig = field(default_factory=TlsConfig)
     tick_s: float = 0.2
+    # Fair share (docs/operator.md): concurrent calls a site may hold, per kind, and long-lived calls
+    # (uploads, fetches, long polls) of all sites together; the RPC pool has room for unary calls beyond.
+    max_streams_per_site: int = 2
+    max_polls_per_site: int = 2
+    max_long_calls: int = 128
 
     def __post_init__(self) -> None:
         _parse_enum(self, "accumulator", Accumulator, "accumulator")
@@ -240,6 +284,9 @@ class ServerConfig:
         )
         _bounded("keep_states", self.keep_states, low=1)
         _bounded("tick_s", self.tick_s, low=0, above=True)
+        _bounded("max_streams_per_site", self.max_streams_per_site, low=1)
+        _bounded("max_polls_per_site", self.max_polls_per_site, low=1)
+        _bounded("max_long_calls", self.max_long_calls, low=1, high=4096)
 
     @property
     def limits(self) -> DecodeLimits:

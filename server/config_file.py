@@ -22,12 +22,15 @@ from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
 from server.config import (
     ConfigError,
     CyBgdConfig,
+    InfluenceConfig,
     OptimizerConfig,
+    PublishPolicy,
     RoundPolicy,
     ServerConfig,
     TlsConfig,
     _pick,
 )
+from server.tokens import TokenEntry, check_entries, inline_entries, parse_token_lines, read_token_file
 
 __all__ = ["load_config", "parse_tokens", "read_secret"]
 
@@ -152,19 +155,15 @@ def read_secret(path: Path, field: str = "admin_token_file", label: str = "") ->
 
 
 def parse_tokens(text: str, source: str = "site tokens") -> dict[str, str]:
-    """``site = token`` lines (TOML or plain); blank lines and # comments ignored; others a ConfigError."""
-    tokens = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line or line.startswith("["):
-            continue
-        site, sep, token = line.partition("=")
-        if not sep or not site.strip() or not token.strip():
-            raise ConfigError(
-                f"{source} line {number}: {line!r} is not `site = token`", field="site_tokens_file"
-            )
-        tokens[site.strip().strip('"')] = token.strip().strip('"')
-    return tokens
+    """``site-id = token`` lines (server.tokens has the format), as written: site -> token or hash.
+
+    Raises:
+        ConfigError: naming ``source`` and the line: malformed, empty token, a '#' inside a line,
+            a site named twice or a token shared by two sites.
+    """
+    entries = parse_token_lines(text, source)
+    check_entries(entries)
+    return {e.site: e.text for e in entries}
 
 
 # Built from their own tables (or, for the tokens, from several sources), not from top-level keys.
@@ -172,10 +171,13 @@ _STRUCTURED = (
     "round",
     "optimizer",
     "cybgd",
+    "influence",
+    "publish",
     "training",
     "broadcast_codec",
     "tls",
     "site_tokens",
+    "site_tokens_files",
     "admin_token",
 )
 
@@ -220,6 +222,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
 
     tokens = dict(_table(raw.pop("sites", {}), "sites"))
     admin = str(raw.pop("admin_token", ""))
+    token_files: list[Path] = []
+    file_entries: list[TokenEntry] = []
     for source in (raw, flags):  # the file's, then the flags'
         for key, flag in (("site_tokens_file", "--tokens"), ("admin_token_file", "--admin-token-file")):
             if key in source:
@@ -227,10 +231,15 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
                 if key == "admin_token_file":
                     admin = read_secret(file, key, label)
                 else:
-                    tokens |= parse_tokens(
-                        _read_file(file, key, "`site = token` lines", label), f"{label} {file}"
-                    )
+                    token_files.append(file)
+                    file_entries += read_token_file(file, f"{label} {file}")
     admin = str(flags.pop("admin_token", admin)) or os.environ.get("GDFED_ADMIN_TOKEN", "")
+    # A file's line overrides [sites]; across files a site or token named twice is an error.
+    from_files = {e.site for e in file_entries}
+    check_entries(
+        [*(e for e in inline_entries(tokens, "[sites]") if e.site not in from_files), *file_entries], admin
+    )
+    tokens |= {e.site: e.text for e in file_entries}
     raw |= flags
     tls = TlsConfig(**_values(TlsConfig, raw.pop("tls", {}), "tls"))
     for name, pem in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
@@ -240,10 +249,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
         round=RoundPolicy(**_values(RoundPolicy, raw.pop("round", {}), "round")),
         optimizer=OptimizerConfig(**_values(OptimizerConfig, raw.pop("optimizer", {}), "optimizer")),
         cybgd=CyBgdConfig(**_values(CyBgdConfig, raw.pop("cybgd", {}), "cybgd")),
+        influence=InfluenceConfig(**_values(InfluenceConfig, raw.pop("influence", {}), "influence")),
+        publish=PublishPolicy(**_values(PublishPolicy, raw.pop("publish", {}), "publish")),
         tls=tls,
         training=_training(raw.pop("training", {})),
         broadcast_codec=_codec(raw.pop("broadcast_codec", {}), section="broadcast_codec"),
         site_tokens=tokens,
+        site_tokens_files=tuple(token_files),
         admin_token=admin,
         **_values(ServerConfig, raw, "", skip=_STRUCTURED),
     )

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from common.codec import validate_layout
 from common.codec.compact import wire_manifest
+from common.codec.layout import validate_codec
 from common.delta import Chunk, DeltaHeader, DeltaKind
 from common.errors import (
     AlreadyExists,
@@ -222,6 +223,7 @@ class Intake:
                 f"site {site_id!r} has no part in round {current.round} ({state.plan.describe()})",
                 field="site_id",
             )
+        validate_codec(header.layout.codec)  # before the manifest: it derives from the codec (top-k)
         expected = wire_manifest(
             state.plan.upload_manifest(assignment), header.layout.codec
         )  # lossy: compact names

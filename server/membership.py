@@ -10,7 +10,7 @@ model included).
 Each beat also carries the worker's last problem (one line, at most
 ``MAX_PROBLEM_BYTES``) and its phase timings; the site's record keeps the
 latest, for ``gdfed status --site``. An evicted site is told so: STOP
-"evicted" to its beats, PERMISSION_DENIED to its Join and AwaitRound.
+"evicted" to its beats, PERMISSION_DENIED to every other call (server.auth.refuse_evicted).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from common.errors import FailedPrecondition, InvalidArgument
 from common.spec import Device, Directive, Phase
+from server.auth import refuse_evicted
 from server.config import RoundPolicy, ServerConfig
 from server.methods import Assignment
 from server.records import ParticipantRecord, RoundState, SiteRecord, SiteState, check_id
@@ -31,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 MAX_AWAIT_S = 60.0
 MAX_PROBLEM_BYTES = 512  # HeartbeatRequest.last_problem
-# How often a waiting AwaitRound looks again whether its site was evicted (nothing wakes it for that).
+# How often a waiting AwaitRound looks again whether its site was evicted or its caller went away
+# (nothing wakes it for either).
 EVICTION_CHECK_S = 1.0
 
 
@@ -115,8 +118,8 @@ class Membership:
         state.plan.check_site(lora_rank=lora_rank)
         with state.lock:
             site = state.store.get(SiteRecord, site_id)
-            if site is not None and site.state is SiteState.EVICTED:
-                raise PermissionDenied(f"site {site_id!r} was evicted from this run", field="site_id")
+            if site is not None:
+                refuse_evicted(site)
             now = state.now_ms()
             site = replace(
                 site or SiteRecord(site_id=site_id, joined_ms=now),
@@ -214,24 +217,36 @@ class Membership:
                 )
             return BeatReply(Directive.CONTINUE, run.current_round, self._interval_ms)
 
-    def await_round(self, site_id: str, after_round: int, wait_s: float) -> RoundView:
-        """The round after ``after_round`` once it takes this site's upload, or the view at ``wait_s``."""
+    def await_round(
+        self, site_id: str, after_round: int, wait_s: float, gone: Callable[[], bool] | None = None
+    ) -> RoundView:
+        """The round after ``after_round`` once it takes this site's upload, or the view at ``wait_s``.
+
+        ``gone`` says the caller went away: the wait ends within ``EVICTION_CHECK_S`` instead of
+        holding its RPC thread (and its fair-share slot) for the rest of ``wait_s``.
+        """
         deadline = time.monotonic() + max(0.0, min(wait_s, MAX_AWAIT_S))
         state = self._state
         with state.lock:
             while True:
                 site = state.joined_site(site_id)
-                if site.state is SiteState.EVICTED:
-                    raise PermissionDenied(f"site {site_id!r} was evicted from this run", field="site_id")
+                refuse_evicted(site)  # evicted while it waited, too
                 view = self.round_view(site)
                 if view.finished or (
                     view.round > after_round and view.state.accepts_uploads and view.assignment.trains
                 ):
                     return view
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or state.stopping.is_set():
+                if remaining <= 0 or state.stopping.is_set() or (gone is not None and gone()):
                     return view
                 state.changed.wait(min(remaining, EVICTION_CHECK_S))
+
+    def refuse_if_evicted(self, site_id: str) -> None:
+        """PERMISSION_DENIED naming the site if an operator evicted it; a site never joined passes."""
+        with self._state.lock:
+            site = self._state.store.get(SiteRecord, site_id)
+        if site is not None:
+            refuse_evicted(site)
 
     def round_view(self, site: SiteRecord | None = None) -> RoundView:
         """The current round as ``site`` sees it (caller holds the lock)."""

@@ -12,9 +12,11 @@ the accumulator is freed as the difference is formed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import torch
 
 from common.buffers import ReusableBuffer
 from common.codec import decode_file, encode, validate_layout
-from common.codec.decoder import ShardDecoder
+from common.codec.compact import CompactAssembler, is_lossy
+from common.codec.decoder import DecodedPiece, ShardDecoder
 from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
 from common.dtypes import DType
 from common.files import rewrite
@@ -30,6 +33,7 @@ from common.serde import header_to_proto
 from common.statefile import StateReader, write_state
 from server.accumulation import Accumulation
 from server.blobs import BlobStore
+from server.influence import squared_norm
 from server.optimizers import ServerOptimizer
 from server.spool import Spool
 
@@ -84,7 +88,7 @@ def store_payload(
     difference takes the place of one the collector dropped).
     """
     temp = blobs.temp_path(".payload")
-    with rewrite(temp, blobs.recycler) as sink:
+    with _removed_on_error(temp), rewrite(temp, blobs.recycler) as sink:
         layout = encode(tensors, codec, sink, manifest=manifest)
     blob = blobs.adopt(temp, layout.sha256.hex())
     header = DeltaHeader(layout=layout, run_id=run_id, round=round_number, base_round=base_round, kind=kind)
@@ -183,12 +187,13 @@ def publish_diff(
         # so one buffer of the largest tensor's size holds each in turn.
         lease = scratch.lease(max((t.nbytes for t in manifest), default=0)) if scratch is not None else None
         try:
-            digest = write_state(
-                temp,
-                manifest,
-                lambda spec: _apply(previous.read(spec.name, lease), applied[spec.name]),
-                blobs.recycler,
-            )
+            with _removed_on_error(temp):
+                digest = write_state(
+                    temp,
+                    manifest,
+                    lambda spec: _apply(previous.read(spec.name, lease), applied[spec.name]),
+                    blobs.recycler,
+                )
         finally:
             if scratch is not None and lease is not None:
                 scratch.give_back(lease)
@@ -224,6 +229,19 @@ def store_snapshot(blobs: BlobStore, state_blob: str, run_id: str, round_number:
     return snapshot
 
 
+@contextmanager
+def _removed_on_error(temp: Path) -> Iterator[None]:
+    """Delete the half-written ``temp`` if writing it fails: on a full disk, each failed attempt
+    would otherwise take more of the space the next one needs."""
+    try:
+        yield
+    except BaseException:
+        for path in (temp, temp.with_name(temp.name + ".tmp")):  # write_state's own temp too
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+
+
 def _apply(previous: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     # In the state's own dtype, exactly as a worker's `param.add_(diff)` does it.
     return previous.add_(diff.to(previous.dtype))
@@ -238,14 +256,43 @@ def rebuild(
     acc: Accumulation,
     uploads: Sequence[tuple[str, DeltaHeader]],
     spool: Spool,
+    norms: Mapping[str, float] | None = None,
 ) -> None:
-    """Fold accepted uploads into a fresh accumulation from their spools, in acceptance order."""
+    """Fold accepted uploads into a fresh accumulation from their spools, in acceptance order.
+
+    Each folds scaled by the round's clipping bound (``acc.bounds``); with clipping on, an
+    upload whose norm is not in ``norms`` is read twice: once to measure it, once to fold it.
+    """
     for upload_id, header in uploads:
         layout = header.layout
         validate_layout(layout)
-        decoder = ShardDecoder(layout)
-        offsets = layout.shard_offsets()
-        for index, shard in enumerate(layout.shards):
-            data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
-            acc.fold(upload_id, index, decoder.decode(index, data), header.sample_count, layout)
+        scale = 1.0
+        if acc.summing and math.isfinite(acc.bounds.clip):
+            known = (norms or {}).get(upload_id)
+            norm = known if known is not None else measure(upload_id, header, spool, acc.manifest)
+            scale = acc.bounds.scale(norm)
+        for index, pieces in _decoded(upload_id, layout, spool):
+            acc.fold(upload_id, index, pieces, header.sample_count, layout, scale=scale)
         acc.accept(upload_id, header.sample_count)
+
+
+def measure(upload_id: str, header: DeltaHeader, spool: Spool, manifest: Sequence[TensorSpec]) -> float:
+    """The global L2 norm of a spooled upload (lossy ones as their dense deltas)."""
+    layout = header.layout
+    assembler = CompactAssembler(layout, manifest) if is_lossy(layout.codec) else None
+    squares = 0.0
+    for _, pieces in _decoded(upload_id, layout, spool):
+        if assembler is None:
+            squares += sum(squared_norm(p.values) for p in pieces)
+        else:
+            for tensor in assembler.add(pieces):
+                squares += sum(squared_norm(values) for _, values in tensor.ranges())
+    return math.sqrt(squares)
+
+
+def _decoded(upload_id: str, layout: PayloadLayout, spool: Spool) -> Iterator[tuple[int, list[DecodedPiece]]]:
+    decoder = ShardDecoder(layout)
+    offsets = layout.shard_offsets()
+    for index, shard in enumerate(layout.shards):
+        data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
+        yield index, list(decoder.decode(index, data))

@@ -134,3 +134,8 @@ class UploadRecord:
     accepted_ms: int = 0
     upload_seconds: float = 0.0
     reason: str = ""
+    # Bounded influence (server.influence), set when the round publishes: the delta's global L2 norm
+    # as received (0 = not measured), the factor clipping scaled it by, whether it was an outlier.
+    norm: float = 0.0
+    clip_scale: float = 1.0
+    outlier: bool = False

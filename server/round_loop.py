@@ -7,6 +7,8 @@
              close             -> closing.close, closing.aggregate (outside the lock),
                                   open the next round
              neither           -> wait for the next tick
+           aggregating?        -> try to publish it again once its backoff is over
+                                  (outside the lock: heartbeats and admin calls go on meanwhile)
 
 The loop thread ticks every ``tick_s`` and at once when ``RunState.wake`` is
 called (an upload was accepted: the quorum may hold now). After each tick,
@@ -86,7 +88,15 @@ class RoundLoop:
                 # Also between rounds: the next one may be waiting for min_sites_to_open sites.
                 self.open_next_round()
                 return
-            if not current.state.accepts_uploads:
+            retry = current.state is RoundState.AGGREGATING and self._closing.retry_due(current.round)
+            if not current.state.accepts_uploads and not retry:
+                return
+        if retry:  # a publication that failed (or a retry-round): again, outside the lock
+            self.aggregate(current.round)
+            return
+        with state.lock:
+            current = state.current_round()
+            if current is None or not current.state.accepts_uploads:
                 return
             if state.run.paused and not self._admin_close:
                 return
@@ -101,11 +111,17 @@ class RoundLoop:
         self.aggregate(current.round)
 
     def aggregate(self, round_number: int) -> None:
-        """Publish (or fail) the closed round ``round_number``, then open the next one."""
+        """Try to publish (or fail) the closed round ``round_number``, then open the next one if it
+        is done (a failed attempt leaves it AGGREGATING: the next rounds wait for it)."""
         self._closing.aggregate(round_number)
         with self._state.lock:
             self.open_next_round()
         self._state.wake()
+
+    def retry(self, round_number: int) -> int:
+        """Aggregate the failed latest round again from its kept uploads, at the next tick (caller
+        holds the lock); the number of its uploads (``Closing.retry``)."""
+        return self._closing.retry(round_number)
 
     def request_close(self) -> None:
         """Have the next tick close the open round, quorum or not, paused or not (caller holds the lock)."""

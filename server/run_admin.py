@@ -59,6 +59,9 @@ class SiteInRound:
     train_loss: float
     eval_loss: float
     upload_seconds: float
+    norm: float = 0.0  # bounded influence (server.influence), once the round is published
+    clip_scale: float = 0.0
+    outlier: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class RoundControl(Protocol):
 
     def open_next_round(self) -> None: ...
     def request_close(self) -> None: ...
+    def retry(self, round_number: int) -> int: ...
     def tick(self) -> None: ...
     def waiting(self) -> rounds.Waiting: ...
 
@@ -192,6 +196,21 @@ class RunAdmin:
             logger.info("[admin] round=%d close requested: %s", current.round, reason or "(no reason)")
             self._rounds.request_close()
         self._rounds.tick()
+
+    def retry_round(self, round_number: int, reason: str) -> list[str]:
+        """Aggregate a failed round again from its accepted uploads (``Closing.retry``): the
+        latest round only, with its uploads' spools still there."""
+        if round_number <= 0:
+            raise InvalidArgument(f"round is {round_number}; must be >= 1", field="round")
+        with self._lock:
+            uploads = self._rounds.retry(round_number)
+            logger.info(
+                "[admin] round=%d retry requested (%d upload(s)): %s",
+                round_number,
+                uploads,
+                reason or "(no reason)",
+            )
+        return []
 
     def _between_rounds(self, current: RoundRecord | None) -> str:
         """Where the run stands when no round is open, and when the next one opens."""
@@ -364,6 +383,9 @@ def _sites_in_round(
                 train_loss=upload.train_loss if upload else 0.0,
                 eval_loss=upload.eval_loss if upload else 0.0,
                 upload_seconds=upload.upload_seconds if upload else 0.0,
+                norm=upload.norm if upload and accepted else 0.0,
+                clip_scale=upload.clip_scale if upload and accepted and upload.norm > 0 else 0.0,
+                outlier=bool(upload and accepted and upload.outlier),
             )
         )
     return tuple(rows)

@@ -27,12 +27,13 @@ from common.serde import chunk_from_proto, chunk_to_proto
 from common.spec import Device, Phase, TrainingSpec
 from server import wire
 from server.auth import Authenticator
+from server.fair_share import CallKind, FairShare
 from server.fetching import Fetching
 from server.intake import Intake
 from server.membership import Membership, PhaseTimings
 from server.run_admin import RunAdmin
 from server.run_state import EventBus
-from server.uploads import Receipt
+from server.uploads import Receipt, disk_full
 
 logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,6 +55,12 @@ def mapped_errors(context: grpc.ServicerContext, method: str) -> Iterator[None]:
     except grpc.RpcError:
         raise
     except Exception as exc:
+        if disk_full(exc):  # the operator's to fix, not a bug: no traceback, a status to retry on
+            logger.warning("[%s] the aggregator's disk is full: %s", method, exc)
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the aggregator's disk is full ({exc}); try again once the operator has freed space",
+            )
         logger.exception("[%s] internal error", method)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -92,12 +99,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         training: TrainingSpec,
         max_concurrent_uploads: int,
         auth: Authenticator,
+        fair_share: FairShare,
     ) -> None:
         self._membership = membership
         self._intake = intake
         self._fetching = fetching
         self._training = training
         self._auth = auth
+        self._share = fair_share
         # Streams beyond this many wait before their first chunk is read: gRPC then keeps their
         # flow-control windows small, so memory does not grow with the number of uploading sites.
         self._upload_slots = threading.BoundedSemaphore(max(1, max_concurrent_uploads))
@@ -106,7 +115,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def Join(
         self, request: federation_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> federation_pb2.JoinReply:
-        site = self._auth.site(context)
+        site = self._site(context)
         if request.site_id != site:
             raise _permission(f"site_id is {request.site_id!r} but the token belongs to {site!r}")
         caps = request.capabilities
@@ -161,22 +170,28 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def AwaitRound(
         self, request: federation_pb2.AwaitRoundRequest, context: grpc.ServicerContext
     ) -> federation_pb2.RoundSpec:
-        site = self._auth.site(context)
+        site = self._site(context)
         if request.wait_ms > 60_000:
             raise InvalidArgument(
                 f"wait_ms is {request.wait_ms}; the limit is 60000", field="wait_ms", limit=60_000
             )
-        view = self._membership.await_round(site, request.after_round, request.wait_ms / 1000)
+        with self._share.slot(site, CallKind.POLL):
+            view = self._membership.await_round(
+                site, request.after_round, request.wait_ms / 1000, gone=lambda: not context.is_active()
+            )
         return wire.round_spec(view, self._training)
 
     @stream_rpc
     def FetchDiff(
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
-        site = self._auth.site(context)
-        with self._fetching.opened(
-            site, request.have_round, request.snapshot, tuple(request.only_prefixes)
-        ) as plan:
+        site = self._site(context)
+        with (
+            self._share.slot(site, CallKind.FETCH),
+            self._fetching.opened(
+                site, request.have_round, request.snapshot, tuple(request.only_prefixes)
+            ) as plan,
+        ):
             for item, source in plan:
                 sent = 0
                 for chunk in iter_chunks(item.header, source):
@@ -192,24 +207,33 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def PushDelta(
         self, request_iterator: Iterator[delta_pb2.DeltaChunk], context: grpc.ServicerContext
     ) -> federation_pb2.PushReceipt:
-        site = self._auth.site(context)
-        while not self._upload_slots.acquire(timeout=0.5):
-            if not context.is_active():
-                raise RoundClosed(
-                    "the client went away while its upload waited for a slot", field="upload_id"
-                )
-        try:
-            return _receipt(self._intake.receive(site, (chunk_from_proto(m) for m in request_iterator)))
-        finally:
-            self._upload_slots.release()
+        site = self._site(context)
+        with self._share.slot(site, CallKind.PUSH):
+            while not self._upload_slots.acquire(timeout=0.5):
+                if not context.is_active():
+                    raise RoundClosed(
+                        "the client went away while its upload waited for a slot", field="upload_id"
+                    )
+            try:
+                chunks = (chunk_from_proto(m) for m in request_iterator)
+                return _receipt(self._intake.receive(site, chunks))
+            finally:
+                self._upload_slots.release()
 
     @rpc
     def GetUploadOffset(
         self, request: federation_pb2.UploadOffsetRequest, context: grpc.ServicerContext
     ) -> federation_pb2.UploadOffsetReply:
-        site = self._auth.site(context)
+        site = self._site(context)
         offset, complete = self._intake.upload_offset(site, request.upload_id)
         return federation_pb2.UploadOffsetReply(committed_offset=offset, complete=complete)
+
+    def _site(self, context: grpc.ServicerContext) -> str:
+        """The calling site, refused if an operator evicted it (every call but Heartbeat: that one
+        answers STOP "evicted", so a worker exits with the word instead of an error)."""
+        site = self._auth.site(context)
+        self._membership.refuse_if_evicted(site)
+        return site
 
 
 def _permission(message: str) -> GdfedError:
@@ -324,16 +348,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ControlRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "ReloadTokens is not implemented by this aggregator yet")
-        raise AssertionError("context.abort returned")
+        reason = _reason(request.reason)
+        report = self._auth.reload()  # ConfigError (FAILED_PRECONDITION, the line named): old tokens stay
+        logger.warning(
+            "[admin] site tokens reloaded: %s%s", report.describe(), f" ({reason})" if reason else ""
+        )
+        return admin_pb2.ControlReply(ok=True, message=report.describe(), status=self._status())
 
     @rpc
     def RetryRound(
         self, request: admin_pb2.RetryRoundRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ControlReply:
         self._auth.admin(context)
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "RetryRound is not implemented by this aggregator yet")
-        raise AssertionError("context.abort returned")
+        return self._control(lambda: self._admin.retry_round(request.round, _reason(request.reason)))
 
     @rpc
     def SetRoundPolicy(

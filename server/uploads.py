@@ -4,25 +4,59 @@ The session is driven by the PushDelta handler thread: ``receive`` for each
 chunk, then ``complete`` (wait for the folds, then accept) or ``interrupt``
 (the stream broke: make what arrived durable so the worker can resume).
 Memory per session is one chunk: the spool on disk is the buffer.
+
+A full disk (the spool's or the store's) is answered RESOURCE_EXHAUSTED, with
+what was received kept for a resume once there is room again.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from common.codec.chunks import ChunkVerifier
 from common.codec.decoder import ShardDecoder
 from common.delta import MIB, Chunk, DeltaHeader
-from common.errors import GdfedError, RoundClosed, TruncatedStream
+from common.errors import GdfedError, LimitExceeded, RoundClosed, TruncatedStream
 from server.accumulation import Accumulation
 from server.folding import FoldJob, FoldWorker
 from server.records import UploadRecord
 from server.spool import Spool
 
 COMMIT_EVERY = 8 * MIB  # fsync and record the resume offset this often
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the quota) is full: a file's write, or the store's."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """A full disk as RESOURCE_EXHAUSTED (the sender retries later), not INTERNAL with a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        logger.warning("[upload] %s: the aggregator's disk is full (%s)", what, exc)
+        raise LimitExceeded(
+            f"{what}: the aggregator's disk is full; what was received is kept, resume the upload "
+            "later (the operator must free space)",
+            field="disk",
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +124,12 @@ class UploadSession:
         """Check, spool and (when a shard completes) hand on one chunk; raise on any problem."""
         self._raise_if_stopped()
         self._verifier.check(chunk)
-        self._writer.write(chunk.data)
-        self.bytes_received += len(chunk.data)
-        if self._writer.offset - self._writer.synced >= COMMIT_EVERY:
-            self._commit()
-        self._submit_ready()
+        with storage_errors(f"upload {self.upload_id!r}"):
+            self._writer.write(chunk.data)
+            self.bytes_received += len(chunk.data)
+            if self._writer.offset - self._writer.synced >= COMMIT_EVERY:
+                self._commit()
+            self._submit_ready()
 
     def complete(self) -> Receipt:
         """The stream ended: wait for every shard to fold, then have the upload accepted."""
@@ -105,7 +140,12 @@ class UploadSession:
                 f"resume from {self._writer.synced}",
                 field="offset",
             )
-        self._writer.finish()
+        try:
+            with storage_errors(f"upload {self.upload_id!r}"):
+                self._writer.finish()
+        except GdfedError:
+            self.interrupt()
+            raise
         self._writer.close()
         with self._cond:
             while self._outstanding and not self._failure and not self._cancelled:
@@ -119,13 +159,50 @@ class UploadSession:
             if not isinstance(exc, RoundClosed):
                 self._intake.reject_upload(self, exc)
             raise
-        return self._intake.accept_upload(self, time.monotonic() - self._started)
+        self._note_influence()
+        return self._guarded(lambda: self._intake.accept_upload(self, time.monotonic() - self._started))
+
+    def _note_influence(self) -> None:
+        """Log an upload the round's bounds clip or flag (server.influence)."""
+        norm, bounds = self.acc.norm(self.upload_id), self.acc.bounds
+        if bounds.is_outlier(norm):
+            logger.warning(
+                "[upload] round=%d site=%s upload=%s is an outlier: norm %.4g is %.1fx the median %.4g "
+                "of recent uploads (influence.outlier_factor %.4g)",
+                self.round,
+                self.site_id,
+                self.upload_id,
+                norm,
+                norm / bounds.median,
+                bounds.median,
+                bounds.outlier_factor,
+            )
+        if self.acc.summing and bounds.scale(norm) < 1.0:
+            logger.info(
+                "[upload] round=%d site=%s upload=%s clipped: norm %.4g scaled to the bound %.4g",
+                self.round,
+                self.site_id,
+                self.upload_id,
+                norm,
+                bounds.clip,
+            )
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        with storage_errors(f"upload {self.upload_id!r}"):
+            return call()
 
     def interrupt(self) -> None:
         """The stream broke off: make the received bytes durable and record where to resume."""
         try:
             self._commit()
             self._writer.close()
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            # Resumed from the last offset recorded: what is past it is received again.
+            logger.warning("[upload] upload=%s: could not commit on a full disk (%s)", self.upload_id, exc)
+            with suppress(OSError):  # closing flushes the same unwritable buffer
+                self._writer.close()
         finally:
             self._intake.end_session(self)
 

@@ -94,6 +94,9 @@ def round_status(report: RoundReport) -> admin_pb2.RoundStatus:
                 train_loss=site.train_loss,
                 eval_loss=site.eval_loss,
                 upload_seconds=site.upload_seconds,
+                norm=site.norm,
+                clip_scale=site.clip_scale,
+                outlier=site.outlier,
             )
         )
     return msg

@@ -140,6 +140,9 @@ class SiteRoundStatus(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     UPLOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
+    CLIP_SCALE_FIELD_NUMBER: _builtins.int
+    OUTLIER_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     sample_count: _builtins.int
     bytes_in: _builtins.int
@@ -148,6 +151,12 @@ class SiteRoundStatus(_message.Message):
     train_loss: _builtins.float
     eval_loss: _builtins.float
     upload_seconds: _builtins.float
+    norm: _builtins.float
+    """Bounded influence, once the round is published (0, 0, false before): the accepted upload's
+    global L2 norm, the factor clipping scaled it by (1 = not clipped), whether it was an outlier.
+    """
+    clip_scale: _builtins.float
+    outlier: _builtins.bool
     def __init__(
         self,
         *,
@@ -159,10 +168,13 @@ class SiteRoundStatus(_message.Message):
         train_loss: _builtins.float = ...,
         eval_loss: _builtins.float = ...,
         upload_seconds: _builtins.float = ...,
+        norm: _builtins.float = ...,
+        clip_scale: _builtins.float = ...,
+        outlier: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "dropped", b"dropped", "eval_loss", b"eval_loss", "sample_count", b"sample_count", "site_id", b"site_id", "train_loss", b"train_loss", "upload_seconds", b"upload_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "clip_scale", b"clip_scale", "dropped", b"dropped", "eval_loss", b"eval_loss", "norm", b"norm", "outlier", b"outlier", "sample_count", b"sample_count", "site_id", b"site_id", "train_loss", b"train_loss", "upload_seconds", b"upload_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
