@@ -265,7 +265,7 @@ def run_federation(root: Path, settings: DemoSettings) -> dict[str, Any]:
                 run_dir / f"{site}.log",
             )
         print(
-            f"{'round':>5} {'eval loss':>10} {'site train':>11} {'MB up':>8} {'MB down':>8} {'up / full':>10} {'s':>6}",
+            f"{'round':>5} {'eval loss':>10} {'site train':>11} {'MB up':>8} {'up / full':>10} {'s':>6}",
             flush=True,
         )
         peaks: dict[int, int] = {}

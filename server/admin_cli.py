@@ -219,7 +219,9 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
                     f"      {p.site_id:<20} {participant_state(p):<9} samples={p.sample_count} "
                     f"MB={_mb(p.bytes_in)} train={_num(measured(p.train_loss), '.4f')} "
                     f"eval={_num(measured(p.eval_loss), '.4f')} "
-                    f"upload={_num(measured(p.upload_seconds), '.2f')}s"
+                    f"upload={_num(measured(p.upload_seconds), '.2f')}s "
+                    f"norm={_num(measured(p.norm), '.4g')} clip={_num(measured(p.clip_scale), '.3f')}"
+                    + (" OUTLIER" if p.outlier else "")
                 )
     lines += [
         "",

@@ -135,6 +135,9 @@ def round_json(r: Any, now_ms: int) -> dict[str, Any]:
                 "train_loss": measured(p.train_loss),
                 "eval_loss": measured(p.eval_loss),
                 "upload_seconds": measured(p.upload_seconds),
+                "norm": measured(p.norm),
+                "clip_scale": measured(p.clip_scale),
+                "outlier": p.outlier,
             }
             for p in r.participants
         ],
