@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -21,31 +22,54 @@ PROTO_DIR = ROOT / "protos"
 PACKAGE_DIR = Path("common") / "pb"
 
 
-def proto_files() -> list[Path]:
-    """The .proto sources, relative to protos/, in a stable order."""
-    return sorted(p.relative_to(PROTO_DIR) for p in PROTO_DIR.rglob("*.proto"))
+def proto_files(proto_dir: Path = PROTO_DIR) -> list[Path]:
+    """The .proto sources, relative to ``proto_dir``, in a stable order."""
+    return sorted(p.relative_to(proto_dir) for p in proto_dir.rglob("*.proto"))
+
+
+_FROM_IMPORT = re.compile(r"^(\s*)from gradualdiff\.v1 import", re.MULTILINE)
+_MODULE_REF = re.compile(r"(?<![\w./])gradualdiff([./])v1\1(\w+_pb2(?:_grpc)?)\b")
+
+
+def _rewrite_imports(text: str) -> str:
+    """Point generated imports at ``common.pb``, where the stubs are installed.
+
+    The protos import each other as ``gradualdiff/v1/...`` (so that ``protoc -I protos``
+    works for anyone, in any language); protoc's Python plugins turn that into
+    ``gradualdiff.v1`` modules, which exist in this package only under ``common.pb``.
+    Only module references are rewritten (``from gradualdiff.v1 import``, ``..._pb2``
+    names): the proto package ``gradualdiff.v1`` inside descriptors and method paths
+    is the wire contract and stays as it is.
+    """
+    text = _FROM_IMPORT.sub(r"\1from common.pb.gradualdiff.v1 import", text)
+    return _MODULE_REF.sub(lambda m: f"common{m[1]}pb{m[1]}gradualdiff{m[1]}v1{m[1]}{m[2]}", text)
 
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc into ``out_root``; return the generated files relative to it."""
     plugin_dir = Path(sys.executable).parent
-    args = [
-        "grpc_tools.protoc",
-        # The virtual include path makes protoc emit `from common.pb... import`,
-        # so the stubs import as a normal package without sys.path tricks.
-        f"-I{PACKAGE_DIR.as_posix()}={PROTO_DIR}",
-        f"--python_out={out_root}",
-        f"--grpc_python_out={out_root}",
-        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
-        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
-        f"--mypy_out={out_root}",
-        f"--mypy_grpc_out={out_root}",
-    ]
-    args += [(PACKAGE_DIR / p).as_posix() for p in proto_files()]
-    # protoc resolves the virtual path against the mapping, not the cwd.
-    code = protoc.main(args)
-    if code != 0:
-        raise RuntimeError(f"protoc failed with exit code {code}")
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        args = [
+            "grpc_tools.protoc",
+            # The same include root a third party uses: protos/ alone.
+            f"-I{PROTO_DIR}",
+            f"--python_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_out={scratch}",
+            f"--mypy_grpc_out={scratch}",
+        ]
+        args += [(PROTO_DIR / p).as_posix() for p in proto_files()]
+        code = protoc.main(args)
+        if code != 0:
+            raise RuntimeError(f"protoc failed with exit code {code}")
+        for path in sorted(scratch.rglob("*")):
+            if path.is_file():
+                target = out_root / PACKAGE_DIR / path.relative_to(scratch)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(_rewrite_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
     generated = []
     for path in sorted((out_root / PACKAGE_DIR).rglob("*")):
         if path.is_file():

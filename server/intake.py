@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from common.codec import validate_layout
 from common.codec.compact import wire_manifest
 from common.codec.layout import validate_codec
-from common.delta import Chunk, DeltaHeader, DeltaKind
+from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, Lossy
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -224,6 +224,7 @@ class Intake:
                 field="site_id",
             )
         validate_codec(header.layout.codec)  # before the manifest: it derives from the codec (top-k)
+        _check_round_codec(header.layout.codec, self._config.training.upload_codec)
         expected = wire_manifest(
             state.plan.upload_manifest(assignment), header.layout.codec
         )  # lossy: compact names
@@ -360,3 +361,28 @@ class Intake:
         """Stop every upload being received (caller holds the lock)."""
         for session in list(self._sessions.values()):
             session.cancel(reason)
+
+
+def _check_round_codec(sent: Codec, round_codec: Codec) -> None:
+    """Refuse an upload whose lossy stages differ from the round's ``TrainingSpec.upload_codec``.
+
+    The cast, the lossy form and the top-k fraction decide what the aggregate is made of, so they
+    are the round's; a site that picked its own would silently send a lossier update. Block size,
+    byte shuffle and zstd level change only how the same values are packed (``validate_codec``
+    bounds them), so they are the sender's to choose.
+    """
+    for field, got, expected in (
+        ("codec.cast", sent.cast, round_codec.cast),
+        ("codec.lossy", sent.lossy, round_codec.lossy),
+        ("codec.topk_fraction", sent.topk_fraction, round_codec.topk_fraction),
+    ):
+        if got != expected:
+            raise InvalidArgument(
+                f"{field} is {_codec_value(got)}; the round's upload codec "
+                f"(RoundSpec.training.upload_codec) says {_codec_value(expected)}",
+                field=field,
+            )
+
+
+def _codec_value(value: Cast | Lossy | float) -> str:
+    return value.name.lower() if isinstance(value, Cast | Lossy) else repr(value)

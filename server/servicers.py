@@ -142,8 +142,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self, request: federation_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> federation_pb2.HeartbeatReply:
         site = self._auth.site(context)
-        if request.site_id and request.site_id != site:
-            raise _permission(f"site_id is {request.site_id!r} but the token belongs to {site!r}")
+        _check_claim(request.site_id, site)
         reply = self._membership.heartbeat(
             site,
             round_number=request.round,
@@ -170,7 +169,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def AwaitRound(
         self, request: federation_pb2.AwaitRoundRequest, context: grpc.ServicerContext
     ) -> federation_pb2.RoundSpec:
-        site = self._site(context)
+        site = self._site(context, request.site_id)
         if request.wait_ms > 60_000:
             raise InvalidArgument(
                 f"wait_ms is {request.wait_ms}; the limit is 60000", field="wait_ms", limit=60_000
@@ -185,7 +184,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def FetchDiff(
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
     ) -> Iterator[delta_pb2.DeltaChunk]:
-        site = self._site(context)
+        site = self._site(context, request.site_id)
         with (
             self._share.slot(site, CallKind.FETCH),
             self._fetching.opened(
@@ -224,16 +223,29 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     def GetUploadOffset(
         self, request: federation_pb2.UploadOffsetRequest, context: grpc.ServicerContext
     ) -> federation_pb2.UploadOffsetReply:
-        site = self._site(context)
+        site = self._site(context, request.site_id)
         offset, complete = self._intake.upload_offset(site, request.upload_id)
         return federation_pb2.UploadOffsetReply(committed_offset=offset, complete=complete)
 
-    def _site(self, context: grpc.ServicerContext) -> str:
+    def _site(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The calling site, refused if an operator evicted it (every call but Heartbeat: that one
-        answers STOP "evicted", so a worker exits with the word instead of an error)."""
+        answers STOP "evicted", so a worker exits with the word instead of an error) or if the
+        request's ``site_id`` (``claimed``) names another site."""
         site = self._auth.site(context)
         self._membership.refuse_if_evicted(site)
+        _check_claim(claimed, site)
         return site
+
+
+def _check_claim(claimed: str, site: str) -> None:
+    """Refuse a request whose ``site_id`` is another site's than the token's.
+
+    An empty ``site_id`` is accepted (the token alone names the site) everywhere but Join, so
+    clients written before the field was checked keep working; a wrong one is always refused,
+    since a worker answered for a site it did not ask about would act on another site's state.
+    """
+    if claimed and claimed != site:
+        raise _permission(f"site_id is {claimed!r} but the token belongs to {site!r}")
 
 
 def _permission(message: str) -> GdfedError:

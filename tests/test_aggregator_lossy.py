@@ -22,6 +22,7 @@ import torch
 from common.codec.compact import compact_tensor
 from common.delta import MIB, Cast, Codec, DeltaHeader, Lossy
 from common.pb.gradualdiff.v1 import federation_pb2
+from common.spec import TrainingSpec
 from server.config import ServerConfig
 from server.config_file import load_config
 from tests.scripted import (
@@ -72,13 +73,14 @@ def lossy_upload(
     return head, payload, sent
 
 
-def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harness: Any) -> None:
-    h = harness({"a": 10, "b": 30})
+@pytest.mark.parametrize("codec", [TOPK, INT8], ids=["topk", "int8"])
+def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harness: Any, codec: Codec) -> None:
+    h = harness({"a": 10, "b": 30}, training=TrainingSpec(upload_codec=codec))
     h.join_all()
     da, db = random_delta(1, h.init), random_delta(2, h.init)
-    head_a, payload_a, sent_a = lossy_upload(h["a"], da, TOPK)
-    head_b, payload_b, sent_b = lossy_upload(h["b"], db, INT8)
-    assert len(head_a.layout.shards) >= 2 and len(head_b.layout.shards) >= 8
+    head_a, payload_a, sent_a = lossy_upload(h["a"], da, codec)
+    head_b, payload_b, sent_b = lossy_upload(h["b"], db, codec)
+    assert len(head_a.layout.shards) >= 2 and len(head_b.layout.shards) >= 2
     for site, head, payload in ((h["a"], head_a, payload_a), (h["b"], head_b, payload_b)):
         receipt = site.push(head, payload, chunk_bytes=CHUNK)
         assert receipt.accepted and not receipt.duplicate
@@ -87,7 +89,7 @@ def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harnes
     status = h.admin.round(1)
     assert status.bytes_in == len(payload_a) + len(payload_b)
     raw = sum(t.numel() * 4 for t in da.values())
-    assert len(payload_a) < raw / 20  # 5% of the entries, gap-coded, bf16
+    assert len(payload_a) < (raw / 20 if codec is TOPK else raw / 3)  # 5% of the entries in bf16; 1 byte each
 
 
 def _tamper_gaps(codec: Codec, delta: State, site: ScriptedSite, how: str) -> tuple[DeltaHeader, bytes]:
@@ -107,7 +109,8 @@ def _tamper_gaps(codec: Codec, delta: State, site: ScriptedSite, how: str) -> tu
 
 @pytest.mark.parametrize("how", ["repeat", "out-of-range", "wrong-k", "wrong-scale-shape"])
 def test_a_bad_lossy_upload_is_refused_and_changes_nothing(harness: Any, how: str) -> None:
-    h = harness({"a": 10, "b": 30})
+    codec = INT8 if how == "wrong-scale-shape" else TOPK  # a round takes one codec (its upload_codec)
+    h = harness({"a": 10, "b": 30}, training=TrainingSpec(upload_codec=codec))
     h.join_all()
     a = h["a"]
     da = random_delta(3, h.init)
@@ -115,7 +118,7 @@ def test_a_bad_lossy_upload_is_refused_and_changes_nothing(harness: Any, how: st
         head, payload = _tamper_gaps(TOPK, da, a, how)
     elif how == "wrong-k":
         head, payload, _ = lossy_upload(a, da, TOPK)
-        # The header claims 5.1%: the aggregator expects more entries than the tensors hold.
+        # The header claims 5.1%: the round's codec says 5%, and the tensors hold 5%'s entries.
         head = dataclasses.replace(
             head,
             layout=dataclasses.replace(head.layout, codec=dataclasses.replace(TOPK, topk_fraction=0.051)),
@@ -131,16 +134,16 @@ def test_a_bad_lossy_upload_is_refused_and_changes_nothing(harness: Any, how: st
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     # The daemon keeps going: a good upload from each site publishes exactly their mean.
     db = random_delta(4, h.init)
-    good_head, good_payload, sent_a = lossy_upload(a, da, TOPK)
+    good_head, good_payload, sent_a = lossy_upload(a, da, codec)
     assert a.push(good_head, good_payload, chunk_bytes=CHUNK).accepted
-    head_b, payload_b, sent_b = lossy_upload(h["b"], db, INT8)
+    head_b, payload_b, sent_b = lossy_upload(h["b"], db, codec)
     assert h["b"].push(head_b, payload_b, chunk_bytes=CHUNK).accepted
     assert_same_bits(final_state(h), add(h.init, h.mean([(sent_a, 10), (sent_b, 30)])))
 
 
 @pytest.mark.parametrize("codec", [TOPK, INT8], ids=["topk", "int8"])
 def test_a_cut_lossy_upload_resumes_and_counts_once(harness: Any, codec: Codec) -> None:
-    h = harness({"a": 10})
+    h = harness({"a": 10}, training=TrainingSpec(upload_codec=codec))
     h.join_all()
     site = h["a"]
     delta = random_delta(5, h.init)
@@ -160,7 +163,7 @@ def test_a_cut_lossy_upload_resumes_and_counts_once(harness: Any, codec: Codec) 
 
 @pytest.mark.slow
 def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
-    """A top-k upload accepted before a SIGKILL (replayed from its spool), an int8 one cut by another."""
+    """An int8 upload accepted before a SIGKILL (replayed from its spool), another one cut by a second."""
     gen = torch.Generator().manual_seed(8)
     init = {"big.weight": torch.randn(3000, 4000, generator=gen) * 0.02, "norm.weight": torch.ones(1000)}
     port = free_port()
@@ -171,6 +174,8 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
         init_state=write_state(tmp_path / "init.safetensors", init),
         sites=["a", "b"],
     )
+    with config.open("a") as toml:  # the round's codec: every upload of the round uses it
+        toml.write('\n[training.upload_codec]\nlossy = "int8"\n')
     daemon = Daemon(config, tmp_path / "daemon.log")
     a, b = ScriptedSite(target, "a", 10), ScriptedSite(target, "b", 30)
     admin = AdminClient(target)
@@ -179,8 +184,7 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
         for site in (a, b):
             site.join()
             site.start_beating()
-        topk = dataclasses.replace(TOPK, topk_fraction=0.01)
-        head_b, payload_b, sent_b = lossy_upload(b, random_delta(9, init), topk, shard_bytes=MIB)
+        head_b, payload_b, sent_b = lossy_upload(b, random_delta(9, init), INT8, shard_bytes=MIB)
         assert b.push(head_b, payload_b, chunk_bytes=MIB).accepted
         daemon.kill()  # b's upload is accepted: the restart rebuilds the sum from its spool
         daemon.start(target)

@@ -6,11 +6,11 @@ The operator-facing service. Calls carry the admin token in the
 """
 
 from collections import abc as _abc
-from common.pb.gradualdiff.v1 import federation_pb2 as _federation_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from common.pb.gradualdiff.v1 import federation_pb2 as _federation_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from common.pb.gradualdiff.v1 import admin_pb2 as common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2
+from common.pb.gradualdiff.v1 import admin_pb2 as gradualdiff_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -36,63 +36,63 @@ class AdminStub:
         """
         self.GetStatus = channel.unary_unary(
                 '/gradualdiff.v1.Admin/GetStatus',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunStatus.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.RunStatus.FromString,
                 _registered_method=True)
         self.ListRounds = channel.unary_unary(
                 '/gradualdiff.v1.Admin/ListRounds',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
                 '/gradualdiff.v1.Admin/GetRound',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.ListSites = channel.unary_unary(
                 '/gradualdiff.v1.Admin/ListSites',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/gradualdiff.v1.Admin/Watch',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunEvent.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.RunEvent.FromString,
                 _registered_method=True)
         self.Pause = channel.unary_unary(
                 '/gradualdiff.v1.Admin/Pause',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
                 '/gradualdiff.v1.Admin/Resume',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.CloseRound = channel.unary_unary(
                 '/gradualdiff.v1.Admin/CloseRound',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.EvictSite = channel.unary_unary(
                 '/gradualdiff.v1.Admin/EvictSite',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.SetRoundPolicy = channel.unary_unary(
                 '/gradualdiff.v1.Admin/SetRoundPolicy',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.ReloadTokens = channel.unary_unary(
                 '/gradualdiff.v1.Admin/ReloadTokens',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
         self.RetryRound = channel.unary_unary(
                 '/gradualdiff.v1.Admin/RetryRound',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
                 _registered_method=True)
 
 
@@ -179,63 +179,63 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunStatus.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.RunStatus.SerializeToString,
             ),
             'ListRounds': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRounds,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.SerializeToString,
             ),
             'GetRound': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRound,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.SerializeToString,
             ),
             'ListSites': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSites,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunEvent.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.RunEvent.SerializeToString,
             ),
             'Pause': grpc.unary_unary_rpc_method_handler(
                     servicer.Pause,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'CloseRound': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRound,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'EvictSite': grpc.unary_unary_rpc_method_handler(
                     servicer.EvictSite,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'SetRoundPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRoundPolicy,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'ReloadTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadTokens,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
             'RetryRound': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryRound,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_admin__pb2.ControlReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,8 +263,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/GetStatus',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunStatus.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.RunStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -290,8 +290,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/ListRounds',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ListRoundsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -317,8 +317,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/GetRound',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.GetRoundRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -344,8 +344,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/ListSites',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ListSitesRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ListSitesReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -371,8 +371,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/Watch',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RunEvent.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.RunEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -398,8 +398,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/Pause',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -425,8 +425,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/Resume',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -452,8 +452,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/CloseRound',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -479,8 +479,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/EvictSite',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.EvictSiteRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -506,8 +506,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/SetRoundPolicy',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.SetRoundPolicyRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -533,8 +533,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/ReloadTokens',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -560,8 +560,8 @@ class Admin:
             request,
             target,
             '/gradualdiff.v1.Admin/RetryRound',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
+            gradualdiff_dot_v1_dot_admin__pb2.RetryRoundRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_admin__pb2.ControlReply.FromString,
             options,
             channel_credentials,
             insecure,

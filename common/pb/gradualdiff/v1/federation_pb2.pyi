@@ -6,11 +6,11 @@ The worker-facing service. Every call carries the site's token in the
 """
 
 from collections import abc as _abc
-from common.pb.gradualdiff.v1 import delta_pb2 as _delta_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from common.pb.gradualdiff.v1 import delta_pb2 as _delta_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -517,6 +517,7 @@ class HeartbeatRequest(_message.Message):
     LAST_PROBLEM_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
+    """"" or the token's site; another site's id: PERMISSION_DENIED"""
     round: _builtins.int
     phase: Global___Phase.ValueType
     step: _builtins.int
@@ -583,6 +584,7 @@ class AwaitRoundRequest(_message.Message):
     AFTER_ROUND_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
+    """"" or the token's site; another site's id: PERMISSION_DENIED"""
     after_round: _builtins.int
     """return a round > this one"""
     wait_ms: _builtins.int
@@ -611,6 +613,7 @@ class FetchDiffRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     ONLY_PREFIXES_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
+    """"" or the token's site; another site's id: PERMISSION_DENIED"""
     have_round: _builtins.int
     """the published round the worker holds (0 = the initial state)"""
     snapshot: _builtins.bool
@@ -677,6 +680,7 @@ class UploadOffsetRequest(_message.Message):
     SITE_ID_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
+    """"" or the token's site; another site's id: PERMISSION_DENIED"""
     upload_id: _builtins.str
     def __init__(
         self,

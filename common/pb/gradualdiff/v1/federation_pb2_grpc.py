@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from common.pb.gradualdiff.v1 import delta_pb2 as common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2
-from common.pb.gradualdiff.v1 import federation_pb2 as common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2
+from common.pb.gradualdiff.v1 import delta_pb2 as gradualdiff_dot_v1_dot_delta__pb2
+from common.pb.gradualdiff.v1 import federation_pb2 as gradualdiff_dot_v1_dot_federation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -37,33 +37,33 @@ class FederationStub:
         """
         self.Join = channel.unary_unary(
                 '/gradualdiff.v1.Federation/Join',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_federation__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/gradualdiff.v1.Federation/Heartbeat',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.AwaitRound = channel.unary_unary(
                 '/gradualdiff.v1.Federation/AwaitRound',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.FromString,
                 _registered_method=True)
         self.FetchDiff = channel.unary_stream(
                 '/gradualdiff.v1.Federation/FetchDiff',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
                 _registered_method=True)
         self.PushDelta = channel.stream_unary(
                 '/gradualdiff.v1.Federation/PushDelta',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.FromString,
                 _registered_method=True)
         self.GetUploadOffset = channel.unary_unary(
                 '/gradualdiff.v1.Federation/GetUploadOffset',
-                request_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.FromString,
+                request_serializer=gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.FromString,
                 _registered_method=True)
 
 
@@ -120,33 +120,33 @@ def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_federation__pb2.JoinReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.SerializeToString,
             ),
             'AwaitRound': grpc.unary_unary_rpc_method_handler(
                     servicer.AwaitRound,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.SerializeToString,
             ),
             'FetchDiff': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchDiff,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
             ),
             'PushDelta': grpc.stream_unary_rpc_method_handler(
                     servicer.PushDelta,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.SerializeToString,
             ),
             'GetUploadOffset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUploadOffset,
-                    request_deserializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.FromString,
-                    response_serializer=common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.SerializeToString,
+                    request_deserializer=gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,8 +174,8 @@ class Federation:
             request,
             target,
             '/gradualdiff.v1.Federation/Join',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.JoinReply.FromString,
+            gradualdiff_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_federation__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -201,8 +201,8 @@ class Federation:
             request,
             target,
             '/gradualdiff.v1.Federation/Heartbeat',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
+            gradualdiff_dot_v1_dot_federation__pb2.HeartbeatRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_federation__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -228,8 +228,8 @@ class Federation:
             request,
             target,
             '/gradualdiff.v1.Federation/AwaitRound',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.FromString,
+            gradualdiff_dot_v1_dot_federation__pb2.AwaitRoundRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_federation__pb2.RoundSpec.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,8 +255,8 @@ class Federation:
             request,
             target,
             '/gradualdiff.v1.Federation/FetchDiff',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
+            gradualdiff_dot_v1_dot_federation__pb2.FetchDiffRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -282,8 +282,8 @@ class Federation:
             request_iterator,
             target,
             '/gradualdiff.v1.Federation/PushDelta',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.FromString,
+            gradualdiff_dot_v1_dot_delta__pb2.DeltaChunk.SerializeToString,
+            gradualdiff_dot_v1_dot_federation__pb2.PushReceipt.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,8 +309,8 @@ class Federation:
             request,
             target,
             '/gradualdiff.v1.Federation/GetUploadOffset',
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.SerializeToString,
-            common_dot_pb_dot_gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.FromString,
+            gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetRequest.SerializeToString,
+            gradualdiff_dot_v1_dot_federation__pb2.UploadOffsetReply.FromString,
             options,
             channel_credentials,
             insecure,
