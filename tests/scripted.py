@@ -454,6 +454,17 @@ def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
     raise AssertionError("the call succeeded; expected an error status")
 
 
+def refusal(call: object) -> grpc.RpcError:
+    """The RpcError ``call`` (a callable) fails with (a stream is read to its end); AssertionError if it succeeds."""
+    try:
+        result = call()  # type: ignore[operator]
+        if isinstance(result, Iterator):
+            list(result)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded; expected an error status")
+
+
 def free_port() -> int:
     """A port that was free a moment ago (bind to 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

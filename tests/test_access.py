@@ -34,6 +34,7 @@ from tests.scripted import (
     harnesses,
     make_config,
     random_delta,
+    refusal,
     small_state,
     wait_for,
     write_daemon_config,
@@ -45,17 +46,6 @@ from tests.scripted import (
 def harness(tmp_path: Path) -> Iterator[MakeHarness]:
     with harnesses(tmp_path) as make:
         yield make
-
-
-def refusal(call: object) -> grpc.RpcError:
-    """The RpcError ``call`` fails with; AssertionError if it succeeds."""
-    try:
-        result = call()  # type: ignore[operator]
-        if isinstance(result, Iterator):
-            list(result)
-    except grpc.RpcError as exc:
-        return exc
-    raise AssertionError("the call succeeded; expected an error status")
 
 
 def _text(exc: grpc.RpcError) -> str:

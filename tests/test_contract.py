@@ -20,20 +20,9 @@ from common.delta import KIB, Cast, Codec, Lossy
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.protogen import PROTO_DIR
 from common.spec import TrainingSpec
-from tests.scripted import ROOT, Harness, MakeHarness, State, harnesses, random_delta
+from tests.scripted import ROOT, Harness, MakeHarness, State, harnesses, random_delta, refusal
 
 V1 = PROTO_DIR / "gradualdiff" / "v1"
-
-
-def refusal(call: object) -> grpc.RpcError:
-    """The RpcError ``call`` fails with (a stream is read to its end); AssertionError if it succeeds."""
-    try:
-        result = call()  # type: ignore[operator]
-        if isinstance(result, Iterator):
-            list(result)
-    except grpc.RpcError as exc:
-        return exc
-    raise AssertionError("the call succeeded; expected an error status")
 
 
 # --- protos/ on its own -----------------------------------------------------------------------
