@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # a dependency of transformers; no stubs installed
+import yaml  # type: ignore[import-untyped]  # the dev extra names it; no stubs installed
 
 from common.cli import build_parser
 from server.config_file import load_config
