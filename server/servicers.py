@@ -33,7 +33,7 @@ from server.intake import Intake
 from server.membership import Membership, PhaseTimings
 from server.run_admin import RunAdmin
 from server.run_state import EventBus
-from server.uploads import Receipt, disk_full
+from server.uploads import disk_full
 
 logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -215,7 +215,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                     )
             try:
                 chunks = (chunk_from_proto(m) for m in request_iterator)
-                return _receipt(self._intake.receive(site, chunks))
+                return wire.receipt(self._intake.receive(site, chunks))
             finally:
                 self._upload_slots.release()
 
@@ -250,16 +250,6 @@ def _check_claim(claimed: str, site: str) -> None:
 
 def _permission(message: str) -> GdfedError:
     return PermissionDenied(message, field="site_id")
-
-
-def _receipt(receipt: Receipt) -> federation_pb2.PushReceipt:
-    return federation_pb2.PushReceipt(
-        upload_id=receipt.upload_id,
-        round=receipt.round,
-        bytes_received=receipt.bytes_received,
-        accepted=receipt.accepted,
-        duplicate=receipt.duplicate,
-    )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -13,6 +13,7 @@ from server.membership import RoundView
 from server.records import RoundState, SiteRecord
 from server.run_admin import RoundReport, StatusView
 from server.run_state import Event
+from server.uploads import Receipt
 
 
 def round_state(state: RoundState | None) -> federation_pb2.RoundState.ValueType:
@@ -37,6 +38,17 @@ def round_spec(view: RoundView, training: TrainingSpec) -> federation_pb2.RoundS
         assigned_lora_rank=view.assignment.lora_rank,
         sits_out=not view.assignment.trains,
         download_blocks=list(view.assignment.download_blocks),
+    )
+
+
+def receipt(done: Receipt) -> federation_pb2.PushReceipt:
+    """What PushDelta answers once an upload is counted (or was counted already)."""
+    return federation_pb2.PushReceipt(
+        upload_id=done.upload_id,
+        round=done.round,
+        bytes_received=done.bytes_received,
+        accepted=done.accepted,
+        duplicate=done.duplicate,
     )
 
 
