@@ -28,7 +28,16 @@ from common.dtypes import DType
 from common.errors import InvalidArgument
 from common.pb.gradualdiff.v1 import delta_pb2 as pb
 from common.pb.gradualdiff.v1 import federation_pb2
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.spec import (
+    BaseDtype,
+    LocalOptimizer,
+    LoraSpec,
+    LrSchedule,
+    Method,
+    Quantization,
+    TrainingSpec,
+    TrainMode,
+)
 
 E = TypeVar("E", bound=enum.IntEnum)
 
@@ -192,6 +201,16 @@ def training_spec_to_proto(spec: TrainingSpec) -> federation_pb2.TrainingSpec:
         upload_codec=codec_to_proto(spec.upload_codec),
         seed=spec.seed,
         prox_mu=spec.prox_mu,
+        base_dtype=federation_pb2.BaseDtype.ValueType(int(spec.base_dtype)),
+        quantization=federation_pb2.Quantization.ValueType(int(spec.quantization)),
+        gradient_checkpointing=spec.gradient_checkpointing,
+        micro_batch_size=spec.micro_batch_size,
+        max_grad_norm=spec.max_grad_norm,
+        optimizer=federation_pb2.LocalOptimizer.ValueType(int(spec.optimizer)),
+        lr_schedule=federation_pb2.LrSchedule.ValueType(int(spec.lr_schedule)),
+        min_learning_rate=spec.min_learning_rate,
+        warmup_steps=spec.warmup_steps,
+        schedule_rounds=spec.schedule_rounds,
     )
 
 
@@ -201,8 +220,11 @@ def training_spec_from_proto(msg: federation_pb2.TrainingSpec) -> TrainingSpec:
     proto3 cannot tell zero from unset, so a zero (or empty) field whose default is
     not zero reads as that default: the method, mode, LoRA rank, alpha and target
     modules, local steps, batch size, learning rate and sequence length; an absent
-    ``lora`` or ``upload_codec`` is the default one. Trainable patterns, seed,
-    prox_mu and a present ``lora``'s dropout are taken as they are (0 means 0).
+    ``lora`` or ``upload_codec`` is the default one, and an unspecified base dtype,
+    quantization, optimizer or schedule is AUTO, NONE, ADAMW or CONSTANT. Trainable
+    patterns, seed, prox_mu, a present ``lora``'s dropout and the memory-lean
+    numbers are taken as they are (0 means 0: off, or "the batch size" for
+    ``micro_batch_size``).
 
     Raises:
         InvalidArgument: an enum value this build does not know (``field`` names it).
@@ -222,6 +244,24 @@ def training_spec_from_proto(msg: federation_pb2.TrainingSpec) -> TrainingSpec:
         else default.upload_codec,
         seed=msg.seed,
         prox_mu=msg.prox_mu,
+        base_dtype=_enum(BaseDtype, msg.base_dtype, "training.base_dtype")
+        if msg.base_dtype
+        else default.base_dtype,
+        quantization=_enum(Quantization, msg.quantization, "training.quantization")
+        if msg.quantization
+        else default.quantization,
+        gradient_checkpointing=msg.gradient_checkpointing,
+        micro_batch_size=msg.micro_batch_size,
+        max_grad_norm=msg.max_grad_norm,
+        optimizer=_enum(LocalOptimizer, msg.optimizer, "training.optimizer")
+        if msg.optimizer
+        else default.optimizer,
+        lr_schedule=_enum(LrSchedule, msg.lr_schedule, "training.lr_schedule")
+        if msg.lr_schedule
+        else default.lr_schedule,
+        min_learning_rate=msg.min_learning_rate,
+        warmup_steps=msg.warmup_steps,
+        schedule_rounds=msg.schedule_rounds,
     )
 
 

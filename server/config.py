@@ -29,7 +29,7 @@ is ``server.config_file``'s job.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
@@ -37,7 +37,7 @@ from typing import TypeVar
 from common.codec.layout import DecodeLimits
 from common.delta import GIB, MIB, Codec
 from common.errors import FailedPrecondition
-from common.spec import Method, TrainingSpec
+from common.spec import LocalOptimizer, LrSchedule, Method, TrainingSpec
 from server.cybgd import CyBgdMode
 from server.optimizers import OptimizerName, make_optimizer, optimizer_params
 
@@ -275,6 +275,7 @@ class ServerConfig:
                 field="optimizer",
             )
         _bounded("rounds", self.rounds, low=0)
+        self._check_training_schedule()
         _bounded("heartbeat_interval_s", self.heartbeat_interval_s, low=0, above=True)
         _bounded("missed_beats", self.missed_beats, low=1)
         _bounded("max_upload_bytes", self.max_upload_bytes, low=1)
@@ -287,6 +288,29 @@ class ServerConfig:
         _bounded("max_streams_per_site", self.max_streams_per_site, low=1)
         _bounded("max_polls_per_site", self.max_polls_per_site, low=1)
         _bounded("max_long_calls", self.max_long_calls, low=1, high=4096)
+
+    def _check_training_schedule(self) -> None:
+        training = self.training
+        if training.lr_schedule is LrSchedule.COSINE and not training.schedule_rounds:
+            if not self.rounds:
+                raise ConfigError(
+                    'training.lr_schedule = "cosine" needs the rounds it spans: set rounds, '
+                    "or training.schedule_rounds for a run that goes on until stopped",
+                    field="training.schedule_rounds",
+                )
+            # The spec travels to every site, so the run's length goes with it.
+            object.__setattr__(self, "training", replace(training, schedule_rounds=self.rounds))
+        if (
+            self.training.method is Method.FEDCYBGD
+            and self.cybgd.optimizer_state is CyBgdOptimizerState.TRAVEL
+            and self.training.optimizer is not LocalOptimizer.ADAMW
+        ):
+            # Travelling moments are fp32 AdamW tensors; 8-bit moments have another layout.
+            raise ConfigError(
+                'cybgd.optimizer_state = "travel" needs training.optimizer = "adamw", not '
+                f"{self.training.optimizer.name.lower()!r}",
+                field="training.optimizer",
+            )
 
     @property
     def limits(self) -> DecodeLimits:

@@ -18,7 +18,16 @@ from typing import Any
 from common.codec.layout import validate_codec
 from common.delta import Cast, Codec, Lossy
 from common.errors import InvalidArgument
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.spec import (
+    BaseDtype,
+    LocalOptimizer,
+    LoraSpec,
+    LrSchedule,
+    Method,
+    Quantization,
+    TrainingSpec,
+    TrainMode,
+)
 from server.config import (
     ConfigError,
     CyBgdConfig,
@@ -98,6 +107,13 @@ _CASTS = {"none": Cast.NONE, "exact": Cast.NONE, "bf16": Cast.BF16, "f16": Cast.
 _LOSSY = {"none": Lossy.NONE, "topk": Lossy.TOPK, "int8": Lossy.INT8}
 _METHODS = {m.name.lower(): m for m in Method}
 _TRAIN_MODES = {m.name.lower(): m for m in TrainMode}
+# [training] enumerations written as lower-case words: base_dtype = "bf16", optimizer = "adamw_8bit".
+_TRAINING_ENUMS: dict[str, dict[str, Any]] = {
+    "base_dtype": {m.name.lower(): m for m in BaseDtype},
+    "quantization": {m.name.lower(): m for m in Quantization},
+    "optimizer": {m.name.lower(): m for m in LocalOptimizer},
+    "lr_schedule": {m.name.lower(): m for m in LrSchedule},
+}
 
 
 def _codec(raw: object, *, section: str = "training.upload_codec") -> Codec:
@@ -134,7 +150,13 @@ def _training(raw: object) -> TrainingSpec:
         parsed["method"] = _pick(_METHODS, values.pop("method"), "training.method")
     if "mode" in values:
         parsed["mode"] = _pick(_TRAIN_MODES, values.pop("mode"), "training.mode")
-    return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
+    for name, choices in _TRAINING_ENUMS.items():
+        if name in values:
+            parsed[name] = _pick(choices, values.pop(name), f"training.{name}")
+    try:
+        return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
+    except InvalidArgument as exc:
+        raise ConfigError(f"[training] {exc.message}", field=exc.field) from None
 
 
 def _read_file(path: Path, field: str, what: str, label: str = "") -> str:

@@ -15,7 +15,16 @@ import pytest
 
 from common.delta import Cast
 from common.errors import FailedPrecondition
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.spec import (
+    BaseDtype,
+    LocalOptimizer,
+    LoraSpec,
+    LrSchedule,
+    Method,
+    Quantization,
+    TrainingSpec,
+    TrainMode,
+)
 from server import cybgd
 from server.accumulation import ACCUMULATORS
 from server.config import (
@@ -299,3 +308,35 @@ def test_an_empty_admin_token_file_is_refused_naming_it(tmp_path: Path) -> None:
     token.write_text("\n")
     with refused("admin_token_file", "is empty"):
         load(tmp_path, f'admin_token_file = "{token}"\n')
+
+
+def test_memory_lean_training_settings_parse_as_words(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        'rounds = 12\n[training]\nmode = "lora"\nbase_dtype = "bf16"\nquantization = "nf4"\n'
+        'optimizer = "paged_adamw_8bit"\nlr_schedule = "cosine"\ngradient_checkpointing = true\n'
+        "batch_size = 8\nmicro_batch_size = 2\nmax_grad_norm = 0.3\n",
+    )
+    spec = config.training
+    assert (spec.base_dtype, spec.quantization) == (BaseDtype.BF16, Quantization.NF4)
+    assert (spec.optimizer, spec.lr_schedule) == (LocalOptimizer.PAGED_ADAMW_8BIT, LrSchedule.COSINE)
+    assert spec.gradient_checkpointing and spec.accumulation_steps == 4 and spec.max_grad_norm == 0.3
+    # A cosine over the run spans the run's rounds unless told otherwise: every site gets the number.
+    assert spec.schedule_rounds == 12
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ('[training]\nlr_schedule = "cosine"\n', "training.schedule_rounds", "needs the rounds it spans"),
+        ('[training]\nquantization = "nf4"\n', "training.quantization", "needs training.mode"),
+        ('[training]\noptimizer = "sgd"\n', "training.optimizer", "adamw_8bit"),
+        ("[training]\nbatch_size = 6\nmicro_batch_size = 4\n", "training.micro_batch_size", "must divide"),
+    ],
+)
+def test_memory_lean_settings_out_of_bounds_name_the_field(
+    tmp_path: Path, text: str, field: str, words: str
+) -> None:
+    with pytest.raises(ConfigError, match=words) as info:
+        load(tmp_path, text)
+    assert info.value.field == field

@@ -8,7 +8,16 @@ from common.delta import Cast, Codec, Lossy
 from common.errors import InvalidArgument
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.serde import training_spec_from_proto, training_spec_to_proto
-from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
+from common.spec import (
+    BaseDtype,
+    LocalOptimizer,
+    LoraSpec,
+    LrSchedule,
+    Method,
+    Quantization,
+    TrainingSpec,
+    TrainMode,
+)
 
 NOTHING_DEFAULT = TrainingSpec(
     method=Method.FEDCYBGD,
@@ -29,6 +38,16 @@ NOTHING_DEFAULT = TrainingSpec(
     ),
     seed=7,
     prox_mu=0.25,
+    base_dtype=BaseDtype.FP16,
+    quantization=Quantization.NF4,
+    gradient_checkpointing=True,
+    micro_batch_size=1,
+    max_grad_norm=0.3,
+    optimizer=LocalOptimizer.PAGED_ADAMW_8BIT,
+    lr_schedule=LrSchedule.COSINE,
+    min_learning_rate=1e-6,
+    warmup_steps=5,
+    schedule_rounds=40,
 )
 
 
@@ -47,10 +66,55 @@ def test_what_is_unset_reads_as_the_default() -> None:
     assert lora == LoraSpec(dropout=0.0)
 
 
-@pytest.mark.parametrize(("field", "name"), [("method", "training.method"), ("mode", "training.mode")])
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        ("method", "training.method"),
+        ("mode", "training.mode"),
+        ("base_dtype", "training.base_dtype"),
+        ("quantization", "training.quantization"),
+        ("optimizer", "training.optimizer"),
+        ("lr_schedule", "training.lr_schedule"),
+    ],
+)
 def test_an_unknown_enum_value_is_refused_naming_its_field(field: str, name: str) -> None:
     msg = federation_pb2.TrainingSpec()
     setattr(msg, field, 99)
     with pytest.raises(InvalidArgument, match=f"{name} has unknown value 99") as info:
         training_spec_from_proto(msg)
     assert type(info.value) is InvalidArgument and info.value.field == name
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"batch_size": 8, "micro_batch_size": 3}, "training.micro_batch_size", "must divide"),
+        ({"max_grad_norm": float("nan")}, "training.max_grad_norm", "finite number >= 0"),
+        ({"learning_rate": 1e-4, "min_learning_rate": 1e-3}, "training.min_learning_rate", "is above"),
+        ({"quantization": Quantization.NF4}, "training.quantization", 'needs training.mode = "lora"'),
+    ],
+)
+def test_a_spec_out_of_its_limits_is_refused_from_the_wire_too(
+    changes: dict[str, object], field: str, words: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=words) as info:
+        TrainingSpec(**changes)  # type: ignore[arg-type]
+    assert info.value.field == field
+    # The same limits hold for what a worker reads off the wire.
+    msg = training_spec_to_proto(TrainingSpec())
+    for name, value in changes.items():
+        setattr(msg, name, int(value) if isinstance(value, Quantization) else value)
+    with pytest.raises(InvalidArgument, match=words):
+        training_spec_from_proto(msg)
+
+
+def test_a_zero_step_count_is_refused_where_it_can_be_said() -> None:
+    # On the wire a zero reads as the default (proto3), so only a spec built in code can say it.
+    with pytest.raises(InvalidArgument, match="training.local_steps = 0 must be >= 1"):
+        TrainingSpec(local_steps=0)
+
+
+def test_accumulation_splits_the_optimizer_batch() -> None:
+    assert TrainingSpec(batch_size=8).accumulation_steps == 1
+    spec = TrainingSpec(batch_size=8, micro_batch_size=2)
+    assert (spec.micro_batch, spec.accumulation_steps) == (2, 4)

@@ -14,7 +14,17 @@ import pytest
 from common.delta import Cast, DeltaKind, Lossy
 from common.dtypes import DType
 from common.pb.gradualdiff.v1 import admin_pb2, delta_pb2, federation_pb2
-from common.spec import Device, Directive, Method, Phase, TrainMode
+from common.spec import (
+    BaseDtype,
+    Device,
+    Directive,
+    LocalOptimizer,
+    LrSchedule,
+    Method,
+    Phase,
+    Quantization,
+    TrainMode,
+)
 from server.records import RoundState, SiteState
 
 # (mirror, generated enum (an EnumTypeWrapper at run time), the prefix of its value names)
@@ -30,6 +40,10 @@ MIRRORS: list[tuple[type[enum.IntEnum], Any, str]] = [
     (Cast, delta_pb2.Cast, "CAST_"),
     (Lossy, delta_pb2.Lossy, "LOSSY_"),
     (DeltaKind, delta_pb2.DeltaKind, "DELTA_KIND_"),
+    (BaseDtype, federation_pb2.BaseDtype, "BASE_DTYPE_"),
+    (Quantization, federation_pb2.Quantization, "QUANTIZATION_"),
+    (LocalOptimizer, federation_pb2.LocalOptimizer, "LOCAL_OPTIMIZER_"),
+    (LrSchedule, federation_pb2.LrSchedule, "LR_SCHEDULE_"),
 ]
 
 

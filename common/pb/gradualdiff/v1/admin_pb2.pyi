@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from common.pb.gradualdiff.v1 import delta_pb2 as _delta_pb2
 from common.pb.gradualdiff.v1 import federation_pb2 as _federation_pb2
 import builtins as _builtins
 import sys
@@ -143,6 +144,7 @@ class SiteRoundStatus(_message.Message):
     NORM_FIELD_NUMBER: _builtins.int
     CLIP_SCALE_FIELD_NUMBER: _builtins.int
     OUTLIER_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     sample_count: _builtins.int
     bytes_in: _builtins.int
@@ -157,6 +159,10 @@ class SiteRoundStatus(_message.Message):
     """
     clip_scale: _builtins.float
     outlier: _builtins.bool
+    @_builtins.property
+    def training(self) -> _delta_pb2.TrainingStats:
+        """as the site reported it with its upload"""
+
     def __init__(
         self,
         *,
@@ -171,10 +177,11 @@ class SiteRoundStatus(_message.Message):
         norm: _builtins.float = ...,
         clip_scale: _builtins.float = ...,
         outlier: _builtins.bool = ...,
+        training: _delta_pb2.TrainingStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "clip_scale", b"clip_scale", "dropped", b"dropped", "eval_loss", b"eval_loss", "norm", b"norm", "outlier", b"outlier", "sample_count", b"sample_count", "site_id", b"site_id", "train_loss", b"train_loss", "upload_seconds", b"upload_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "clip_scale", b"clip_scale", "dropped", b"dropped", "eval_loss", b"eval_loss", "norm", b"norm", "outlier", b"outlier", "sample_count", b"sample_count", "site_id", b"site_id", "train_loss", b"train_loss", "training", b"training", "upload_seconds", b"upload_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +337,7 @@ class SiteStatus(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     LAST_PROBLEM_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     state: Global___SiteState.ValueType
     last_beat_unix_ms: _builtins.int
@@ -348,6 +356,10 @@ class SiteStatus(_message.Message):
     def timings(self) -> _federation_pb2.PhaseTimings:
         """the site's phase timings, as it reported them"""
 
+    @_builtins.property
+    def training(self) -> _delta_pb2.TrainingStats:
+        """from the site's latest heartbeat"""
+
     def __init__(
         self,
         *,
@@ -363,10 +375,11 @@ class SiteStatus(_message.Message):
         total_steps: _builtins.int = ...,
         last_problem: _builtins.str = ...,
         timings: _federation_pb2.PhaseTimings | None = ...,
+        training: _delta_pb2.TrainingStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "timings", b"timings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "timings", b"timings", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_round", b"held_round", "last_beat_unix_ms", b"last_beat_unix_ms", "last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "rounds_joined", b"rounds_joined", "site_id", b"site_id", "state", b"state", "step", b"step", "timings", b"timings", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_round", b"held_round", "last_beat_unix_ms", b"last_beat_unix_ms", "last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "rounds_joined", b"rounds_joined", "site_id", b"site_id", "state", b"state", "step", b"step", "timings", b"timings", "total_steps", b"total_steps", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

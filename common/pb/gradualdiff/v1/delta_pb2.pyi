@@ -317,6 +317,50 @@ class ShardSpec(_message.Message):
 Global___ShardSpec: _TypeAlias = ShardSpec  # noqa: Y015
 
 @_typing.final
+class TrainingStats(_message.Message):
+    """What a site's training costs and yields, measured by the worker over its last round
+    (in a heartbeat: the round so far).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PEAK_IS_ACCELERATOR_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    tokens_per_second: _builtins.float
+    """non-padding tokens trained per second"""
+    step_seconds: _builtins.float
+    """mean wall time of one optimizer step"""
+    peak_memory_bytes: _builtins.int
+    """peak accelerator memory (torch max_memory_allocated) or host RSS"""
+    peak_is_accelerator: _builtins.bool
+    """which of the two peak_memory_bytes is"""
+    ranks: _builtins.int
+    """processes training this site (torch.distributed world size; 1 alone)"""
+    tokens: _builtins.int
+    """non-padding tokens trained in the round"""
+    def __init__(
+        self,
+        *,
+        tokens_per_second: _builtins.float = ...,
+        step_seconds: _builtins.float = ...,
+        peak_memory_bytes: _builtins.int = ...,
+        peak_is_accelerator: _builtins.bool = ...,
+        ranks: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peak_is_accelerator", b"peak_is_accelerator", "peak_memory_bytes", b"peak_memory_bytes", "ranks", b"ranks", "step_seconds", b"step_seconds", "tokens", b"tokens", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingStats: _TypeAlias = TrainingStats  # noqa: Y015
+
+@_typing.final
 class UploadMetrics(_message.Message):
     """Metrics a worker reports with its upload; NaN-free, >= 0."""
 
@@ -326,10 +370,13 @@ class UploadMetrics(_message.Message):
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
     train_loss: _builtins.float
     eval_loss: _builtins.float
     steps: _builtins.int
     train_seconds: _builtins.float
+    @_builtins.property
+    def training(self) -> Global___TrainingStats: ...
     def __init__(
         self,
         *,
@@ -337,10 +384,11 @@ class UploadMetrics(_message.Message):
         eval_loss: _builtins.float = ...,
         steps: _builtins.int = ...,
         train_seconds: _builtins.float = ...,
+        training: Global___TrainingStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

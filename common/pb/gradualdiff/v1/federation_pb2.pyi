@@ -90,6 +90,98 @@ METHOD_FEDCYBGD: Method.ValueType  # 3
 """cycle block descent: one block per site per round"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
+class _BaseDtype:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BaseDtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BaseDtype.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BASE_DTYPE_UNSPECIFIED: _BaseDtype.ValueType  # 0
+    BASE_DTYPE_AUTO: _BaseDtype.ValueType  # 1
+    """bf16 on an accelerator that has it, else fp16 there; fp32 on the CPU"""
+    BASE_DTYPE_FP32: _BaseDtype.ValueType  # 2
+    BASE_DTYPE_BF16: _BaseDtype.ValueType  # 3
+    BASE_DTYPE_FP16: _BaseDtype.ValueType  # 4
+
+class BaseDtype(_BaseDtype, metaclass=_BaseDtypeEnumTypeWrapper):
+    """Frozen base precision. UNSPECIFIED means AUTO."""
+
+BASE_DTYPE_UNSPECIFIED: BaseDtype.ValueType  # 0
+BASE_DTYPE_AUTO: BaseDtype.ValueType  # 1
+"""bf16 on an accelerator that has it, else fp16 there; fp32 on the CPU"""
+BASE_DTYPE_FP32: BaseDtype.ValueType  # 2
+BASE_DTYPE_BF16: BaseDtype.ValueType  # 3
+BASE_DTYPE_FP16: BaseDtype.ValueType  # 4
+Global___BaseDtype: _TypeAlias = BaseDtype  # noqa: Y015
+
+class _Quantization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuantizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Quantization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUANTIZATION_UNSPECIFIED: _Quantization.ValueType  # 0
+    QUANTIZATION_NONE: _Quantization.ValueType  # 1
+    QUANTIZATION_NF4: _Quantization.ValueType  # 2
+    """4-bit NormalFloat with double quantization (QLoRA)"""
+    QUANTIZATION_INT8: _Quantization.ValueType  # 3
+    """LLM.int8()"""
+
+class Quantization(_Quantization, metaclass=_QuantizationEnumTypeWrapper):
+    """Quantization of the frozen base through bitsandbytes. UNSPECIFIED means NONE."""
+
+QUANTIZATION_UNSPECIFIED: Quantization.ValueType  # 0
+QUANTIZATION_NONE: Quantization.ValueType  # 1
+QUANTIZATION_NF4: Quantization.ValueType  # 2
+"""4-bit NormalFloat with double quantization (QLoRA)"""
+QUANTIZATION_INT8: Quantization.ValueType  # 3
+"""LLM.int8()"""
+Global___Quantization: _TypeAlias = Quantization  # noqa: Y015
+
+class _LocalOptimizer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LocalOptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LocalOptimizer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOCAL_OPTIMIZER_UNSPECIFIED: _LocalOptimizer.ValueType  # 0
+    LOCAL_OPTIMIZER_ADAMW: _LocalOptimizer.ValueType  # 1
+    LOCAL_OPTIMIZER_ADAMW_8BIT: _LocalOptimizer.ValueType  # 2
+    """bitsandbytes AdamW8bit: 8-bit moments"""
+    LOCAL_OPTIMIZER_PAGED_ADAMW_8BIT: _LocalOptimizer.ValueType  # 3
+    """... paged to the host under memory pressure (CUDA)"""
+
+class LocalOptimizer(_LocalOptimizer, metaclass=_LocalOptimizerEnumTypeWrapper):
+    """The local optimizer. UNSPECIFIED means ADAMW."""
+
+LOCAL_OPTIMIZER_UNSPECIFIED: LocalOptimizer.ValueType  # 0
+LOCAL_OPTIMIZER_ADAMW: LocalOptimizer.ValueType  # 1
+LOCAL_OPTIMIZER_ADAMW_8BIT: LocalOptimizer.ValueType  # 2
+"""bitsandbytes AdamW8bit: 8-bit moments"""
+LOCAL_OPTIMIZER_PAGED_ADAMW_8BIT: LocalOptimizer.ValueType  # 3
+"""... paged to the host under memory pressure (CUDA)"""
+Global___LocalOptimizer: _TypeAlias = LocalOptimizer  # noqa: Y015
+
+class _LrSchedule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LrScheduleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LrSchedule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LR_SCHEDULE_UNSPECIFIED: _LrSchedule.ValueType  # 0
+    LR_SCHEDULE_CONSTANT: _LrSchedule.ValueType  # 1
+    LR_SCHEDULE_COSINE: _LrSchedule.ValueType  # 2
+    """from learning_rate to min_learning_rate over schedule_rounds x local_steps"""
+
+class LrSchedule(_LrSchedule, metaclass=_LrScheduleEnumTypeWrapper):
+    """The learning rate along the run. UNSPECIFIED means CONSTANT."""
+
+LR_SCHEDULE_UNSPECIFIED: LrSchedule.ValueType  # 0
+LR_SCHEDULE_CONSTANT: LrSchedule.ValueType  # 1
+LR_SCHEDULE_COSINE: LrSchedule.ValueType  # 2
+"""from learning_rate to min_learning_rate over schedule_rounds x local_steps"""
+Global___LrSchedule: _TypeAlias = LrSchedule  # noqa: Y015
+
 class _RoundState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -292,6 +384,16 @@ class TrainingSpec(_message.Message):
     UPLOAD_CODEC_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     PROX_MU_FIELD_NUMBER: _builtins.int
+    BASE_DTYPE_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    MIN_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ROUNDS_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     mode: Global___TrainMode.ValueType
     local_steps: _builtins.int
@@ -302,6 +404,29 @@ class TrainingSpec(_message.Message):
     seed: _builtins.int
     prox_mu: _builtins.float
     """FedProx: (mu/2)||w - w_round_start||^2 added to the local loss; 0 = off"""
+    base_dtype: Global___BaseDtype.ValueType
+    """How the frozen base is held. Trainable tensors always keep an fp32 master copy, so deltas
+    are taken between fp32 weights whatever this says.
+    """
+    quantization: Global___Quantization.ValueType
+    """a quantized frozen base (QLoRA); LoRA mode only"""
+    gradient_checkpointing: _builtins.bool
+    micro_batch_size: _builtins.int
+    """Micro-batch size: batch_size examples per optimizer step are run as batch_size /
+    micro_batch_size forward/backward passes with accumulated gradients. 0 = batch_size.
+    """
+    max_grad_norm: _builtins.float
+    """clip the gradient's global L2 norm before each step; 0 = off"""
+    optimizer: Global___LocalOptimizer.ValueType
+    lr_schedule: Global___LrSchedule.ValueType
+    min_learning_rate: _builtins.float
+    """COSINE: the floor the schedule ends at (0 .. learning_rate)"""
+    warmup_steps: _builtins.int
+    """linear warm-up over the run's first optimizer steps; 0 = none"""
+    schedule_rounds: _builtins.int
+    """COSINE: the rounds the schedule spans (the run's configured rounds). The worker's step
+    count along the run is (round - 1) * local_steps + step.
+    """
     @_builtins.property
     def trainable_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """regular expressions over parameter names (SUBSET mode)"""
@@ -326,10 +451,20 @@ class TrainingSpec(_message.Message):
         upload_codec: _delta_pb2.Codec | None = ...,
         seed: _builtins.int = ...,
         prox_mu: _builtins.float = ...,
+        base_dtype: Global___BaseDtype.ValueType = ...,
+        quantization: Global___Quantization.ValueType = ...,
+        gradient_checkpointing: _builtins.bool = ...,
+        micro_batch_size: _builtins.int = ...,
+        max_grad_norm: _builtins.float = ...,
+        optimizer: Global___LocalOptimizer.ValueType = ...,
+        lr_schedule: Global___LrSchedule.ValueType = ...,
+        min_learning_rate: _builtins.float = ...,
+        warmup_steps: _builtins.int = ...,
+        schedule_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora", "upload_codec", b"upload_codec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lora", b"lora", "max_seq_len", b"max_seq_len", "method", b"method", "mode", b"mode", "prox_mu", b"prox_mu", "seed", b"seed", "trainable_patterns", b"trainable_patterns", "upload_codec", b"upload_codec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_dtype", b"base_dtype", "batch_size", b"batch_size", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "lora", b"lora", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "max_seq_len", b"max_seq_len", "method", b"method", "micro_batch_size", b"micro_batch_size", "min_learning_rate", b"min_learning_rate", "mode", b"mode", "optimizer", b"optimizer", "prox_mu", b"prox_mu", "quantization", b"quantization", "schedule_rounds", b"schedule_rounds", "seed", b"seed", "trainable_patterns", b"trainable_patterns", "upload_codec", b"upload_codec", "warmup_steps", b"warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,6 +651,7 @@ class HeartbeatRequest(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     LAST_PROBLEM_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     """"" or the token's site; another site's id: PERMISSION_DENIED"""
     round: _builtins.int
@@ -528,6 +664,10 @@ class HeartbeatRequest(_message.Message):
     """the worker's last warning or error, one line, at most 512 bytes ("" = none)"""
     @_builtins.property
     def timings(self) -> Global___PhaseTimings: ...
+    @_builtins.property
+    def training(self) -> _delta_pb2.TrainingStats:
+        """the round being trained, or the last one"""
+
     def __init__(
         self,
         *,
@@ -539,10 +679,11 @@ class HeartbeatRequest(_message.Message):
         loss: _builtins.float = ...,
         last_problem: _builtins.str = ...,
         timings: Global___PhaseTimings | None = ...,
+        training: _delta_pb2.TrainingStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "round", b"round", "site_id", b"site_id", "step", b"step", "timings", b"timings", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_problem", b"last_problem", "loss", b"loss", "phase", b"phase", "round", b"round", "site_id", b"site_id", "step", b"step", "timings", b"timings", "total_steps", b"total_steps", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
