@@ -4,7 +4,8 @@ The aggregator alone writes the directory: ``state.db`` (SQLite, ``server.store`
 its ``rounds`` table, one row per round), ``blobs/ab/<sha256>`` (``server.blobs``;
 a published round's trainable state is the blob its row names in ``state_blob``)
 and ``training_spec.binpb`` (``server.genesis``, through ``write_training_spec``
-below, once, when it creates the run). ``gdfed export`` and the demo's evaluator
+below, when it creates the run, and again when a restart's ``[training]``
+changes a field that may change). ``gdfed export`` and the demo's evaluator
 read them here without importing the daemon, which a site's install does not
 carry: the database is opened read-only, so a tool pointed at the wrong folder
 creates nothing in it. ``tests/test_export.py`` reads a directory the real
@@ -94,7 +95,7 @@ def blob_path(state_dir: Path, digest: str) -> Path:
 
 
 def write_training_spec(state_dir: Path, spec: TrainingSpec) -> Path:
-    """Record the run's TrainingSpec in ``state_dir`` (the aggregator, when it creates the run).
+    """Record the run's TrainingSpec in ``state_dir`` (the aggregator: at the run's creation, and on a change).
 
     Written to a temporary name, fsynced and renamed: a crash leaves no half file.
     """
@@ -108,7 +109,7 @@ def write_training_spec(state_dir: Path, spec: TrainingSpec) -> Path:
 
 
 def read_training_spec(state_dir: Path) -> TrainingSpec | None:
-    """The TrainingSpec the run was created with; None for a state directory made before runs recorded it.
+    """The run's recorded TrainingSpec (the latest its aggregator started with); None for a state directory made before runs recorded it.
 
     Raises:
         InvalidArgument: the file is there but is not a TrainingSpec this build reads.

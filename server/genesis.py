@@ -3,7 +3,11 @@
 A state directory holds one run. The first start writes the run's training
 spec (``common.state_dir``, for ``gdfed export``), the run record and round 0
 (the initial trainable state, published, with its snapshot); every later start
-finds them and refuses a ``run_id`` that names another run.
+finds them and refuses a ``run_id`` that names another run, or a ``[training]``
+section that changes what the state's tensors mean (``STRUCTURAL``). Other
+changes (learning rate, steps, precision...) are the operator's to make between
+restarts: they are logged, field by field, and the recorded spec follows them,
+so ``gdfed export`` reads what the sites last trained with.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from common.errors import FailedPrecondition
-from common.state_dir import write_training_spec
+from common.spec import TrainingSpec
+from common.state_dir import read_training_spec, write_training_spec
 from common.statefile import StateReader, write_state
 from server.blobs import BlobStore
 from server.config import ServerConfig
@@ -40,6 +46,7 @@ def load_or_create_run(
                 f"state directory {config.state_dir} holds run {run.run_id!r}, not {config.run_id!r}",
                 field="run_id",
             )
+        _reconcile_spec(config)
         return run
     if config.init_state is None:
         raise FailedPrecondition(
@@ -81,6 +88,48 @@ def load_or_create_run(
         store.put(genesis)
     logger.info("[run] created run=%s from %s", run_id, config.init_state)
     return run
+
+
+# Fields whose change would make the stored state mean something else (other tensors, another
+# method's bookkeeping, another scaling of the LoRA product): refused on a restart.
+STRUCTURAL = ("method", "mode", "trainable_patterns", "lora.rank", "lora.alpha", "lora.target_modules")
+
+
+def spec_changes(recorded: TrainingSpec, configured: TrainingSpec) -> dict[str, tuple[object, object]]:
+    """Every field (``lora.*`` and ``upload_codec.*`` one level down) that differs: name -> (was, is)."""
+    changes: dict[str, tuple[object, object]] = {}
+    for f in fields(TrainingSpec):
+        was, now = getattr(recorded, f.name), getattr(configured, f.name)
+        if was == now:
+            continue
+        if f.name in ("lora", "upload_codec"):
+            for inner in fields(type(was)):
+                a, b = getattr(was, inner.name), getattr(now, inner.name)
+                if a != b:
+                    changes[f"{f.name}.{inner.name}"] = (a, b)
+        else:
+            changes[f.name] = (was, now)
+    return changes
+
+
+def _reconcile_spec(config: ServerConfig) -> None:
+    recorded = read_training_spec(config.state_dir)
+    if recorded is None:  # a directory from before runs recorded their spec: start recording now
+        write_training_spec(config.state_dir, config.training)
+        return
+    changes = spec_changes(recorded, config.training)
+    structural = {name: change for name, change in changes.items() if name in STRUCTURAL}
+    if structural:
+        said = "; ".join(f"training.{n} {was!r} -> {now!r}" for n, (was, now) in structural.items())
+        raise FailedPrecondition(
+            f"[training] contradicts the run in {config.state_dir}: {said}. These change what the "
+            "stored state means; start a new run (another --state-dir) to train that way",
+            field=f"training.{next(iter(structural))}",
+        )
+    if changes:
+        for name, (was, now) in changes.items():
+            logger.warning("[run] training.%s changed since the last start: %r -> %r", name, was, now)
+        write_training_spec(config.state_dir, config.training)
 
 
 def _initial_state_file(config: ServerConfig, blobs: BlobStore) -> Path:
