@@ -10,10 +10,13 @@ decompressed (and un-shuffled, if the codec shuffles), is a complete
 safetensors file whose entries are flat (1-D) element ranges of the
 manifest's tensors; which ranges, is said by ShardSpec.pieces. On the wire a
 shard is a run of independent zstd frames: frame 0 holds the safetensors
-header (its 8-byte length and JSON); then, for each piece in storage order,
+header (its 8-byte length and JSON, in the canonical form of
+docs/protocol.md; never shuffled); then, for each piece in storage order,
 its bytes cut into blocks of Codec.block_bytes, one frame per block (a piece
-with no elements has no frame). Independent frames let both ends work on
+with no elements has no frame). Every frame declares its decompressed size
+in its zstd frame header. Independent frames let both ends work on
 several blocks at once and never hold a whole decompressed shard.
+Conformance vectors: protos/gradualdiff/v1/vectors/ (index.json).
 """
 
 from collections import abc as _abc
@@ -177,11 +180,14 @@ class Codec(_message.Message):
     cast: Global___Cast.ValueType
     byte_shuffle: _builtins.bool
     """Byte-plane shuffle within each block (lossless): byte 0 of every element,
-    then byte 1, ... Lifts zstd's ratio on float deltas (1.24x -> 1.48x on fp32).
+    then byte 1, ..., elements being of the piece's wire dtype (after the cast:
+    2 bytes for BF16/F16, 1 byte for I8/U8/BOOL, where it changes nothing).
+    Frame 0 (the safetensors header) is never shuffled. The sender's choice.
+    Lifts zstd's ratio on float deltas (1.24x -> 1.48x on fp32).
     """
     block_bytes: _builtins.int
     """Size of a block (one zstd frame) in bytes of decoded data: a multiple of 8,
-    64 KiB .. 16 MiB. Blocks below 256 KiB cost compression ratio.
+    64 KiB .. 16 MiB; the sender's choice. Blocks below 256 KiB cost compression ratio.
     """
     zstd_level: _builtins.int
     """zstd level the encoder used (informational; decoding does not need it). -7 .. 22."""
@@ -283,12 +289,13 @@ class ShardSpec(_message.Message):
     PIECES_FIELD_NUMBER: _builtins.int
     FRAME_BYTES_FIELD_NUMBER: _builtins.int
     compressed_bytes: _builtins.int
-    """size of this shard's zstd frame in the payload"""
+    """size of this shard's zstd frames in the payload"""
     raw_bytes: _builtins.int
     """size of the decompressed safetensors file; bounded by the receiver (default 256 MiB)"""
     sha256: _builtins.bytes
     """SHA-256 over the concatenated SHA-256 digests of the shard's frames, in order
-    (32 bytes): a hash tree, so both ends hash frames in parallel. Checked
+    (32 bytes), each digest taken over the frame's compressed bytes as they
+    travel: a hash tree, so both ends hash frames in parallel. Checked
     before any decoded piece is used.
     """
     @_builtins.property
@@ -397,7 +404,8 @@ Global___UploadMetrics: _TypeAlias = UploadMetrics  # noqa: Y015
 @_typing.final
 class DeltaHeader(_message.Message):
     """Why a delta exists and how to read it. Sent in the first chunk of every
-    stream (and again, identical, in the first chunk of a resumed upload).
+    delta: of an upload stream (and again, identical, in the first chunk of a
+    resumed upload), and of each delta of a FetchDiff stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -430,8 +438,11 @@ class DeltaHeader(_message.Message):
     sha256: _builtins.bytes
     """SHA-256 over the concatenated shards' sha256 values, in order (32 bytes)"""
     base_round: _builtins.int
-    """the global round the delta was taken against (download: the round it applies to)"""
+    """the global round the delta was taken against (download: the round it applies to);"""
     kind: Global___DeltaKind.ValueType
+    """upload: RoundSpec.base_round, the latest published round
+    upload: DELTA_KIND_DIFF; download: DIFF or SNAPSHOT
+    """
     @_builtins.property
     def codec(self) -> Global___Codec: ...
     @_builtins.property
@@ -471,7 +482,11 @@ Global___DeltaHeader: _TypeAlias = DeltaHeader  # noqa: Y015
 
 @_typing.final
 class DeltaChunk(_message.Message):
-    """One message of a delta stream. Chunks are sent in offset order, without gaps."""
+    """One message of a delta stream. A delta's chunks are sent in offset order,
+    without gaps. A PushDelta stream carries one delta; a FetchDiff stream
+    carries zero or more deltas back to back (a chain), each starting with a
+    chunk that carries its header and at offset 0, and ending with its `last` chunk.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -481,7 +496,7 @@ class DeltaChunk(_message.Message):
     CRC32_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
-    """byte offset of data within the payload"""
+    """byte offset of data within its delta's payload (restarts at 0 with each delta)"""
     data: _builtins.bytes
     """0 .. 1 MiB (1,048,576 bytes)"""
     crc32: _builtins.int
@@ -490,7 +505,7 @@ class DeltaChunk(_message.Message):
     """true on the final chunk; offset + len(data) must equal total_bytes"""
     @_builtins.property
     def header(self) -> Global___DeltaHeader:
-        """present in the first chunk of a stream only"""
+        """present in the first chunk of each delta only (of a resumed upload: its first chunk)"""
 
     def __init__(
         self,

@@ -10,10 +10,13 @@ decompressed (and un-shuffled, if the codec shuffles), is a complete
 safetensors file whose entries are flat (1-D) element ranges of the
 manifest's tensors; which ranges, is said by ShardSpec.pieces. On the wire a
 shard is a run of independent zstd frames: frame 0 holds the safetensors
-header (its 8-byte length and JSON); then, for each piece in storage order,
+header (its 8-byte length and JSON, in the canonical form of
+docs/protocol.md; never shuffled); then, for each piece in storage order,
 its bytes cut into blocks of Codec.block_bytes, one frame per block (a piece
-with no elements has no frame). Independent frames let both ends work on
+with no elements has no frame). Every frame declares its decompressed size
+in its zstd frame header. Independent frames let both ends work on
 several blocks at once and never hold a whole decompressed shard.
+Conformance vectors: protos/gradualdiff/v1/vectors/ (index.json).
 """
 
 from collections import abc as _abc

@@ -94,7 +94,10 @@ class FederationServicer:
 
     def FetchDiff(self, request, context):
         """The global state from the round the worker holds to the current one: a
-        chain of DIFF deltas, or one SNAPSHOT when that is smaller.
+        chain of DIFF deltas, or one SNAPSHOT when that is smaller. Each delta
+        repeats a header and restarts offsets at 0 (see DeltaChunk). With nothing
+        new (have_round is the latest, no snapshot asked for) the stream ends OK
+        after zero messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

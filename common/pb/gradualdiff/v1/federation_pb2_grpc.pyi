@@ -44,7 +44,10 @@ class FederationStub:
     """
     FetchDiff: _grpc.UnaryStreamMultiCallable[_federation_pb2.FetchDiffRequest, _delta_pb2.DeltaChunk]
     """The global state from the round the worker holds to the current one: a
-    chain of DIFF deltas, or one SNAPSHOT when that is smaller.
+    chain of DIFF deltas, or one SNAPSHOT when that is smaller. Each delta
+    repeats a header and restarts offsets at 0 (see DeltaChunk). With nothing
+    new (have_round is the latest, no snapshot asked for) the stream ends OK
+    after zero messages.
     """
     PushDelta: _grpc.StreamUnaryMultiCallable[_delta_pb2.DeltaChunk, _federation_pb2.PushReceipt]
     """The worker's delta for the open round. A stream cut off at offset k is
@@ -66,7 +69,10 @@ class FederationAsyncStub(FederationStub):
     """
     FetchDiff: _aio.UnaryStreamMultiCallable[_federation_pb2.FetchDiffRequest, _delta_pb2.DeltaChunk]  # type: ignore[assignment]
     """The global state from the round the worker holds to the current one: a
-    chain of DIFF deltas, or one SNAPSHOT when that is smaller.
+    chain of DIFF deltas, or one SNAPSHOT when that is smaller. Each delta
+    repeats a header and restarts offsets at 0 (see DeltaChunk). With nothing
+    new (have_round is the latest, no snapshot asked for) the stream ends OK
+    after zero messages.
     """
     PushDelta: _aio.StreamUnaryMultiCallable[_delta_pb2.DeltaChunk, _federation_pb2.PushReceipt]  # type: ignore[assignment]
     """The worker's delta for the open round. A stream cut off at offset k is
@@ -109,7 +115,10 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_delta_pb2.DeltaChunk], _abc.AsyncIterator[_delta_pb2.DeltaChunk]]:
         """The global state from the round the worker holds to the current one: a
-        chain of DIFF deltas, or one SNAPSHOT when that is smaller.
+        chain of DIFF deltas, or one SNAPSHOT when that is smaller. Each delta
+        repeats a header and restarts offsets at 0 (see DeltaChunk). With nothing
+        new (have_round is the latest, no snapshot asked for) the stream ends OK
+        after zero messages.
         """
 
     @_abc_1.abstractmethod
