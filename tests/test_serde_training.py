@@ -110,7 +110,7 @@ def test_a_spec_out_of_its_limits_is_refused_from_the_wire_too(
 
 def test_a_zero_step_count_is_refused_where_it_can_be_said() -> None:
     # On the wire a zero reads as the default (proto3), so only a spec built in code can say it.
-    with pytest.raises(InvalidArgument, match="training.local_steps = 0 must be >= 1"):
+    with pytest.raises(InvalidArgument, match=r"training\.local_steps = 0 must be >= 1"):
         TrainingSpec(local_steps=0)
 
 
