@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck proto proto-check bench compare plots clean
+.PHONY: setup demo test lint typecheck proto proto-check bench bench-wan bench-worker compare plots reliability clean
 
 setup: $(STAMP)
 
@@ -47,12 +47,29 @@ bench: plots
 	$(PY) -m bench.aggregator
 	$(PY) -m bench.limits
 	$(PY) -m bench.compare_peers
+	$(PY) -m bench.worker
+	$(MAKE) bench-wan
+
+# What a worker holds (docs/worker.md): LoRA site accounting, CPU modes, the full fine-tune's host
+# side. On a CUDA machine, `$(PY) -m bench.worker --gpu` adds the GPU section.
+bench-worker: setup
+	$(PY) -m bench.worker
+
+# The round on shaped links (bench/wan): sites and aggregator in network namespaces, tbf rates, a
+# userspace delay line for the RTT. Needs root (ip netns, tc); ours, Flower and NVIDIA FLARE, K = 4.
+bench-wan: setup
+	$(PY) -m bench.wan.run
 
 # Every method and codec on the demo task: docs/methods.md and its plots (about 15 minutes on 2 cores).
 compare: plots
 	$(PY) -m bench.compare --dir compare-run
 	# FedCyBGD in its own regime (IID sites, N >= L blocks), in one process: docs/methods.md's second table.
 	$(PY) -m bench.compare --cybgd-regime
+
+# Faults injected into real daemons and sites (docs/reliability.md): writes docs/reliability.{md,json}
+# and fails when a goal is missed (about 6 minutes on 2 cores; CI runs --quick in tests/test_reliability.py).
+reliability: setup
+	$(PY) -m bench.reliability.campaign
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-run compare-run

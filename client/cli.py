@@ -42,6 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long each call waits for an aggregator that is away or restarting, from its first "
         "failure, before the worker gives up with exit code 1 (default: 600)",
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes (GPUs) this site trains on; > 1 starts them through torchrun (rank 0 talks "
+        "to the aggregator); see docs/operator.md, 'A site on several GPUs'",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --nproc: shard full fine-tuning across the processes (FSDP2) instead of each "
+        "holding the whole model (DDP); for models that do not fit one GPU",
+    )
     parser.add_argument("--tls-ca", type=Path)
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
@@ -58,7 +71,8 @@ def _seconds(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.worker import Worker, WorkerConfig
+    from client.worker import Worker
+    from client.worker_config import WorkerConfig
     from common.channel import read_token
     from common.malloc import tune_malloc
 
@@ -68,6 +82,15 @@ def run(args: argparse.Namespace) -> int:
         # Several workers sharing a machine each want one thread: small ops slow down 5x oversubscribed.
         torch.set_num_threads(args.threads)
 
+    if args.nproc < 1:
+        print(f"gdfed work: --nproc {args.nproc} must be >= 1", file=sys.stderr)
+        return 2
+    from client.distributed import launched_by_torchrun
+
+    ranked = launched_by_torchrun()
+    if args.fsdp and args.nproc < 2 and not ranked:
+        print("gdfed work: --fsdp shards the model across processes; give --nproc 2 or more", file=sys.stderr)
+        return 2
     token = read_token(args.token_file, "GDFED_SITE_TOKEN")
     if not token:
         print("gdfed work: give --token-file or set GDFED_SITE_TOKEN", file=sys.stderr)
@@ -92,4 +115,21 @@ def run(args: argparse.Namespace) -> int:
         max_wait_s=args.max_wait_s,
     )
     tune_malloc()
+    if ranked:
+        from client.site_launch import run_rank
+
+        return run_rank(config, fsdp=args.fsdp)
+    if args.nproc > 1:
+        return _launch(args)
     return Worker(config).run()
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command on N processes through torchrun."""
+    from client.site_launch import argv_of, launch
+
+    options = argparse.ArgumentParser()
+    add_arguments(options)
+    argv = argv_of(args, options, leave={"nproc"})
+    argv += [f"--{flag}" for flag in ("verbose", "debug") if getattr(args, flag, False) is True]
+    return launch(args.nproc, argv)

@@ -140,7 +140,7 @@ def pretrain(model_dir: Path, records: Sequence[Record], *, steps: int, seed: in
             batches(examples, 32, loaded.tokenizer.pad_token_id, seed),
             steps=steps,
             lr=3e-3,
-            on_step=lambda step, loss: losses.append(loss),
+            on_step=lambda step, loss, tokens: losses.append(loss),
         )
         with _quiet_progress():
             loaded.model.save_pretrained(str(model_dir), safe_serialization=True)

@@ -1,8 +1,9 @@
 """How a worker ends: its exit code and the one log line that says why.
 
 0  the run finished, or the worker did the rounds it was asked for
-1  evicted (a heartbeat's STOP "evicted", or PERMISSION_DENIED on a call), refused, or the
-   aggregator away for longer than --max-wait-s (start the worker again: it resumes)
+1  evicted (a heartbeat's STOP "evicted", or PERMISSION_DENIED with reason SITE_EVICTED on a
+   call), refused, or the aggregator away for longer than --max-wait-s (start the worker again:
+   it resumes)
 2  the aggregator does not know this site's token (a configuration error)
 """
 
@@ -14,7 +15,7 @@ import grpc
 
 from client.heartbeat import Status, one_line
 from client.transfer import RESUMABLE
-from common.errors import status_of
+from common.errors import CATALOG, reason_of, status_of
 
 logger = logging.getLogger("client.worker")
 
@@ -61,8 +62,9 @@ def gave_up(error: grpc.RpcError, status: Status, *, site_id: str, aggregator: s
     """The exit code, and its one log line, for a call to ``aggregator`` that failed for good."""
     code = status_of(error)
     details = _details(error)
-    if status.evicted:
-        return evicted(site_id, aggregator, status.evicted)
+    reason = reason_of(error)  # "" from an aggregator that sends none: the code decides alone
+    if status.evicted or reason == "SITE_EVICTED":
+        return evicted(site_id, aggregator, status.evicted or "evicted")
     if code is grpc.StatusCode.PERMISSION_DENIED:
         return refused(site_id, aggregator, details)
     if status.finished:
@@ -77,13 +79,7 @@ def gave_up(error: grpc.RpcError, status: Status, *, site_id: str, aggregator: s
         )
         return FAILED
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        logger.error(
-            "[worker] gave up: the aggregator at %s is too busy, or the request is over one of its "
-            "limits (%s: %s)",
-            aggregator,
-            name,
-            details,
-        )
+        logger.error("[worker] gave up: %s (%s: %s)", _exhausted(reason, aggregator), name, details)
     elif code in RESUMABLE:
         logger.error(
             "[worker] gave up: the aggregator at %s did not answer within %.0f s (%s: %s); "
@@ -96,3 +92,13 @@ def gave_up(error: grpc.RpcError, status: Status, *, site_id: str, aggregator: s
     else:
         logger.error("[worker] the aggregator at %s refused a call: %s: %s", aggregator, name, details)
     return FAILED
+
+
+def _exhausted(reason: str, aggregator: str) -> str:
+    """Why a RESOURCE_EXHAUSTED call failed for good, by its reason if the aggregator sent one."""
+    known = CATALOG.get(reason)
+    if known is None:
+        return f"the aggregator at {aggregator} is too busy, or the request is over one of its limits"
+    if known.retryable:
+        return f"the aggregator at {aggregator} stayed busy or out of disk ({reason}: {known.meaning})"
+    return f"the request is over a limit of the aggregator at {aggregator} ({reason}: {known.meaning})"

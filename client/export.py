@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -255,13 +255,17 @@ def export(
     import torch
 
     from client.model import load_model
-    from common.spec import TrainingSpec, TrainMode
+    from common.spec import BaseDtype, Quantization, TrainingSpec, TrainMode
     from common.statefile import StateReader
 
     # Absolute: the adapter names its base by this path, and must load from any working directory.
     model_dir = model_dir.resolve()
     lora = spec.mode is TrainMode.LORA
-    loaded = load_model(model_dir, spec if lora else TrainingSpec(mode=TrainMode.FULL), torch.device("cpu"))
+    # The merge goes into the fp32 base read from its files, never into a quantized one (QLoRA runs).
+    unquantized = replace(spec, quantization=Quantization.NONE, base_dtype=BaseDtype.FP32)
+    loaded = load_model(
+        model_dir, unquantized if lora else TrainingSpec(mode=TrainMode.FULL), torch.device("cpu")
+    )
     put_state(loaded.model, StateReader(state_file), required=loaded.trainable if lora else ())
     model = loaded.model
     adapter_dir = None

@@ -2,7 +2,7 @@
 
     Join ─> Heartbeat.start() ─> a beat at once, then one every interval (the JoinReply's, or
             the last reply's next_beat_ms):
-        HeartbeatRequest(round, phase, step, loss, last_problem, timings) ─> the directive
+        HeartbeatRequest(round, phase, step, loss, last_problem, timings, training) ─> the directive
             STOP "evicted..."  -> Status.evicted, Status.stop (the worker exits 1)
             STOP otherwise     -> Status.finished, Status.stop (the run is over: exit 0)
             ABORT_ROUND        -> Status.abort_round = the round being trained
@@ -18,6 +18,10 @@ debug level and the next one goes out on time.
 (``client``, ``common``) as one line of at most ``MAX_PROBLEM_BYTES``, sent in
 every beat, so an operator sees why a site is slow or failing (``gdfed status
 --site``) without a shell on it.
+
+``Status.training`` holds the figures of the round being trained (tokens/s, step time, peak
+memory, ranks: ``client.stats``), updated each step, then those of the last round trained until
+the next one starts: every beat carries them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from types import TracebackType
 
 import grpc
 
+from common.delta import TrainingStats
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
+from common.serde import training_stats_to_proto
 from common.spec import Directive, Phase
 
 logger = logging.getLogger(__name__)
@@ -69,6 +75,7 @@ class Status:
     abort_round: int = 0
     problem: str = ""  # the last warning or error, one line (ProblemLog)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED, 0.0))
+    training: TrainingStats = field(default_factory=TrainingStats)  # this round so far, or the last
     evicted: str = ""  # the aggregator's word when it evicted this site ("" = not evicted)
     finished: bool = False  # the aggregator said stop for another reason: the run is over
     stop: threading.Event = field(default_factory=threading.Event)
@@ -172,6 +179,7 @@ class Heartbeat:
                 train_seconds=t["train"],
                 upload_seconds=t["upload"],
             ),
+            training=training_stats_to_proto(s.training),
         )
 
     def beat(self, *, timeout: float) -> federation_pb2.HeartbeatReply:

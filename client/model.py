@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from common.spec import OPTIMIZER_MARK, TrainingSpec, TrainMode
+from client import precision
+from common.spec import OPTIMIZER_MARK, BaseDtype, TrainingSpec, TrainMode
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class LoadedModel:
     tokenizer: Any
     trainable: list[str]
     device: torch.device
+    # The forward pass's autocast dtype (client.precision.autocast_dtype); None: bf16 on CUDA, none
+    # on the CPU, as for a model held in fp32.
+    compute_dtype: torch.dtype | None = None
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -62,8 +66,11 @@ def load_model(
 ) -> LoadedModel:
     """Load tokenizer and model from ``model_dir`` and mark what trains according to ``spec``.
 
-    The model is kept in fp32 (the master copy that deltas are taken from and
-    applied to); on CUDA, training runs under bf16 autocast.
+    Trainable tensors are fp32 (the master copy that deltas are taken from and applied to);
+    the frozen rest is held in the spec's ``base_dtype`` (``client.precision``), or quantized
+    through bitsandbytes (LoRA only). In FULL mode every tensor trains, so the whole model is fp32
+    whatever ``base_dtype`` says; the forward pass still runs in half precision under autocast on
+    an accelerator.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,7 +79,24 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    frozen_dtype = precision.base_dtype(spec.base_dtype, device)
+    compute = precision.autocast_dtype(frozen_dtype, device)
+    quantized = precision.quantization_config(spec, compute or torch.float32)
+    model: Any
+    if quantized is not None:
+        # A quantized model is placed as it loads (bitsandbytes quantizes on the way to the device)
+        # and cannot be moved afterwards; its unquantized modules (embeddings, norms, head) take
+        # ``frozen_dtype``: bf16 on an accelerator, not upcast to fp32 (see _with_lora).
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=frozen_dtype, quantization_config=quantized, device_map={"": _placement(device)}
+        )
+    else:
+        # Trainable tensors are read at full precision: a bf16 round trip would change the base's
+        # values, and a site's own copy of the base must equal the aggregator's round-0 state.
+        load_dtype = frozen_dtype if spec.mode is TrainMode.LORA else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype)
+    if spec.gradient_checkpointing:
+        _checkpointing(model)
     if spec.mode is TrainMode.LORA:
         model = _with_lora(model, spec, lora_rank or spec.lora.rank)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -86,21 +110,54 @@ def load_model(
                 trainable.append(name)
         if not trainable:
             raise ValueError(f"no parameter matches the trainable patterns {list(spec.trainable_patterns)}")
-    model.to(device)
+        if spec.mode is TrainMode.SUBSET and frozen_dtype != torch.float32:
+            precision.hold_frozen_in(model, set(trainable), frozen_dtype)
+        elif spec.mode is TrainMode.FULL and spec.base_dtype not in (BaseDtype.AUTO, BaseDtype.FP32):
+            logger.info(
+                "[model] full fine-tuning trains every tensor: all held in fp32, not %s", frozen_dtype
+            )
+    precision.hold_trainable_fp32(model, set(trainable))
+    if quantized is None:
+        model.to(device)
+    elif device.type == "cpu":
+        precision.keep_4bit_layout(model)
     count = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
     logger.info(
-        "[model] %s on %s: %d trainable tensors, %s parameters",
+        "[model] %s on %s: %d trainable tensors, %s parameters; base %s%s",
         model_dir,
         device,
         len(trainable),
         f"{count:,}",
+        spec.quantization.name.lower() if quantized is not None else str(frozen_dtype).removeprefix("torch."),
+        ", gradient checkpointing" if spec.gradient_checkpointing else "",
     )
-    return LoadedModel(model, tokenizer, trainable, device)
+    return LoadedModel(model, tokenizer, trainable, device, compute)
+
+
+def _placement(device: torch.device) -> str | int:
+    """``device`` as a device_map entry: "cpu", or the CUDA index (the current device for plain "cuda")."""
+    if device.type != "cuda":
+        return str(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing (torch's recommended form) propagates gradients to the adapters
+    # even when no checkpointed input requires grad, so peft's enable_input_require_grads hook,
+    # which the reentrant form needs under a frozen embedding, is not wanted here.
+    # transformers 5 calls it activation checkpointing (gradient_checkpointing_enable is its deprecated alias).
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is useless in training and warned about with checkpointing
 
 
 def _with_lora(model: Any, spec: TrainingSpec, rank: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    # peft's prepare_model_for_kbit_training is not called for a quantized base: it freezes the base
+    # (get_peft_model does that too), enables checkpointing (_checkpointing does), and upcasts every
+    # bf16/fp16 parameter to fp32, the embeddings and head included, which on a GPU would cost
+    # more than the 4-bit base saves (an 8B Llama-3's embeddings and head: 4.2 GB in fp32). The
+    # adapters are kept fp32 by get_peft_model (autocast_adapter_dtype) and hold_trainable_fp32.
     # The same seed everywhere gives every site the same initial adapters; the
     # round-0 state is fetched from the aggregator anyway, so this only keeps
     # init_state and sites consistent when both are built from the same base.

@@ -29,9 +29,9 @@ def restored_adamw(
     """An AdamW over ``part``'s trainable parameters, with the moments and step found in ``state``.
 
     With one site cycling over every block this is BAdam's block-coordinate descent with one
-    persistent AdamW, step for step (tests/test_cybgd_reference.py). There is no learning-rate
-    schedule to carry: ``TrainingSpec`` has a constant rate (the authors' cosine schedule travels
-    with their optimizer; ours would need a run-wide step budget).
+    persistent AdamW, step for step (tests/test_cybgd_reference.py). The learning rate does not
+    travel: the rate of each step is the run's schedule at that round (``client.schedule``; the
+    authors' cosine schedule travels with their optimizer), the same on every site.
 
     Raises:
         ValueError: a moment's shape differs from its parameter's.

@@ -3,22 +3,29 @@
 Applying is ``state[name] += diff[name]`` in fp32, tensor by tensor, in the
 order the chain arrives: exactly the additions the aggregator made, so a
 worker's state equals the aggregator's bit for bit.
+
+A delta is decoded as it arrives and written to a spool file (raw values,
+piece by piece); once all of it has arrived and checked, the spool is read
+back a few MiB at a time and added into the state in place. No full-size
+buffer exists on the host: the state is the one copy (docs/worker.md).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from common.codec import DeltaStreamDecoder, allocate, iter_chunks
-from common.codec.decoder import place_piece
-from common.delta import Chunk, DeltaHeader, DeltaKind
-from common.errors import is_round_over, status_of
+from common.codec.decoder import DecodedPiece, place_piece
+from common.delta import MIB, Chunk, DeltaHeader, DeltaKind
+from common.errors import is_round_over, reason_of, status_of
 from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
 from common.retry import TRANSIENT, Retrier, RetryPolicy
 from common.serde import chunk_from_proto, chunk_to_proto
@@ -46,6 +53,14 @@ MAX_WAIT_S = 600.0
 # An upload: waits of up to 30 s, for up to MAX_WAIT_S from the failure; a try that moved bytes
 # starts the bound again (one try of a large payload may itself take long).
 PUSH = RetryPolicy(max_delay=30.0, max_elapsed=MAX_WAIT_S, retry_on=RESUMABLE)
+# How much of a spooled delta is read back and applied at a time: the host's working memory while
+# applying, whatever the size of a tensor.
+APPLY_BYTES = 4 * MIB
+# A spooled delta decodes each shard as soon as it has arrived, one at a time: one compressed and one
+# decoded shard in memory instead of up to three and two (DeltaStreamDecoder.MAX_PENDING), at the
+# cost of receiving and decoding in turn. GPT-2 small's first fetch: ~120 MB above the state
+# instead of ~210 MB (bench.worker, docs/worker.md).
+SPOOL_PENDING = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,10 @@ class Synced:
     bytes: int
     deltas: int
     snapshot: bool
+
+
+# Times a push asks the offset again after WRONG_OFFSET before the error counts as the push's.
+OFFSET_RACES = 3
 
 
 class RoundOver(Exception):
@@ -76,6 +95,11 @@ class Sync:
     buffers of each applied difference are reused for the next one in the
     chain. Fresh memory costs a page fault per page, and on VMs that return
     freed pages to their host much more (docs/performance.md).
+
+    Without ``spare`` (a worker keeps none: docs/worker.md), each delta is
+    decoded into a spool file in ``spool_dir`` (the system's temporary
+    directory when None; a worker gives its state directory) and applied from
+    it a few MiB at a time: working memory of a few shards, not a delta.
     """
 
     def __init__(
@@ -91,6 +115,7 @@ class Sync:
         progress: Callable[[int], None] = lambda n: None,
         timeout: float = 3600,
         spare: Mapping[str, torch.Tensor] | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         self._stub = stub
         self._metadata = metadata
@@ -101,6 +126,7 @@ class Sync:
         self._progress = progress
         self._timeout = timeout
         self._spare: Mapping[str, torch.Tensor] = spare or {}
+        self._spool_dir = spool_dir
         self.round = held_round
         self.bytes = 0
         self.deltas = 0
@@ -121,7 +147,12 @@ class Sync:
                     if current is not None:
                         self._finish(current)
                     current = _Incoming(
-                        chunk.header, self._state, self.round, partial=bool(self._only), spare=self._spare
+                        chunk.header,
+                        self._state,
+                        self.round,
+                        partial=bool(self._only),
+                        spare=self._spare,
+                        spool_dir=self._spool_dir,
                     )
                     self._spare = {}  # the decode owns them now
                 assert current is not None
@@ -147,7 +178,11 @@ class Sync:
 
 
 class _Incoming:
-    """One delta of a FetchDiff stream, decoded as it arrives into buffers apart from the state."""
+    """One delta of a FetchDiff stream, decoded as it arrives apart from the state.
+
+    Into ``spare`` buffers (of the manifest's tensors) when the caller has them, else into a
+    spool file of the pieces' raw values, in the order they decode.
+    """
 
     def __init__(
         self,
@@ -157,6 +192,7 @@ class _Incoming:
         *,
         partial: bool,
         spare: Mapping[str, torch.Tensor],
+        spool_dir: Path | None = None,
     ) -> None:
         self.header = header
         self._state = state
@@ -179,22 +215,35 @@ class _Incoming:
                 raise ValueError(
                     f"difference of round {header.round} names tensors this worker does not train"
                 )
-        self.buffers = allocate(header.layout.manifest, reuse=spare)
-        self._decoder = DeltaStreamDecoder(into=self.buffers)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._spool: _Spool | None = None
+        if spare:
+            self.buffers = allocate(header.layout.manifest, reuse=spare)
+            self._decoder = DeltaStreamDecoder(into=self.buffers)
+        else:
+            self._spool = _Spool(spool_dir)
+            self._decoder = DeltaStreamDecoder(max_pending=SPOOL_PENDING)
 
     def feed(self, chunk: Chunk) -> None:
-        for piece in self._decoder.feed(chunk):
-            place_piece(self.buffers[piece.name], piece)
+        self._place(self._decoder.feed(chunk))
+
+    def _place(self, pieces: list[DecodedPiece]) -> None:
+        for piece in pieces:
+            if self._spool is not None:
+                self._spool.write(piece)
+            else:
+                place_piece(self.buffers[piece.name], piece)
 
     def apply(self) -> int:
         """Check that the whole delta arrived and decoded, then apply it; returns the round reached."""
-        for piece in self._decoder.finish():
-            place_piece(self.buffers[piece.name], piece)
+        self._place(self._decoder.finish())
         state = self._state
         for spec in self.header.layout.manifest:
             if OPTIMIZER_MARK in spec.name and spec.name not in state:
                 state[spec.name] = torch.zeros(spec.shape)
-        if self.header.kind is DeltaKind.SNAPSHOT:
+        if self._spool is not None:
+            self._apply_spooled(self._spool)
+        elif self.header.kind is DeltaKind.SNAPSHOT:
             for name, value in self.buffers.items():
                 # The held state mirrors the aggregator's, which may differ in shape from what this
                 # site's model trains (FlexLoRA: rank-R adapters, sliced to the site's rank per round).
@@ -207,8 +256,70 @@ class _Incoming:
                 state[name].add_(value.to(state[name].dtype))
         return self.header.round
 
+    def _apply_spooled(self, spool: _Spool) -> None:
+        state, snapshot = self._state, self.header.kind is DeltaKind.SNAPSHOT
+        for spec in self.header.layout.manifest:
+            held = state[spec.name]
+            if snapshot and tuple(held.shape) != tuple(spec.shape):
+                # As with buffers: the snapshot's shape wins (FlexLoRA's rank-R adapters).
+                state[spec.name] = torch.empty(spec.shape, dtype=held.dtype)
+            elif not held.is_contiguous():
+                state[spec.name] = held.contiguous()
+        for name, start, values in spool.read_back():
+            target = state[name].view(-1)[start : start + values.numel()]
+            if snapshot:
+                target.copy_(values)
+            else:
+                target.add_(values.to(target.dtype))
+        spool.close()
+
     def close(self) -> None:
         self._decoder.close()
+        if self._spool is not None:
+            self._spool.close()
+
+
+class _Spool:
+    """The decoded pieces of one delta, as raw bytes in an anonymous file, read back a slice at a time."""
+
+    def __init__(self, directory: Path | None) -> None:
+        # Unlinked at once: nothing is left behind by a worker that dies mid-fetch.
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close())
+        self._pieces: list[tuple[str, int, int, torch.dtype]] = []
+
+    def write(self, piece: DecodedPiece) -> None:
+        count = piece.values.numel()
+        if count:
+            self._file.write(piece.values.view(torch.uint8).numpy().data)
+            self._pieces.append((piece.name, piece.start, count, piece.values.dtype))
+
+    def read_back(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """(name, first element, values) for every piece in the order written, <= APPLY_BYTES each.
+
+        The values live in one reused buffer: each is valid until the next is taken.
+        """
+        self._file.flush()
+        self._file.seek(0)
+        buffer = np.empty(APPLY_BYTES, dtype=np.uint8)
+        for name, start, count, dtype in self._pieces:
+            size = torch.empty(0, dtype=dtype).element_size()
+            step = APPLY_BYTES // size
+            for first in range(0, count, step):
+                n = min(step, count - first)
+                view = buffer[: n * size]
+                self._read_exactly(view.data, name)
+                yield name, start + first, torch.from_numpy(view).view(dtype)
+
+    def _read_exactly(self, into: memoryview, name: str) -> None:
+        done = 0
+        while done < len(into):
+            got = self._file.readinto(into[done:])
+            if not got:
+                raise OSError(f"the spool of {name!r} ended early")
+            done += got
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def push(
@@ -236,6 +347,18 @@ def push(
     committed = [0]
 
     def attempt() -> federation_pb2.PushReceipt:
+        # WRONG_OFFSET: another stream of this upload (one the link cut, still draining on the
+        # aggregator) committed more after we asked; ask again rather than give the upload up.
+        for _ in range(OFFSET_RACES):
+            try:
+                return stream()
+            except grpc.RpcError as exc:
+                if reason_of(exc) != "WRONG_OFFSET":
+                    raise
+                logger.info("[upload] %s: %s; asking the offset again", header.upload_id, exc.details())
+        return stream()
+
+    def stream() -> federation_pb2.PushReceipt:
         nonlocal resuming
         start = 0
         if resuming:
@@ -261,7 +384,8 @@ def push(
                 _messages(header, payload, start, progress), metadata=metadata, timeout=timeout
             )
         except grpc.RpcError as exc:
-            if is_round_over(exc) or status_of(exc) is grpc.StatusCode.FAILED_PRECONDITION:
+            over = is_round_over(exc) or status_of(exc) is grpc.StatusCode.FAILED_PRECONDITION
+            if over and reason_of(exc) != "WRONG_OFFSET":
                 raise RoundOver(exc.details() or "") from None
             raise
 

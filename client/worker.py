@@ -22,14 +22,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import torch
 
-from client import exits, optimizer_state
-from client.data import Example, batches, read_jsonl, split, tokenize
+from client import exits, optimizer_state, stats
+from client.data import Example, read_jsonl, split, tokenize, training_batches
+from client.delta_source import Difference, trained_values
 from client.feedback import UploadFeedback, upload_accepted
 from client.heartbeat import Heartbeat, ProblemLog, Status, one_line
 from client.local_state import LocalState
@@ -42,10 +43,13 @@ from client.model import (
     trainable_state,
 )
 from client.progress import Progress
-from client.train import Aborted, RoundTraining, difference, train_round
+from client.ranks import SOLO, Ranks
+from client.train import Aborted, RoundTraining
 from client.transfer import MAX_WAIT_S, PUSH, RESUMABLE, RoundOver, Sync, Synced, push
+from client.worker_config import RoundReport, WorkerConfig
 from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
+from common.codec.compact import is_lossy
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
 from common.files import rewrite
 from common.lora import slice_state
@@ -63,49 +67,10 @@ CALLS = RetryPolicy(max_delay=15.0, max_elapsed=MAX_WAIT_S, retry_on=RESUMABLE)
 TAKES_UPLOADS: frozenset[int] = frozenset(int(s) for s in RoundState if s.accepts_uploads)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerConfig:
-    """How one site runs."""
-
-    aggregator: str
-    site_id: str
-    token: str
-    model: Path
-    data: Path
-    state_dir: Path
-    eval_data: Path | None = None  # default: a held-out part of ``data``
-    eval_fraction: float = 0.1
-    device: str = "auto"
-    lora_rank: int = 0  # the rank this site can afford (FlexLoRA); 0 = the run's
-    max_rounds: int = 0  # stop after this many rounds; 0 = until the run ends
-    quiet: bool = False
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    seed: int = 0
-    # The longest a call waits for an aggregator that is away (from its first failure), in seconds.
-    max_wait_s: float = MAX_WAIT_S
-
-    def __post_init__(self) -> None:
-        if not 0 < self.max_wait_s < float("inf"):
-            raise ValueError(f"max_wait_s is {self.max_wait_s}; must be a number of seconds > 0")
-
-
-@dataclass
-class RoundReport:
-    """What one round cost and gave this site."""
-
-    round: int
-    train_loss: float
-    eval_loss: float
-    bytes_up: int
-    bytes_down: int
-    train_seconds: float
-    steps: int
-
-
 class Worker:
     """One site's worker process."""
+
+    ranks: Ranks = SOLO  # a site on several processes: rank 0's hooks for the others (client.ranks)
 
     def __init__(
         self, config: WorkerConfig, *, on_round: Callable[[RoundReport], None] = lambda r: None
@@ -116,10 +81,6 @@ class Worker:
         self.progress = Progress(quiet=config.quiet)
         self._status = Status()
         self._beats: Heartbeat | None = None
-        # The last upload's difference tensors, kept from its push to the next fetch (the worker is
-        # idle between) and decoded into there, then dropped before training: the fetch touches no
-        # fresh memory and training's peak is unchanged.
-        self._spare: dict[str, torch.Tensor] = {}
         self._channel = open_channel(
             ChannelConfig(
                 target=config.aggregator,
@@ -211,6 +172,7 @@ class Worker:
         self._beats.start()
         run_id = join.run_id
         spec = training_spec_from_proto(join.current.training)
+        self.ranks.loading(spec)
         with self._status.timed(Phase.LOADING, "load"):
             loaded = load_model(c.model, spec, device, lora_rank=c.lora_rank)
             train = tokenize(train_records, loaded.tokenizer, spec.max_seq_len)
@@ -239,6 +201,10 @@ class Worker:
                 continue
             if round_spec.run_finished:
                 logger.info("[worker] the run is finished")
+                # The site keeps the run's final model: what was published since the last sync.
+                synced = self._sync(held_round, state)
+                if synced.round != held_round:
+                    self.local.save_held(run_id, synced.round, state)
                 break
             bytes_down = 0
             start = state
@@ -250,7 +216,6 @@ class Worker:
                 synced = self._sync(held_round, state)
                 held_round, bytes_down = synced.round, synced.bytes
                 self.local.save_held(run_id, held_round, state)
-            self._spare = {}
             report = self._round(loaded, round_spec, start, train, held_out, run_id)
             if report is not None:
                 report.bytes_down = bytes_down
@@ -302,9 +267,9 @@ class Worker:
                 snapshot=snapshot,
                 only_prefixes=only,
                 progress=bar,
-                spare=self._spare,
+                # The held state is the host's one copy: deltas are spooled to disk, then applied.
+                spool_dir=self.local.root,
             )
-            self._spare = {}
             # Each delta applied is progress: a chain that keeps breaking but moves on is not given up.
             synced: Synced = self._retry.call("fetch", sync, progress=lambda: sync.deltas)
         logger.info(
@@ -345,9 +310,15 @@ class Worker:
             trained = self._train(loaded, spec, number, start, params, carried, train, held_out)
             if trained is None:
                 return None
-            delta = difference(trained.state, start, names, own=set(loaded.trainable))
-            load_trainable(loaded, start)
+            # Δ = trained − start, a piece at a time as the encoder reaches it, read from the model's
+            # parameters (docs/worker.md: one fp32 copy of the trainable state on the host, the
+            # start). Training's own copy of the trained state is dropped before the encoding.
+            values = trained_values(loaded.model, loaded.trainable, trained.state)
+            trained.state.clear()
+            delta = Difference(values, start, names)
             header, payload = self._encode(spec, spec_msg, run_id, delta, trained, samples=len(train))
+            del values, delta
+            load_trainable(loaded, start)
         else:
             header, payload = pending.header, pending.payload
             logger.info("[round %d] resuming upload %s", number, header.upload_id)
@@ -367,16 +338,18 @@ class Worker:
         """The local steps from ``start`` and the eval loss; ``None`` (model back at ``start``) if aborted."""
         c, s = self.config, self._status
         s.phase, s.step, s.total = Phase.TRAINING, 0, spec.local_steps
-        data = batches(train, spec.batch_size, loaded.tokenizer.pad_token_id, seed=c.seed * 100_003 + number)
+        seed = c.seed * 100_003 + number
+        data = training_batches(train, spec.batch_size, loaded.tokenizer.pad_token_id, seed=seed)
         tick = self.progress.steps(f"{c.site_id} round {number}", spec.local_steps)
 
-        def on_step(step: int, loss: float) -> None:
-            s.step, s.loss = step, loss
+        def on_step(step: int, loss: float, tokens: int) -> None:
+            s.step, s.loss, s.training = step, loss, meter.at(step, tokens)  # the beats': the round so far
             tick(loss)
 
+        meter = stats.RoundMeter(loaded.device)  # the round's clock starts
         try:
             with s.timed(Phase.TRAINING, "train"):
-                return train_round(
+                return self.ranks.train_round(
                     loaded,
                     spec,
                     data,
@@ -386,6 +359,8 @@ class Worker:
                     held_out,
                     on_step=on_step,
                     should_stop=lambda: s.stop.is_set() or s.abort_round == number,
+                    number=number,  # where the round's steps fall on the run's lr schedule
+                    seed=seed,
                 )
         except Aborted as exc:
             logger.warning("[round %d] training aborted: %s", number, exc)
@@ -399,7 +374,7 @@ class Worker:
         spec: TrainingSpec,
         spec_msg: federation_pb2.RoundSpec,
         run_id: str,
-        delta: dict[str, torch.Tensor],
+        delta: Difference,
         trained: RoundTraining,
         *,
         samples: int,
@@ -408,11 +383,13 @@ class Worker:
         c, number, result = self.config, spec_msg.round, trained.result
         upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
         payload = self.local.payload_path(upload_id)
-        # Lossy codec: compact forms of e + Δ, the new residual kept on disk (client.feedback).
-        tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
         with rewrite(payload, self.local.recycler) as sink:
-            layout = encode(tensors, spec.upload_codec, sink)
-        self._spare = delta
+            if is_lossy(spec.upload_codec):
+                # Compact forms of e + Δ, Δ a tensor at a time; the new residual kept on disk (client.feedback).
+                tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
+                layout = encode(tensors, spec.upload_codec, sink)
+            else:
+                layout = encode(delta, spec.upload_codec, sink, manifest=delta.manifest)
         header = DeltaHeader(
             layout=layout,
             run_id=run_id,
@@ -427,6 +404,7 @@ class Worker:
                 eval_loss=trained.eval_loss,
                 steps=result.steps,
                 train_seconds=result.seconds,
+                training=self._status.training,  # as of the round's last step (_train's on_step)
             ),
         )
         self.local.save_pending(header)

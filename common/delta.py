@@ -148,6 +148,19 @@ class PayloadLayout:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingStats:
+    """What a site's training costs and yields (wire TrainingStats): measured by the worker over a
+    round (in a heartbeat: the round so far); all zero = not measured."""
+
+    tokens_per_second: float = 0.0  # non-padding tokens trained per second
+    step_seconds: float = 0.0  # mean wall time of one optimizer step
+    peak_memory_bytes: int = 0  # peak accelerator memory, or the host's peak RSS
+    peak_is_accelerator: bool = False  # which of the two peak_memory_bytes is
+    ranks: int = 0  # processes training the site (0 = not said)
+    tokens: int = 0  # non-padding tokens trained in the round
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UploadMetrics:
     """What a worker reports with its upload."""
 
@@ -155,6 +168,7 @@ class UploadMetrics:
     eval_loss: float = 0.0
     steps: int = 0
     train_seconds: float = 0.0
+    training: TrainingStats = field(default_factory=TrainingStats)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,9 +17,16 @@ allowance. A call that reports ``progress`` (bytes moved) and made some since
 the last failure starts its bounds again: it is moving, not stuck.
 
 RESOURCE_EXHAUSTED means an aggregator too busy to take the call, or a request
-over one of its limits (``LimitExceeded``), which no retry changes; the code
-alone cannot tell them apart, so a code in ``limited_on`` gets at most
-``limited_attempts`` tries however long the time bound.
+over one of its limits (``LimitExceeded``), which no retry changes. An
+aggregator that sends reasons tells them apart (``common.errors.CATALOG``): a
+reason no retry helps is raised at once, a busy one is retried without being
+counted. For a status without a reason the code alone cannot tell, so a code in
+``limited_on`` gets at most ``limited_attempts`` tries however long the time bound.
+
+A ``google.rpc.RetryInfo`` in the status (``retry_delay_of``: the aggregator
+says when to come back, e.g. 5 s for a site over its share of long calls)
+replaces the drawn wait: that delay plus up to a quarter more of jitter, still
+ended by the time bound.
 
 ``sleep``, ``clock`` and ``rng`` are injected: tests run the loop without
 waiting, and a worker's ``sleep`` wakes up when it is told to stop.
@@ -37,7 +44,7 @@ from typing import TypeVar
 
 import grpc
 
-from common.errors import status_of
+from common.errors import CATALOG, reason_of, retry_delay_of, status_of
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,7 +144,11 @@ class Retrier:
                     done, attempt, limited, failed = max(done, moved), 0, 0, True
                     give_up_at = now + policy.max_elapsed
                 attempt += 1
-                limited += code in policy.limited_on
+                if code in policy.limited_on:
+                    known = CATALOG.get(reason_of(exc))
+                    if known is not None and not known.retryable:
+                        raise  # over a limit: the same call fails again
+                    limited += known is None
                 if policy.max_attempts and attempt >= policy.max_attempts:
                     raise
                 if limited >= policy.limited_attempts:
@@ -145,7 +156,11 @@ class Retrier:
                 left = give_up_at - now
                 if left <= 0:
                     raise
-                delay = min(self.rng.uniform(0, policy.ceiling(attempt - 1)), left)
+                hint = retry_delay_of(exc)
+                if hint is not None:  # the aggregator's word; jittered up so sites do not return in step
+                    delay = min(hint * (1 + 0.25 * self.rng.random()), left)
+                else:
+                    delay = min(self.rng.uniform(0, policy.ceiling(attempt - 1)), left)
                 logger.warning(
                     "[%s] %s: %s; attempt %d failed, next in %.1fs (giving up %s)",
                     what,

@@ -23,6 +23,11 @@ and rebuilt at close, where each upload folds as ``n_i · min(1, clip/‖Δ_i‖
 decodes the accepted spools once more. An upload over ``max_norm`` is refused,
 and one whose ``n_i·‖Δ_i‖`` would take the sum near the accumulator's range
 too: ``Σ n_i·‖Δ_i‖`` bounds every element of the sum, so it cannot overflow.
+
+A round whose rule is not the mean (``server.robust``: trimmed mean, median) keeps no sum
+(``summing=False``) but still ``checks`` every upload as it streams in: decoded, lossy ones
+assembled against this manifest, and its norm measured and bounded by ``max_norm``; the close
+reads the uploads back from their spools.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Accumulation:
         precision: str = "fp32",
         *,
         summing: bool = True,
+        checked: bool | None = None,
         uniform: bool = False,
         memory: ReusableBuffer | None = None,
         bounds: RoundBounds | None = None,
@@ -72,6 +78,9 @@ class Accumulation:
         # Not summing (FlexLoRA, whose close reads the spools): shards are still decoded, so every
         # upload is verified as it streams in, but nothing is added and no sum is allocated.
         self.summing = summing
+        # Checked (default: when summing): lossy uploads too are assembled against this manifest
+        # and measured; FlexLoRA's are not, their shapes are their ranks'.
+        self.checked = summing if checked is None else checked
         # Uniform: every upload weighs 1, not its sample count (FedCyBGD's agg mode: a plain mean).
         self.uniform = uniform
         self.sum = WeightedSum(
@@ -125,7 +134,7 @@ class Accumulation:
                 return True
             done.add(shard)
             weight = 1 if self.uniform else weight
-            if not self.summing:
+            if not self.checked:
                 # Lossy ones too: their tensors may differ in shape from this manifest (FlexLoRA's
                 # ranks); the close reads the spools back through common.codec.compact.decode_dense,
                 # which checks the compact data against the upload's own manifest. A dense upload's
@@ -139,6 +148,8 @@ class Accumulation:
                 else [(p.name, p.start, p.values) for p in pieces]
             )
             norm = self._measure(upload_id, [values for _, _, values in ranges])
+            if not self.summing:
+                return True  # a robust rule reads the spools at the close (server.robust)
             if scale is None:
                 if upload_id in self._held or norm > self.bounds.clip:
                     self._held.add(upload_id)  # folded again, scaled, when the round closes

@@ -53,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--watch", action="store_true", help="print events as they happen (Ctrl-C to stop)")
-    parser.add_argument("--round", type=int, help="details of one round")
+    parser.add_argument(
+        "--round",
+        type=int,
+        help="details of one round: each site's upload, losses, tokens/s, step time, peak memory",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="how many recent rounds to list")
     parser.add_argument("--site", help="details of one site: beat, phase, progress, last problem, timings")
 
@@ -177,6 +181,11 @@ def render_run(status: Any) -> list[str]:
         f" min_samples={status.quorum.min_sample_fraction:.0%} deadline={deadline}"
         f" min_sites_to_open={status.min_sites_to_open}"
     ]
+    if status.dp_rounds:
+        lines.append(
+            f"privacy: ε={status.dp_epsilon:.4g} at δ={status.dp_delta:.3g} spent by {status.dp_rounds} "
+            f"round(s) with noise (noise multiplier {status.dp_noise_multiplier:.4g})"
+        )
     if status.waiting_reason:
         lines.append(f"waiting: {status.waiting_reason}")
     return lines
@@ -192,6 +201,7 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
         elapsed_s,
         is_live,
         measured,
+        memory_note,
         participant_state,
         word,
     )
@@ -213,6 +223,17 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
             f"{_num(elapsed_s(r, now), '.1f'):>7} {_num(measured(r.aggregate_seconds), '.2f'):>6} "
             f"{_num(measured(r.mean_train_loss), '.4f'):>7} {_num(measured(r.mean_eval_loss), '.4f'):>7}  {note}"
         )
+        if len(rounds) == 1 and r.aggregation_rule:
+            rule = r.aggregation_rule + (
+                f" (trimmed {r.trimmed_per_side} per side)" if r.trimmed_per_side else ""
+            )
+            dp = (
+                f", DP noise std {r.dp_noise_std:.4g} (z={r.dp_noise_multiplier:.4g}, q={r.dp_sample_rate:.3g}), "
+                f"ε so far {r.dp_epsilon:.4g}"
+                if r.dp_noise_multiplier
+                else ""
+            )
+            lines.append(f"      aggregated by {rule}{dp}")
         if len(rounds) == 1:
             for p in r.participants:
                 lines.append(
@@ -220,19 +241,22 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
                     f"MB={_mb(p.bytes_in)} train={_num(measured(p.train_loss), '.4f')} "
                     f"eval={_num(measured(p.eval_loss), '.4f')} "
                     f"upload={_num(measured(p.upload_seconds), '.2f')}s "
-                    f"norm={_num(measured(p.norm), '.4g')} clip={_num(measured(p.clip_scale), '.3f')}"
+                    f"norm={_num(measured(p.norm), '.4g')} clip={_num(measured(p.clip_scale), '.3f')} "
+                    f"tok/s={_num(measured(p.training.tokens_per_second), ',.0f')} "
+                    f"step={_num(measured(p.training.step_seconds), '.3f')}s peak={memory_note(p.training)}"
                     + (" OUTLIER" if p.outlier else "")
                 )
     lines += [
         "",
         f"{'site':<20} {'state':<8} {'last beat':>9} {'rounds':>6} {'held':>5} {'phase':<10} {'step':>11} "
-        f"{'loss':>8}  last problem",
+        f"{'loss':>8} {'tok/s':>8} {'peak memory':>20}  last problem",
     ]
     for s in sites:
         lines.append(
             f"{s.site_id:<20} {word(SITE_STATES, s.state) or '-':<8} {_ms(s.last_beat_unix_ms):>9} "
             f"{s.rounds_joined:>6} {s.held_round:>5} {word(PHASES, s.phase) or '-':<10} {_steps(s):>11} "
-            f"{_num(measured(s.loss), '.4f'):>8}  {_short(s.last_problem, 60)}"
+            f"{_num(measured(s.loss), '.4f'):>8} {_num(measured(s.training.tokens_per_second), ',.0f'):>8} "
+            f"{memory_note(s.training):>20}  {_short(s.last_problem, 60)}"
         )
     return "\n".join(lines)
 
@@ -279,7 +303,18 @@ def render_site(site: Any, now_ms: int | None = None) -> str:
             f"lora rank {caps.lora_rank or '-'}, samples {caps.num_samples}",
             f"  last problem  {site.last_problem or '-'}",
             f"  timings       {timings}",
+            f"  training      {_training(site.training)}",
         ]
+    )
+
+
+def _training(t: Any) -> str:
+    """A heartbeat's training figures in words: throughput, step time, peak memory, ranks, tokens."""
+    from server.status_json import measured, memory_note
+
+    return (
+        f"{_num(measured(t.tokens_per_second), ',.0f')} tokens/s, step {_num(measured(t.step_seconds), '.3f')} s, "
+        f"peak {memory_note(t)}, ranks {t.ranks or '-'}, tokens {t.tokens or '-'}"
     )
 
 

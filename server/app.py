@@ -27,10 +27,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.malloc import tune_malloc
-from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.auth import Authenticator
 from server.config import ConfigError, ServerConfig
 from server.coordinator import Coordinator
+from server.decoding import add_service
 from server.fair_share import CallKind, FairShare, pool_size
 from server.metrics import Metrics
 from server.servicers import AdminServicer, FederationServicer
@@ -140,7 +141,7 @@ def _build(config: ServerConfig) -> _Built:
     # Checked before the coordinator is built: a bad tokens file fails the start with its line.
     tokens = SiteTokens(config.site_tokens, config.site_tokens_files, config.admin_token)
     coordinator = Coordinator(config)
-    auth = Authenticator(tokens, config.admin_token)
+    auth = Authenticator(tokens, config.admin_token, bind_site_to_cert=config.tls.bind_site_to_cert)
     if not tokens.sites():
         logger.warning("no site tokens configured: every Federation call will be refused")
     if not config.admin_token:
@@ -173,8 +174,9 @@ def _build(config: ServerConfig) -> _Built:
     admin = AdminServicer(
         admin=coordinator.admin, events=coordinator.state.events, auth=auth, version=package_version()
     )
-    federation_pb2_grpc.add_FederationServicer_to_server(federation, server)
-    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    # Not the generated add_*_to_server: bytes that do not parse get INVALID_ARGUMENT (server.decoding).
+    add_service(server, federation_pb2.DESCRIPTOR.services_by_name["Federation"], federation)
+    add_service(server, admin_pb2.DESCRIPTOR.services_by_name["Admin"], admin)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (

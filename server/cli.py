@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-client-ca", type=Path, dest="tls.client_ca", help="require client certificates (mTLS)"
     )
+    parser.add_argument(
+        "--tls-bind-site-to-cert",
+        action="store_const",
+        const=True,
+        dest="tls.bind_site_to_cert",
+        help="take a site's token only with a client certificate whose CN or SAN is the site id",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,9 +13,11 @@ the run paused, so that ``gdfed admin retry-round`` can aggregate it again.
 
 Methods whose uploads fold as they stream in (GradualDiff-Fed, FedCyBGD) have
 their sum rebuilt from the accepted spools if it is not exactly theirs, then
-published through the server optimizer; the others (FlexLoRA) hand the round
-to their plan's ``next_state`` hook. Opening the next round is the round
-loop's job, not this module's.
+published through the server optimizer, with client-level DP noise added to the
+mean when ``[privacy]`` asks (server.privacy); under a robust rule
+(``[aggregation]``, server.robust) the mean delta is computed from the spools
+instead. The others (FlexLoRA) hand the round to their plan's ``next_state``
+hook. Opening the next round is the round loop's job, not this module's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 
@@ -37,12 +40,14 @@ from server import rounds
 from server.accumulation import Accumulation
 from server.blobs import BlobStore
 from server.collector import collect_garbage
-from server.config import ServerConfig
+from server.config import AggregationRule, ServerConfig
 from server.influence import RoundBounds, recent_norms, round_bounds
 from server.methods import RoundUpload
 from server.optimizers import ServerOptimizer, make_optimizer
-from server.publish import Published, publish, publish_diff, rebuild
+from server.privacy import RoundNoise, load_secret, noised, round_privacy
+from server.publish import Published, publish_diff, rebuild
 from server.records import RoundRecord, RoundState, SiteRecord, UploadRecord
+from server.robust import Combined, ranked_uploads, robust_means, trim_per_side
 from server.run_state import RunState
 from server.spool import Spool
 
@@ -83,6 +88,10 @@ class Closing:
         self._busy = threading.Lock()  # one publication at a time (the loop, close-round's tick)
         self._attempts: dict[int, int] = {}  # failed publications per round (since the start)
         self._next_try: dict[int, float] = {}  # monotonic time of a round's next attempt
+        self._secret = load_secret(config.state_dir) if config.privacy.enabled else b""
+        # The round's sum is the mean rule's; DP gives each clipped upload the same weight.
+        self._summing = state.plan.streaming_fold and config.aggregation.rule is AggregationRule.MEAN
+        self._uniform = state.plan.uniform_weights or config.privacy.enabled
 
     def bounds(self, round_number: int) -> RoundBounds:
         """The round's bounds on an upload's norm, from the config and the earlier rounds' norms."""
@@ -98,8 +107,9 @@ class Closing:
             round_number,
             self.manifest,
             self._config.accumulator,
-            summing=plan.streaming_fold,
-            uniform=plan.uniform_weights,
+            summing=self._summing,
+            checked=plan.streaming_fold,
+            uniform=self._uniform,
             memory=self._sum_memory,
             bounds=self.bounds(round_number),
         )
@@ -164,10 +174,13 @@ class Closing:
             if self._optimizer_stale:
                 self.optimizer = self._load_optimizer()  # drop half-applied optimizer steps
                 self._optimizer_stale = False
-            norms, result = (
-                self._publish_folded(accepted) if state.plan.streaming_fold else self._publish_next(accepted)
-            )
-            self._record_published(record, accepted, result, norms)
+            if not state.plan.streaming_fold:
+                norms, result, combined = self._publish_next(accepted)
+            elif self._summing:
+                norms, result, combined = self._publish_folded(accepted)
+            else:
+                norms, result, combined = self._publish_robust(accepted)
+            self._record_published(record, accepted, result, norms, combined)
         except Exception as exc:
             self._optimizer_stale = True
             self._publication_failed(round_number, len(accepted), exc)
@@ -296,10 +309,10 @@ class Closing:
         state.wake()
         return len(accepted)
 
-    def _publish_folded(self, accepted: list[UploadRecord]) -> tuple[dict[str, float], Published]:
+    def _publish_folded(self, accepted: list[UploadRecord]) -> tuple[dict[str, float], Published, Combined]:
         """The round's running sum (rebuilt from the spools if it is not exactly the accepted
-        uploads', or an upload must be clipped), averaged and stepped by the server optimizer;
-        with the uploads' norms."""
+        uploads', or an upload must be clipped), averaged, noised (DP), stepped by the server
+        optimizer; with the uploads' norms."""
         state = self._state
         round_number = accepted[0].round
         acc = state.acc
@@ -316,7 +329,7 @@ class Closing:
                 round_number,
                 self.manifest,
                 self._config.accumulator,
-                uniform=state.plan.uniform_weights,
+                uniform=self._uniform,
                 memory=self._sum_memory,
                 bounds=self.bounds(round_number),
             )
@@ -325,23 +338,49 @@ class Closing:
             headers = [(u.upload_id, header_from_bytes(u.header)) for u in accepted]
             rebuild(acc, headers, self._spool, norms)
         norms = acc.norms()
-        previous = state.latest_published()
+        privacy, noise = None, None
+        if self._config.privacy.enabled:
+            clip = self._config.influence.clip_norm
+            privacy = round_privacy(self._config.privacy, clip, state.store, round_number, len(accepted))
+            noise = RoundNoise(self._secret, state.run.run_id, round_number, privacy.noise_std)
+        start = time.perf_counter()
         try:
-            return norms, publish(
-                acc=acc,
-                optimizer=self.optimizer,
-                blobs=self._blobs,
-                previous_state=previous.state_blob,
-                run_id=state.run.run_id,
-                round_number=round_number,
-                base_round=previous.round,
-                broadcast=self._config.broadcast_codec,
-                scratch=self._read_memory,
+            diff = {name: self.optimizer.step(name, mean) for name, mean in noised(acc.sum.mean(), noise)}
+            published = publish_diff(
+                diff, **self._target(round_number), started=start, scratch=self._read_memory
             )
+            return norms, published, Combined(AggregationRule.MEAN.value, privacy=privacy)
         finally:
             acc.release()
 
-    def _publish_next(self, accepted: list[UploadRecord]) -> tuple[dict[str, float], Published]:
+    def _publish_robust(self, accepted: list[UploadRecord]) -> tuple[dict[str, float], Published, Combined]:
+        """A robust rule's mean delta (server.robust) from the accepted spools, stepped by the server
+        optimizer; with the uploads' norms (measured while they streamed in, or now)."""
+        state = self._state
+        round_number = accepted[0].round
+        acc = state.acc
+        norms = acc.norms() if acc is not None and acc.round == round_number else {}
+        uploads = ranked_uploads(accepted, norms, self.bounds(round_number), self._spool, self.manifest)
+        rule = self._config.aggregation
+        start = time.perf_counter()
+        means = robust_means(uploads, self._spool, self.manifest, rule)
+        diff = {name: self.optimizer.step(name, mean) for name, mean in means}
+        published = publish_diff(diff, **self._target(round_number), started=start, scratch=self._read_memory)
+        return norms, published, Combined(rule.rule.value, trimmed=trim_per_side(rule, len(uploads)))
+
+    def _target(self, round_number: int) -> dict[str, Any]:
+        """Where round ``round_number``'s difference goes: publish_diff's arguments but the diff."""
+        previous = self._state.latest_published()
+        return {
+            "blobs": self._blobs,
+            "previous_state": previous.state_blob,
+            "run_id": self._state.run.run_id,
+            "round_number": round_number,
+            "base_round": previous.round,
+            "broadcast": self._config.broadcast_codec,
+        }
+
+    def _publish_next(self, accepted: list[UploadRecord]) -> tuple[dict[str, float], Published, Combined]:
         """The plan's next state from the round's uploads (FlexLoRA: the SVD of the full-size ΔW)."""
         state = self._state
         start = time.perf_counter()
@@ -361,19 +400,15 @@ class Closing:
         diff = {name: tensor.sub_(reader.read(name)) for name, tensor in next_state.items()}
         acc = state.acc
         norms = acc.norms() if acc is not None and acc.round == accepted[0].round else {}
-        return norms, publish_diff(
-            diff,
-            blobs=self._blobs,
-            previous_state=previous.state_blob,
-            run_id=state.run.run_id,
-            round_number=accepted[0].round,
-            base_round=previous.round,
-            broadcast=self._config.broadcast_codec,
-            started=start,
-        )
+        return norms, publish_diff(diff, **self._target(accepted[0].round), started=start), Combined("svd")
 
     def _record_published(
-        self, record: RoundRecord, accepted: list[UploadRecord], result: Published, norms: dict[str, float]
+        self,
+        record: RoundRecord,
+        accepted: list[UploadRecord],
+        result: Published,
+        norms: dict[str, float],
+        combined: Combined,
     ) -> None:
         """Record the round as published, all at once or not at all: a failure here (the store's disk
         is full) leaves it AGGREGATING, in memory as on disk, to be tried again."""
@@ -395,6 +430,7 @@ class Closing:
             record.mean_eval_loss = sum(u.eval_loss * u.sample_count for u in accepted) / samples
             finished = state.run.finished or bool(self._config.rounds and record.round >= self._config.rounds)
             run = replace(state.run, optimizer_blob=optimizer_blob, finished=finished)
+            combined.note(record, run)
             with state.store.transaction():
                 state.store.put(record)
                 state.store.put(run)
@@ -402,6 +438,7 @@ class Closing:
                     self._note_influence(upload, bounds, norms.get(upload.upload_id, 0.0))
                 state.abandon_uploads(record.round, "the round closed before this upload finished")
             state.run.optimizer_blob, state.run.finished = run.optimizer_blob, run.finished
+            combined.note_run(state.run)
             run = state.run
             state.acc = None
             try:  # published: what is left is housekeeping, and must not undo that

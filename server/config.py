@@ -45,6 +45,8 @@ __all__ = [
     "MAX_STREAM_WINDOW",
     "MIN_STREAM_WINDOW",
     "Accumulator",
+    "AggregationConfig",
+    "AggregationRule",
     "ConfigError",
     "CyBgdConfig",
     "CyBgdMode",
@@ -52,6 +54,7 @@ __all__ = [
     "InfluenceConfig",
     "OptimizerConfig",
     "OptimizerName",
+    "PrivacyConfig",
     "PublishPolicy",
     "RoundPolicy",
     "ServerConfig",
@@ -187,6 +190,72 @@ class InfluenceConfig:
         _bounded("influence.max_norm", self.max_norm, low=0, high=1e30, above=True)
 
 
+class AggregationRule(StrEnum):
+    """How a round's uploads combine into its mean delta (server.robust)."""
+
+    MEAN = "mean"  # the streaming weighted mean (server.aggregate)
+    TRIMMED_MEAN = "trimmed_mean"  # coordinate-wise, unweighted, at the close from the spools
+    MEDIAN = "median"  # coordinate-wise, unweighted, at the close from the spools
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregationConfig:
+    """The aggregation rule (docs/operator.md "Robust rules and differential privacy")."""
+
+    rule: AggregationRule = AggregationRule.MEAN
+    # trimmed_mean: per coordinate, drop this many of the K values at each end (exactly one of the two):
+    trim_fraction: float = 0.0  # floor(trim_fraction x K) per side
+    trim_count: int = 0  # a fixed count per side
+    # Memory for the uploads' values read back at the close; a tensor larger than budget / K still
+    # takes K x its size.
+    buffer_bytes: int = 256 * MIB
+
+    def __post_init__(self) -> None:
+        _parse_enum(self, "rule", AggregationRule, "aggregation.rule")
+        _bounded("aggregation.trim_fraction", self.trim_fraction, low=0, high=0.49)
+        _bounded("aggregation.trim_count", self.trim_count, low=0, high=10_000)
+        _bounded("aggregation.buffer_bytes", self.buffer_bytes, low=MIB, high=1 << 40)
+        trimming = self.trim_fraction > 0 or self.trim_count > 0
+        if self.rule is AggregationRule.TRIMMED_MEAN and not trimming:
+            raise ConfigError(
+                'aggregation.rule = "trimmed_mean" needs aggregation.trim_fraction (in (0, 0.49]) '
+                "or aggregation.trim_count (>= 1): how many values to drop at each end",
+                field="aggregation.trim_fraction",
+            )
+        if self.trim_fraction > 0 and self.trim_count > 0:
+            raise ConfigError(
+                "aggregation.trim_fraction and aggregation.trim_count are both set; set one",
+                field="aggregation.trim_count",
+            )
+        if trimming and self.rule is not AggregationRule.TRIMMED_MEAN:
+            raise ConfigError(
+                f"aggregation.trim_fraction/trim_count are set, but aggregation.rule is {self.rule.value!r}; "
+                'they apply to rule = "trimmed_mean" only',
+                field="aggregation.rule",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg style (server.privacy)."""
+
+    # Gaussian noise of std noise_multiplier x influence.clip_norm on the round's sum; 0 = off.
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5  # the delta at which the epsilon spent is reported
+    # Sites the participants are drawn from (sample rate = sites in the round / population);
+    # 0 = the sites the run has registered (joined) so far.
+    population: int = 0
+
+    def __post_init__(self) -> None:
+        _bounded("privacy.noise_multiplier", self.noise_multiplier, low=0, high=1e6)
+        _bounded("privacy.delta", self.delta, low=0, high=0.5, above=True)
+        _bounded("privacy.population", self.population, low=0, high=1_000_000_000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PublishPolicy:
     """What a failed publication does: retried with backoff, failed only after ``max_attempts``."""
@@ -206,6 +275,9 @@ class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
     client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate it signed
+    # A site's token is taken only with a client certificate whose CN or a subjectAltName is the
+    # site id (server.auth): a stolen token alone is not enough. Needs client_ca.
+    bind_site_to_cert: bool = False
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -214,6 +286,12 @@ class TlsConfig:
         if self.client_ca is not None and self.cert is None:
             # Without a certificate the daemon would serve plaintext and never check the clients.
             raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key", field="tls.client_ca")
+        if self.bind_site_to_cert and self.client_ca is None:
+            raise ConfigError(
+                "tls.bind_site_to_cert needs mutual TLS: set tls.client_ca (and tls.cert, tls.key) so that "
+                "sites present certificates",
+                field="tls.bind_site_to_cert",
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +307,8 @@ class ServerConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     cybgd: CyBgdConfig = field(default_factory=CyBgdConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     publish: PublishPolicy = field(default_factory=PublishPolicy)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     broadcast_codec: Codec = field(default_factory=Codec)
@@ -275,6 +355,7 @@ class ServerConfig:
                 field="optimizer",
             )
         _bounded("rounds", self.rounds, low=0)
+        self._check_rule_and_privacy()
         self._check_training_schedule()
         _bounded("heartbeat_interval_s", self.heartbeat_interval_s, low=0, above=True)
         _bounded("missed_beats", self.missed_beats, low=1)
@@ -310,6 +391,55 @@ class ServerConfig:
                 'cybgd.optimizer_state = "travel" needs training.optimizer = "adamw", not '
                 f"{self.training.optimizer.name.lower()!r}",
                 field="training.optimizer",
+            )
+
+    def _check_rule_and_privacy(self) -> None:
+        """Refuse robust rules and DP where they cannot apply (docs/operator.md)."""
+        method, rule = self.training.method, self.aggregation.rule
+        if rule is not AggregationRule.MEAN:
+            if method is Method.FLEXLORA:
+                raise ConfigError(
+                    f'aggregation.rule = "{rule.value}" cannot apply to training.method flexlora, whose '
+                    'close is an SVD of the full-size adapters, not a mean; use rule = "mean"',
+                    field="aggregation.rule",
+                )
+            if method is Method.FEDCYBGD and self.cybgd.mode is not CyBgdMode.AGG:
+                raise ConfigError(
+                    f'aggregation.rule = "{rule.value}": fedcybgd mode {self.cybgd.mode.value} has one '
+                    'site per round, nothing to compare; use cybgd.mode = "agg" or rule = "mean"',
+                    field="aggregation.rule",
+                )
+            if self.round.min_sites and self.round.min_sites <= 2 * self.aggregation.trim_count:
+                raise ConfigError(
+                    f"aggregation.trim_count {self.aggregation.trim_count} drops 2 x that many values per "
+                    f"coordinate; round.min_sites {self.round.min_sites} must be more",
+                    field="aggregation.trim_count",
+                    limit=(self.round.min_sites - 1) // 2,
+                )
+        if not self.privacy.enabled:
+            return
+        if method is Method.FLEXLORA:
+            raise ConfigError(
+                "privacy.noise_multiplier > 0 cannot apply to training.method flexlora (its uploads are "
+                "not clipped, its close is an SVD)",
+                field="privacy.noise_multiplier",
+            )
+        if rule is not AggregationRule.MEAN:
+            raise ConfigError(
+                f'privacy.noise_multiplier > 0 needs aggregation.rule = "mean", not "{rule.value}": the '
+                "noise is calibrated to the sensitivity of a sum of clipped deltas",
+                field="aggregation.rule",
+            )
+        if self.influence.clip_norm <= 0:
+            raise ConfigError(
+                "privacy.noise_multiplier > 0 needs a fixed clip bound: set influence.clip_norm",
+                field="influence.clip_norm",
+            )
+        if self.influence.adaptive > 0:
+            raise ConfigError(
+                "privacy.noise_multiplier > 0 needs a fixed clip bound; influence.adaptive derives it "
+                "from the sites' norms, which is not private: set influence.adaptive = 0",
+                field="influence.adaptive",
             )
 
     @property

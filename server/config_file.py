@@ -29,10 +29,12 @@ from common.spec import (
     TrainMode,
 )
 from server.config import (
+    AggregationConfig,
     ConfigError,
     CyBgdConfig,
     InfluenceConfig,
     OptimizerConfig,
+    PrivacyConfig,
     PublishPolicy,
     RoundPolicy,
     ServerConfig,
@@ -194,6 +196,8 @@ _STRUCTURED = (
     "optimizer",
     "cybgd",
     "influence",
+    "aggregation",
+    "privacy",
     "publish",
     "training",
     "broadcast_codec",
@@ -231,7 +235,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
         if key in raw:
             raw[key] = rel(raw[key])
     if "tls" in raw:
-        raw["tls"] = {k: rel(v) for k, v in _table(raw["tls"], "tls").items()}
+        raw["tls"] = {k: rel(v) if isinstance(v, str) else v for k, v in _table(raw["tls"], "tls").items()}
     flags: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
@@ -272,6 +276,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
         optimizer=OptimizerConfig(**_values(OptimizerConfig, raw.pop("optimizer", {}), "optimizer")),
         cybgd=CyBgdConfig(**_values(CyBgdConfig, raw.pop("cybgd", {}), "cybgd")),
         influence=InfluenceConfig(**_values(InfluenceConfig, raw.pop("influence", {}), "influence")),
+        aggregation=AggregationConfig(
+            **_values(AggregationConfig, raw.pop("aggregation", {}), "aggregation")
+        ),
+        privacy=PrivacyConfig(**_values(PrivacyConfig, raw.pop("privacy", {}), "privacy")),
         publish=PublishPolicy(**_values(PublishPolicy, raw.pop("publish", {}), "publish")),
         tls=tls,
         training=_training(raw.pop("training", {})),

@@ -8,7 +8,8 @@ they timed out. Here each site may hold at most ``per_site[kind]`` calls of a
 kind, and all sites together at most ``total`` long-lived calls; the pool is
 sized ``total + UNARY_THREADS``, so unary calls (heartbeats, joins, offsets,
 health, admin) always find a thread. A call beyond a limit is refused at once
-with RESOURCE_EXHAUSTED naming the limit and when to retry.
+with RESOURCE_EXHAUSTED naming the limit and when to retry: reason SITE_BUSY
+(the site's own limit) or AGGREGATOR_BUSY (the total), with a RetryInfo.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class FairShare:
                     f"finish or cancel one, or retry in {RETRY_HINT_S} s",
                     field="site_id",
                     limit=limit,
+                    reason="SITE_BUSY",
+                    retry_s=RETRY_HINT_S,
                 )
             if self._all >= self._total:
                 raise LimitExceeded(
@@ -77,6 +80,8 @@ class FairShare:
                     f"{self._total}); retry in {RETRY_HINT_S} s",
                     field="max_long_calls",
                     limit=self._total,
+                    reason="AGGREGATOR_BUSY",
+                    retry_s=RETRY_HINT_S,
                 )
             self._held[key] += 1
             self._all += 1

@@ -147,6 +147,8 @@ class Fetching:
                 raise FailedPrecondition(
                     f"have_round is {have_round}, but the latest published round is {latest.round}",
                     field="have_round",
+                    reason="ROUND_NOT_PUBLISHED",
+                    metadata={"latest_round": str(latest.round)},
                 )
             if have_round == latest.round and not snapshot:
                 return []

@@ -9,6 +9,7 @@ happens at most once per upload id.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from common.errors import (
     FailedPrecondition,
     GdfedError,
     InvalidArgument,
+    LimitExceeded,
     PermissionDenied,
     RoundClosed,
 )
@@ -28,7 +30,7 @@ from common.serde import header_from_bytes, header_to_proto
 from server.config import ServerConfig
 from server.folding import FoldWorker
 from server.reasons import refusal_reason
-from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id
+from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id, training_fields
 from server.run_state import RunState
 from server.spool import Spool
 from server.uploads import Receipt, UploadSession
@@ -79,28 +81,50 @@ class Intake:
             return opened
         session = opened
         try:
-            session.receive(first)
-            for chunk in chunks:
-                session.receive(chunk)
+            try:
+                session.receive(first)
+                for chunk in chunks:
+                    session.receive(chunk)
+            except GdfedError as exc:
+                if session.failed and not isinstance(exc, RoundClosed):
+                    session.fail(exc)
+                else:
+                    session.interrupt()
+                raise
+            except BaseException:
+                session.interrupt()  # the client went away: keep what arrived, for a resume
+                raise
+            return session.complete()
         except GdfedError as exc:
-            if session.failed and not isinstance(exc, RoundClosed):
-                session.fail(exc)
-            else:
-                session.interrupt()
+            self._note_resume(site_id, session.upload_id, exc)
             raise
-        except BaseException:
-            session.interrupt()  # the client went away: keep what arrived, for a resume
-            raise
-        return session.complete()
+
+    def _note_resume(self, site_id: str, upload_id: str, error: GdfedError) -> None:
+        """Add to ``error`` the offset the upload resumes from (ErrorInfo ``offset``), if it can.
+
+        What GetUploadOffset would answer, so a client resumes without asking; none when the round
+        closed or the upload was rejected (its id is spent), so that its absence says "do not resume".
+        """
+        if error.reason == RoundClosed.reason:
+            return
+        try:
+            with self._lock:
+                record = self._store.get(UploadRecord, upload_id)
+        except (OSError, sqlite3.Error) as exc:  # a hint only: the error itself must still go out
+            logger.warning("[upload] upload=%s: no resume offset for the refusal (%s)", upload_id, exc)
+            return
+        if record is not None and record.site_id == site_id and record.state is UploadState.RECEIVING:
+            error.metadata.setdefault("offset", str(record.committed_offset))
 
     def upload_offset(self, site_id: str, upload_id: str) -> tuple[int, bool]:
+        """GetUploadOffset: the committed offset of ``upload_id`` and whether it is accepted."""
         check_id(upload_id, "upload_id")
         with self._lock:
             upload = self._store.get(UploadRecord, upload_id)
             if upload is None:
                 return 0, False
             if upload.site_id != site_id:
-                raise PermissionDenied(f"upload {upload_id!r} belongs to another site", field="upload_id")
+                raise _foreign(upload_id)
             return upload.committed_offset, upload.state is UploadState.ACCEPTED
 
     def open_upload(self, site_id: str, header: DeltaHeader, first_offset: int) -> UploadSession | Receipt:
@@ -109,14 +133,14 @@ class Intake:
         if header.site_id != site_id:
             raise PermissionDenied(
                 f"header.site_id is {header.site_id!r} but the token belongs to {site_id!r}: a site uploads only for itself",
-                field="site_id",
+                field="header.site_id",
+                reason="SITE_ID_MISMATCH",
+                metadata={"expected": site_id, "got": header.site_id},
             )
         with self._lock:
             existing = self._store.get(UploadRecord, header.upload_id)
             if existing is not None and existing.site_id != site_id:
-                raise PermissionDenied(
-                    f"upload {header.upload_id!r} belongs to another site", field="upload_id"
-                )
+                raise _foreign(header.upload_id)
             if existing is not None and existing.state is UploadState.ACCEPTED:
                 return Receipt(header.upload_id, existing.round, existing.total_bytes, True, True)
             self._check_upload(site_id, header)
@@ -125,17 +149,21 @@ class Intake:
                     f"upload {header.upload_id!r} was {existing.state.name.lower()} ({existing.reason}); "
                     "send it again under a new upload id",
                     field="upload_id",
+                    reason="UPLOAD_ID_SPENT",
                 )
             if existing is not None and header_from_bytes(existing.header) != header:
                 raise InvalidArgument(
                     f"upload id {header.upload_id!r} was started with a different header; use a new id",
                     field="upload_id",
+                    reason="UPLOAD_ID_REUSED",
                 )
             committed = existing.committed_offset if existing else 0
             if first_offset not in (0, committed):
                 raise FailedPrecondition(
                     f"stream starts at offset {first_offset}; resume at the committed offset {committed} or at 0",
                     field="offset",
+                    reason="WRONG_OFFSET",
+                    metadata={"offset": str(committed)},
                 )
             other = self._sessions.get(header.upload_id)
             if other is not None:
@@ -150,6 +178,7 @@ class Intake:
                 started_ms=self._state.now_ms(),
                 train_loss=header.metrics.train_loss,
                 eval_loss=header.metrics.eval_loss,
+                **training_fields(header.metrics.training),
             )
             record.committed_offset = first_offset
             with self._store.transaction():
@@ -184,24 +213,31 @@ class Intake:
         state = self._state
         site = state.joined_site(site_id)
         if site.state is SiteState.EVICTED:
-            raise PermissionDenied(f"site {site_id!r} was evicted", field="site_id")
+            raise PermissionDenied(f"site {site_id!r} was evicted", field="site_id", reason="SITE_EVICTED")
         if header.run_id != state.run.run_id:
             raise FailedPrecondition(
-                f"header.run_id is {header.run_id!r}; this run is {state.run.run_id!r}", field="run_id"
+                f"header.run_id is {header.run_id!r}; this run is {state.run.run_id!r}",
+                field="run_id",
+                reason="WRONG_RUN",
+                metadata={"run_id": state.run.run_id},
             )
         current = state.current_round()
         if current is None or header.round != current.round:
             now = current.round if current else 0
             raise FailedPrecondition(
-                f"header.round is {header.round}; the open round is {now}", field="round"
+                f"header.round is {header.round}; the open round is {now}",
+                field="round",
+                reason="WRONG_ROUND",
+                metadata={"round": str(now)},
             )
         if not current.state.accepts_uploads:
             raise RoundClosed(
                 f"round {current.round} is {current.state.name.lower()}; it takes no more uploads",
                 field="round",
+                metadata={"round": str(current.round)},
             )
         if state.run.finished:
-            raise FailedPrecondition("the run is finished", field="round")
+            raise FailedPrecondition("the run is finished", field="round", reason="RUN_FINISHED")
         if header.kind is not DeltaKind.DIFF:
             raise InvalidArgument(f"header.kind is {header.kind.name}; uploads are DIFF", field="kind")
         if not 1 <= header.sample_count <= MAX_SAMPLES:
@@ -216,12 +252,24 @@ class Intake:
                 f"header.base_round is {header.base_round}; deltas of round {current.round} are taken against round "
                 f"{latest.round} (fetch it first)",
                 field="base_round",
+                reason="WRONG_BASE_ROUND",
+                metadata={"base_round": str(latest.round)},
             )
         assignment = state.assignment(current.round, site)
         if not assignment.trains:
             raise FailedPrecondition(
                 f"site {site_id!r} has no part in round {current.round} ({state.plan.describe()})",
                 field="site_id",
+                reason="NOT_ASSIGNED",
+                metadata={"round": str(current.round)},
+            )
+        if header.layout.total_bytes > self._config.max_upload_bytes:
+            raise LimitExceeded(
+                f"header.total_bytes is {header.layout.total_bytes}; the limit is "
+                f"{self._config.max_upload_bytes} (max_upload_bytes, JoinReply.max_upload_bytes)",
+                field="total_bytes",
+                limit=self._config.max_upload_bytes,
+                reason="UPLOAD_TOO_LARGE",
             )
         validate_codec(header.layout.codec)  # before the manifest: it derives from the codec (top-k)
         _check_round_codec(header.layout.codec, self._config.training.upload_codec)
@@ -238,6 +286,7 @@ class Intake:
                 raise AlreadyExists(
                     f"site {site_id!r} already has upload {upload.upload_id!r} accepted in round {current.round}",
                     field="upload_id",
+                    reason="ALREADY_UPLOADED",
                 )
 
     def commit_offset(self, session: UploadSession, offset: int) -> None:
@@ -267,7 +316,9 @@ class Intake:
                 record.upload_id, record.sample_count
             ):
                 raise RoundClosed(
-                    f"round {record.round} closed before upload {record.upload_id!r} finished", field="round"
+                    f"round {record.round} closed before upload {record.upload_id!r} finished",
+                    field="round",
+                    metadata={"round": str(record.round)},
                 )
             seq = len(self._state.accepted_records(record.round)) + 1
             record.state = UploadState.ACCEPTED
@@ -363,6 +414,12 @@ class Intake:
             session.cancel(reason)
 
 
+def _foreign(upload_id: str) -> GdfedError:
+    return PermissionDenied(
+        f"upload {upload_id!r} belongs to another site", field="upload_id", reason="UPLOAD_OWNER_MISMATCH"
+    )
+
+
 def _check_round_codec(sent: Codec, round_codec: Codec) -> None:
     """Refuse an upload whose lossy stages differ from the round's ``TrainingSpec.upload_codec``.
 
@@ -381,6 +438,8 @@ def _check_round_codec(sent: Codec, round_codec: Codec) -> None:
                 f"{field} is {_codec_value(got)}; the round's upload codec "
                 f"(RoundSpec.training.upload_codec) says {_codec_value(expected)}",
                 field=field,
+                reason="CODEC_MISMATCH",
+                metadata={"expected": _codec_value(expected), "got": _codec_value(got)},
             )
 
 

@@ -9,7 +9,8 @@ model included).
 
 Each beat also carries the worker's last problem (one line, at most
 ``MAX_PROBLEM_BYTES``) and its phase timings; the site's record keeps the
-latest, for ``gdfed status --site``. An evicted site is told so: STOP
+latest, for ``gdfed status --site``, and so are its training figures (tokens/s, step time, peak
+memory, ranks). An evicted site is told so: STOP
 "evicted" to its beats, PERMISSION_DENIED to every other call (server.auth.refuse_evicted).
 """
 
@@ -21,12 +22,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from common.delta import TrainingStats
 from common.errors import FailedPrecondition, InvalidArgument
 from common.spec import Device, Directive, Phase
 from server.auth import refuse_evicted
 from server.config import RoundPolicy, ServerConfig
 from server.methods import Assignment
-from server.records import ParticipantRecord, RoundState, SiteRecord, SiteState, check_id
+from server.records import (
+    ParticipantRecord,
+    RoundState,
+    SiteRecord,
+    SiteState,
+    check_id,
+    training_fields,
+)
 from server.run_state import RunState
 
 logger = logging.getLogger(__name__)
@@ -113,6 +122,7 @@ class Membership:
                 f"base model fingerprint {fingerprint[:16]}… differs from the run's {expected[:16]}…: "
                 "the site loaded a different model",
                 field="base_model_fingerprint",
+                reason="FINGERPRINT_MISMATCH",
             )
         state = self._state
         state.plan.check_site(lora_rank=lora_rank)
@@ -164,7 +174,8 @@ class Membership:
         )
 
     def heartbeat(self, site_id: str, *, round_number: int, phase: Phase | None, step: int, total_steps: int,
-                  loss: float, last_problem: str = "", timings: PhaseTimings | None = None) -> BeatReply:  # fmt: skip
+                  loss: float, last_problem: str = "", timings: PhaseTimings | None = None,
+                  stats: TrainingStats | None = None) -> BeatReply:  # fmt: skip
         if not math.isfinite(loss):
             raise InvalidArgument(f"loss is {loss}; must be finite", field="loss")
         size = len(last_problem.encode())
@@ -198,6 +209,8 @@ class Membership:
                 sync_seconds=timings.sync,
                 train_seconds=timings.train,
                 upload_seconds=timings.upload,
+                # Checked at the edge (common.serde.training_stats_from_proto).
+                **training_fields(stats or TrainingStats()),
             )
             if run.finished:
                 # Kept all the same: a worker's last beat leaves its final timings, or why it failed.

@@ -7,10 +7,13 @@ rule for the ids that name them (run, site, upload), wherever they come in.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from common.delta import TrainingStats
 from common.errors import InvalidArgument
 from common.spec import RoundState as RoundState  # where it lived first; the wire mirror is common's
 
@@ -55,6 +58,12 @@ class RunRecord:
     optimizer_blob: str = ""  # content address of the server optimizer's state file ("" = fresh)
     pause_reason: str = ""  # what the operator said when pausing ("" when not paused)
     min_sites_to_open: int = 0  # alive sites a round waits for before it opens (live-changeable)
+    # Client-level DP (server.privacy), as of the latest round published with noise (0 = none yet):
+    # the epsilon spent by all of them at dp_delta, the noise multiplier, how many rounds had noise.
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_rounds: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -81,6 +90,16 @@ class RoundRecord:
     aggregate_seconds: float = 0.0
     mean_train_loss: float = 0.0
     mean_eval_loss: float = 0.0
+    # Set when the round publishes: the rule that combined its uploads ("" = mean, before it existed),
+    # the values trimmed per side and coordinate; with DP (server.privacy), the noise multiplier z,
+    # the std of the noise on each coordinate of the mean delta, the sample rate the accountant took,
+    # and the epsilon spent by the run up to and including this round.
+    aggregation_rule: str = ""
+    trimmed_per_side: int = 0
+    dp_noise_multiplier: float = 0.0
+    dp_noise_std: float = 0.0
+    dp_sample_rate: float = 0.0
+    dp_epsilon: float = 0.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -105,6 +124,14 @@ class SiteRecord:
     sync_seconds: float = 0.0
     train_seconds: float = 0.0
     upload_seconds: float = 0.0
+    # The worker's training figures (common.delta.TrainingStats; 0 = not reported), as its latest
+    # heartbeat reported them.
+    tokens_per_second: float = 0.0
+    step_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_is_accelerator: bool = False
+    ranks: int = 0
+    tokens: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -139,3 +166,21 @@ class UploadRecord:
     norm: float = 0.0
     clip_scale: float = 1.0
     outlier: bool = False
+    # The worker's training figures (common.delta.TrainingStats; 0 = not reported): the round's,
+    # as the upload's metrics reported them.
+    tokens_per_second: float = 0.0
+    step_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_is_accelerator: bool = False
+    ranks: int = 0
+    tokens: int = 0
+
+
+def training_fields(stats: TrainingStats) -> dict[str, Any]:
+    """``stats`` as the fields of a SiteRecord or an UploadRecord (``replace(record, **...)``)."""
+    return dataclasses.asdict(stats)
+
+
+def training_of(record: SiteRecord | UploadRecord) -> TrainingStats:
+    """The training figures a SiteRecord or an UploadRecord holds."""
+    return TrainingStats(**{f.name: getattr(record, f.name) for f in dataclasses.fields(TrainingStats)})

@@ -12,10 +12,12 @@ for ``gdfed status``, ``admin_control.py`` for ``gdfed admin``.)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from common.delta import TrainingStats
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from server import rounds
 from server.config import RoundPolicy
@@ -27,6 +29,7 @@ from server.records import (
     SiteState,
     UploadRecord,
     UploadState,
+    training_of,
 )
 from server.run_state import RunState
 
@@ -62,6 +65,7 @@ class SiteInRound:
     norm: float = 0.0  # bounded influence (server.influence), once the round is published
     clip_scale: float = 0.0
     outlier: bool = False
+    training: TrainingStats = dataclasses.field(default_factory=TrainingStats)  # as its upload said (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +196,11 @@ class RunAdmin:
         with self._lock:
             current = self._state.current_round()
             if current is None or not current.state.accepts_uploads:
-                raise FailedPrecondition(f"no round is open: {self._between_rounds(current)}", field="round")
+                raise FailedPrecondition(
+                    f"no round is open: {self._between_rounds(current)}",
+                    field="round",
+                    reason="NO_OPEN_ROUND",
+                )
             logger.info("[admin] round=%d close requested: %s", current.round, reason or "(no reason)")
             self._rounds.request_close()
         self._rounds.tick()
@@ -386,6 +394,7 @@ def _sites_in_round(
                 norm=upload.norm if upload and accepted else 0.0,
                 clip_scale=upload.clip_scale if upload and accepted and upload.norm > 0 else 0.0,
                 outlier=bool(upload and accepted and upload.outlier),
+                training=training_of(upload) if upload else TrainingStats(),
             )
         )
     return tuple(rows)

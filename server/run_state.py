@@ -174,7 +174,9 @@ class RunState:
         """The site's record; FailedPrecondition if it never joined."""
         site = self.store.get(SiteRecord, site_id)
         if site is None:
-            raise FailedPrecondition(f"site {site_id!r} has not joined; call Join first", field="site_id")
+            raise FailedPrecondition(
+                f"site {site_id!r} has not joined; call Join first", field="site_id", reason="NOT_JOINED"
+            )
         return site
 
     def assignment(self, round_number: int, site: SiteRecord) -> Assignment:

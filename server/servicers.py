@@ -3,7 +3,8 @@
 Each method authenticates, converts the request into domain values, calls
 the part of the aggregator that owns the operation (membership, intake,
 fetching, the run's admin), and converts the answer back through
-``server.wire``. Every GdfedError becomes its gRPC status with its message;
+``server.wire``. Every GdfedError becomes its gRPC status with its message and,
+in the status details, its machine-readable reason (``server.error_status``);
 anything else is logged with its traceback and answered INTERNAL, and the
 daemon goes on.
 """
@@ -21,12 +22,13 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from common.codec import iter_chunks
-from common.errors import GdfedError, InvalidArgument, PermissionDenied, RoundClosed
+from common.errors import CATALOG, GdfedError, InvalidArgument, PermissionDenied, RoundClosed
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
-from common.serde import chunk_from_proto, chunk_to_proto
+from common.serde import chunk_from_proto, chunk_to_proto, training_stats_from_proto
 from common.spec import Device, Phase, TrainingSpec
 from server import wire
 from server.auth import Authenticator
+from server.error_status import INTERNAL, STORE_UNAVAILABLE, error_status, status
 from server.fair_share import CallKind, FairShare
 from server.fetching import Fetching
 from server.intake import Intake
@@ -39,30 +41,39 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def abort(context: grpc.ServicerContext, error: GdfedError) -> NoReturn:
-    context.abort(error.code, error.message)
-    raise AssertionError("context.abort returned")  # grpc raises inside abort
+def abort(context: grpc.ServicerContext, status: grpc.Status) -> NoReturn:
+    context.abort_with_status(status)
+    raise AssertionError("context.abort_with_status returned")  # grpc raises inside it
 
 
 @contextlib.contextmanager
 def mapped_errors(context: grpc.ServicerContext, method: str) -> Iterator[None]:
-    """Answer a domain error with its status, anything unexpected with INTERNAL; never crash."""
+    """Answer a domain error with its status and reason (server.error_status), anything unexpected
+    with INTERNAL (its traceback in the log, never to the client); never crash."""
     try:
         yield
     except GdfedError as exc:
-        logger.info("[%s] %s: %s", method, exc.code.name, exc.message)
-        abort(context, exc)
+        logger.info("[%s] %s %s: %s", method, exc.code.name, exc.reason, exc.message)
+        abort(context, error_status(exc))
     except grpc.RpcError:
         raise
     except Exception as exc:
         if disk_full(exc):  # the operator's to fix, not a bug: no traceback, a status to retry on
             logger.warning("[%s] the aggregator's disk is full: %s", method, exc)
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the aggregator's disk is full ({exc}); try again once the operator has freed space",
+            abort(
+                context,
+                status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the aggregator's disk is full ({exc}); try again once the operator has freed space",
+                    STORE_UNAVAILABLE,
+                    retry_s=CATALOG[STORE_UNAVAILABLE].retry_s,
+                ),
             )
         logger.exception("[%s] internal error", method)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        abort(
+            context,
+            status(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", INTERNAL),
+        )
 
 
 def rpc(method: F) -> F:
@@ -117,7 +128,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     ) -> federation_pb2.JoinReply:
         site = self._site(context)
         if request.site_id != site:
-            raise _permission(f"site_id is {request.site_id!r} but the token belongs to {site!r}")
+            raise _mismatch(request.site_id, site)
         caps = request.capabilities
         result = self._membership.join(
             site,
@@ -157,6 +168,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                 train=request.timings.train_seconds,
                 upload=request.timings.upload_seconds,
             ),
+            stats=training_stats_from_proto(request.training),
         )
         return federation_pb2.HeartbeatReply(
             directive=federation_pb2.Directive.ValueType(reply.directive),
@@ -210,8 +222,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         with self._share.slot(site, CallKind.PUSH):
             while not self._upload_slots.acquire(timeout=0.5):
                 if not context.is_active():
-                    raise RoundClosed(
-                        "the client went away while its upload waited for a slot", field="upload_id"
+                    raise RoundClosed(  # nobody reads it: the client is gone
+                        "the client went away while its upload waited for a slot",
+                        field="upload_id",
+                        reason="UPLOAD_CANCELLED",
                     )
             try:
                 chunks = (chunk_from_proto(m) for m in request_iterator)
@@ -245,11 +259,16 @@ def _check_claim(claimed: str, site: str) -> None:
     since a worker answered for a site it did not ask about would act on another site's state.
     """
     if claimed and claimed != site:
-        raise _permission(f"site_id is {claimed!r} but the token belongs to {site!r}")
+        raise _mismatch(claimed, site)
 
 
-def _permission(message: str) -> GdfedError:
-    return PermissionDenied(message, field="site_id")
+def _mismatch(claimed: str, site: str) -> GdfedError:
+    return PermissionDenied(
+        f"site_id is {claimed!r} but the token belongs to {site!r}",
+        field="site_id",
+        reason="SITE_ID_MISMATCH",
+        metadata={"expected": site, "got": claimed},
+    )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -102,6 +102,12 @@ def run_json(status: Any) -> dict[str, Any]:
         },
         "started_unix_ms": ms(status.started_unix_ms),
         "server_version": status.server_version,
+        "privacy": {  # client-level DP spent so far (null before a round publishes with noise)
+            "epsilon": measured(status.dp_epsilon),
+            "delta": measured(status.dp_delta),
+            "noise_multiplier": measured(status.dp_noise_multiplier),
+            "rounds": status.dp_rounds,
+        },
     }
 
 
@@ -126,6 +132,14 @@ def round_json(r: Any, now_ms: int) -> dict[str, Any]:
         "close_reason": r.close_reason or None,
         "close_note": close_note(r) if r.close_reason or r.failure_reason else "",
         "failure_reason": r.failure_reason,
+        "aggregation_rule": r.aggregation_rule or None,
+        "trimmed_per_side": r.trimmed_per_side,
+        "privacy": {
+            "noise_multiplier": measured(r.dp_noise_multiplier),
+            "noise_std": measured(r.dp_noise_std),
+            "sample_rate": measured(r.dp_sample_rate),
+            "epsilon": measured(r.dp_epsilon),
+        },
         "participants": [
             {
                 "site_id": p.site_id,
@@ -138,6 +152,7 @@ def round_json(r: Any, now_ms: int) -> dict[str, Any]:
                 "norm": measured(p.norm),
                 "clip_scale": measured(p.clip_scale),
                 "outlier": p.outlier,
+                "training": training_json(p.training),  # the round's figures, from the upload
             }
             for p in r.participants
         ],
@@ -169,7 +184,33 @@ def site_json(s: Any) -> dict[str, Any]:
             "lora_rank": caps.lora_rank,
             "num_samples": caps.num_samples,
         },
+        "training": training_json(s.training),  # from the latest heartbeat: this round so far, or the last
     }
+
+
+def training_json(t: Any) -> dict[str, Any]:
+    """A site's training figures (wire TrainingStats); null where none was reported."""
+    return {
+        "tokens_per_second": measured(t.tokens_per_second),
+        "step_seconds": measured(t.step_seconds),
+        "peak_memory_bytes": t.peak_memory_bytes or None,
+        "peak_memory_kind": memory_kind(t),
+        "ranks": t.ranks or None,
+        "tokens": t.tokens or None,
+    }
+
+
+def memory_kind(t: Any) -> str | None:
+    """What a peak_memory_bytes measures: ``accelerator`` (torch max_memory_allocated) or ``host`` (peak RSS)."""
+    if not t.peak_memory_bytes:
+        return None
+    return "accelerator" if t.peak_is_accelerator else "host"
+
+
+def memory_note(t: Any) -> str:
+    """The peak memory in words: ``1.23 GB accelerator``, ``0.41 GB host``; "-" where none was reported."""
+    kind = memory_kind(t)
+    return f"{t.peak_memory_bytes / 1e9:.2f} GB {kind}" if kind else "-"
 
 
 def status_document(

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.errors import InvalidArgument
 from server.records import (
     ParticipantRecord,
     RoundRecord,
@@ -125,6 +126,10 @@ class Store:
         names = ", ".join(f.name for f in fields)
         marks = ", ".join("?" for _ in fields)
         values = [_to_sql(getattr(record, f.name)) for f in fields]
+        for f, value in zip(fields, values, strict=True):
+            if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+                # A client's uint64 (a round number, say) past SQLite's range: refused, not a crash.
+                raise InvalidArgument(f"{f.name} = {value} is out of range", field=f.name, limit=_INT_MAX)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", values)
 
@@ -145,11 +150,23 @@ class Store:
         if where:
             sql += f" WHERE {where}"
         sql += f" ORDER BY {order or ', '.join(key)}"
+        # A client's uint64 past SQLite's signed range matches no stored row: clamped, every
+        # comparison (=, <, >) gives what the true value would, where SQLite would raise instead.
+        args = tuple(_clamped(a) for a in args)
         with self._lock:
             cursor = self._db.execute(sql, args)
             columns = [c[0] for c in cursor.description]
             rows = cursor.fetchall()
         return [_from_sql(cls, dict(zip(columns, row, strict=True))) for row in rows]
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def _clamped(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return min(max(value, _INT_MIN), _INT_MAX)
+    return value
 
 
 def _to_sql(value: object) -> object:

@@ -56,6 +56,7 @@ def storage_errors(what: str) -> Iterator[None]:
             f"{what}: the aggregator's disk is full; what was received is kept, resume the upload "
             "later (the operator must free space)",
             field="disk",
+            reason="DISK_FULL",
         ) from None
 
 
@@ -229,10 +230,16 @@ class UploadSession:
         if self._failure is not None:
             raise self._failure
         if self._cancelled:
-            raise RoundClosed(f"upload {self.upload_id!r} stopped: {self._cancelled}", field="upload_id")
+            raise RoundClosed(
+                f"upload {self.upload_id!r} stopped: {self._cancelled}",
+                field="upload_id",
+                reason="UPLOAD_CANCELLED",
+            )
         if not self._intake.round_accepts(self.round):
             raise RoundClosed(
-                f"round {self.round} closed before upload {self.upload_id!r} finished", field="round"
+                f"round {self.round} closed before upload {self.upload_id!r} finished",
+                field="round",
+                metadata={"round": str(self.round)},
             )
 
     def _submit_ready(self) -> None:

@@ -7,10 +7,10 @@ The servicers call these and nothing else to make a reply; the domain side
 from __future__ import annotations
 
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
-from common.serde import training_spec_to_proto
+from common.serde import training_spec_to_proto, training_stats_to_proto
 from common.spec import TrainingSpec
 from server.membership import RoundView
-from server.records import RoundState, SiteRecord
+from server.records import RoundState, SiteRecord, training_of
 from server.run_admin import RoundReport, StatusView
 from server.run_state import Event
 from server.uploads import Receipt
@@ -73,6 +73,10 @@ def run_status(status: StatusView, server_version: str) -> admin_pb2.RunStatus:
         waiting_reason=status.waiting_reason,
         pause_reason=run.pause_reason if run.paused else "",
         min_sites_to_open=policy.min_sites_to_open,
+        dp_epsilon=run.dp_epsilon,
+        dp_delta=run.dp_delta,
+        dp_noise_multiplier=run.dp_noise_multiplier,
+        dp_rounds=run.dp_rounds,
     )
 
 
@@ -94,6 +98,12 @@ def round_status(report: RoundReport) -> admin_pb2.RoundStatus:
         failure_reason=record.failure_reason,
         close_reason=record.close_reason,
         ratio_to_full_model=report.ratio_to_full_model,
+        aggregation_rule=record.aggregation_rule,
+        trimmed_per_side=record.trimmed_per_side,
+        dp_noise_multiplier=record.dp_noise_multiplier,
+        dp_noise_std=record.dp_noise_std,
+        dp_sample_rate=record.dp_sample_rate,
+        dp_epsilon=record.dp_epsilon,
     )
     for site in report.sites:
         msg.participants.append(
@@ -109,6 +119,7 @@ def round_status(report: RoundReport) -> admin_pb2.RoundStatus:
                 norm=site.norm,
                 clip_scale=site.clip_scale,
                 outlier=site.outlier,
+                training=training_stats_to_proto(site.training),
             )
         )
     return msg
@@ -138,6 +149,7 @@ def site_status(site: SiteRecord) -> admin_pb2.SiteStatus:
             train_seconds=site.train_seconds,
             upload_seconds=site.upload_seconds,
         ),
+        training=training_stats_to_proto(training_of(site)),
     )
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from client.demo_init import init_demo
 from client.init_state import write_init_state
-from client.worker import Worker, WorkerConfig
+from client.worker import Worker
+from client.worker_config import WorkerConfig
 from common.spec import TrainingSpec
 from server.config import RoundPolicy, ServerConfig
 from tests.scripted import make_config, token_of

@@ -279,6 +279,20 @@ CASES = [
         Case(
             [*WORK, *WORK_FLAGS, "--data", "{tmp}/d.jsonl"],
             2,
+            "{tmp}/d.jsonl:2: messages[1].role is 'robot'; must be one of system, user, assistant, tool",
+            {
+                **DATA,
+                "d.jsonl": '{"text": "a"}\n{"messages": [{"role": "user", "content": "hi"}, '
+                '{"role": "robot", "content": "beep"}]}\n',
+            },
+        ),
+        id="work-jsonl-chat-role",
+        marks=slow,
+    ),
+    pytest.param(
+        Case(
+            [*WORK, *WORK_FLAGS, "--data", "{tmp}/d.jsonl"],
+            2,
             "{tmp}/d.jsonl holds no examples",
             {**DATA, "d.jsonl": "\n"},
         ),

@@ -14,7 +14,7 @@ from common.codec.decoder import (
     decode_chunks,
     decode_file,
 )
-from common.codec.encoder import encode, manifest_of
+from common.codec.encoder import PieceSource, encode, manifest_of
 from common.codec.layout import (
     DEFAULT_LIMITS,
     DEFAULT_SHARD_BYTES,
@@ -31,6 +31,7 @@ __all__ = [
     "DecodeLimits",
     "DecodedPiece",
     "DeltaStreamDecoder",
+    "PieceSource",
     "ShardDecoder",
     "allocate",
     "decode_chunks",

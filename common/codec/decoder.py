@@ -61,6 +61,11 @@ class DeltaStreamDecoder:
     :meth:`feed`, which returns the pieces finished so far; then :meth:`finish`
     returns the rest, or raises :class:`TruncatedStream` if the stream stopped
     before its last chunk.
+
+    ``max_pending``: how many shards may decode at once. 0 decodes each shard
+    as soon as it is complete, before taking the next chunk: no overlap, and a
+    receiver's memory of one compressed and one decoded shard (a worker
+    applying a delta to the one copy of its state it keeps, docs/worker.md).
     """
 
     MAX_PENDING = 2
@@ -72,7 +77,11 @@ class DeltaStreamDecoder:
         expected: Sequence[TensorSpec] | None = None,
         executor: Executor | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
+        max_pending: int = MAX_PENDING,
     ) -> None:
+        if max_pending < 0:
+            raise ValueError(f"max_pending is {max_pending}; must be >= 0")
+        self._max_pending = max_pending
         self._limits = limits
         self._expected = expected
         self._executor = executor
@@ -112,10 +121,10 @@ class DeltaStreamDecoder:
         assert self._assembler is not None and self._shards is not None
         ready: list[DecodedPiece] = []
         for shard in self._assembler.add(chunk):
-            while len(self._pending) >= self.MAX_PENDING:
+            while self._pending and len(self._pending) >= self._max_pending:
                 ready += self._take_oldest()
             self._pending.append(self._shards.start(shard.index, shard.data, self._into))
-        while self._pending and self._pending[0].done():
+        while self._pending and (self._pending[0].done() or len(self._pending) > self._max_pending):
             ready += self._take_oldest()
         return ready
 

@@ -2,14 +2,16 @@
 
 The payload goes to a file-like sink as it is produced (a spool file on a
 worker, so an interrupted upload can resume from disk); what comes back is the
-layout that the header of the upload carries.
+layout that the header of the upload carries. The tensors may also come a
+piece at a time from a :class:`PieceSource` (a worker's difference, computed
+as the shards reach it), so no tensor need ever exist whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,13 +31,22 @@ from common.dtypes import DType, from_torch, itemsize, to_torch
 from common.errors import NonFiniteValues
 
 
+@runtime_checkable
+class PieceSource(Protocol):
+    """Tensors handed over a piece at a time: what :func:`encode` asks of a source too large to hold whole."""
+
+    def piece(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of the flattened tensor ``name``, as a 1-D tensor (any device)."""
+        ...
+
+
 def manifest_of(tensors: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
     """The manifest (names, dtypes, shapes) of a dict of tensors, in its order."""
     return tuple(TensorSpec(name, from_torch(t.dtype), tuple(t.shape)) for name, t in tensors.items())
 
 
 def encode(
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | PieceSource,
     codec: Codec,
     sink: BinaryIO,
     *,
@@ -48,10 +59,13 @@ def encode(
     Tensors are fetched from the mapping one at a time, as the shards reach
     them, and dropped once written; with ``manifest`` given, a lazy mapping
     (one that loads or computes a tensor on access) is encoded in memory of
-    the order of one tensor plus one shard.
+    the order of one tensor plus one shard. A :class:`PieceSource` (with
+    ``manifest``) is asked for each shard's pieces only: memory of the order
+    of one shard, whatever the size of a tensor.
 
     Args:
-        tensors: name -> tensor, any device; the order is kept.
+        tensors: name -> tensor, any device; the order is kept. Or a
+            PieceSource, whose tensors ``manifest`` names.
         codec: cast, shuffle, block size and zstd level.
         sink: where the payload bytes go, in order.
         shard_bytes: upper bound of tensor bytes per shard.
@@ -61,30 +75,44 @@ def encode(
     Raises:
         NonFiniteValues: a float tensor holds NaN/inf (after the cast: fp32 values
             beyond fp16's range become inf and are refused here, not at the receiver).
-        ValueError: a dtype the wire cannot carry.
+        ValueError: a dtype the wire cannot carry; a PieceSource without a manifest.
     """
     validate_codec(codec)
     pool = executor or default_executor()
-    specs = tuple(manifest) if manifest is not None else manifest_of(tensors)
-    wire = wire_dtypes(specs, codec)
-    flats = _FlatCache(tensors, specs, wire)
+    flats: _FlatCache | _SourcePieces
+    if isinstance(tensors, PieceSource):
+        if manifest is None:
+            raise ValueError("encoding a PieceSource needs its manifest")
+        specs = tuple(manifest)
+        wire = wire_dtypes(specs, codec)
+        flats = _SourcePieces(tensors, specs, wire)
+    else:
+        specs = tuple(manifest) if manifest is not None else manifest_of(tensors)
+        wire = wire_dtypes(specs, codec)
+        flats = _FlatCache(tensors, specs, wire)
     shards: list[ShardSpec] = []
     for pieces in plan_shards(specs, codec, shard_bytes):
         header = build_header(pieces, specs, wire)
-        encoded = [compress_frame(np.frombuffer(header, dtype=np.uint8), False, codec.zstd_level)]
+        first = compress_frame(np.frombuffer(header, dtype=np.uint8), False, codec.zstd_level)
         jobs = list(_blocks(pieces, flats, wire, codec.block_bytes))
-        encoded.extend(pool.map(lambda job: _encode_block(job, codec, specs), jobs))
-        raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
-        frames = [frame for frame, _ in encoded]
-        for frame in frames:
+        sizes, digests = [], []
+        # Each frame goes to the sink as soon as it is next in order, and this shard's values go
+        # before the next shard's are asked for: one shard's worth in memory, not two.
+        for frame, digest in _chain_first(
+            first, pool.map(lambda job: _encode_block(job, codec, specs), jobs)
+        ):
             sink.write(frame)
+            sizes.append(len(frame))
+            digests.append(digest)
+        del jobs
+        raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
         shards.append(
             ShardSpec(
-                compressed_bytes=sum(len(f) for f in frames),
+                compressed_bytes=sum(sizes),
                 raw_bytes=raw,
-                sha256=digest_of_digests([digest for _, digest in encoded]),
+                sha256=digest_of_digests(digests),
                 pieces=pieces,
-                frame_bytes=tuple(len(f) for f in frames),
+                frame_bytes=tuple(sizes),
             )
         )
     return PayloadLayout(
@@ -97,6 +125,13 @@ def encode(
 
 
 _Job = tuple[int, U8Array, DType]
+
+
+def _chain_first(
+    first: tuple[bytes, bytes], rest: Iterator[tuple[bytes, bytes]]
+) -> Iterator[tuple[bytes, bytes]]:
+    yield first
+    yield from rest
 
 
 def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> tuple[bytes, bytes]:
@@ -140,13 +175,35 @@ class _FlatCache:
             self._index = index
         return self._flat
 
+    def get(self, piece: Piece) -> torch.Tensor:
+        return self[piece.tensor][piece.start : piece.start + piece.count]
+
+
+class _SourcePieces:
+    """Each piece asked of a PieceSource as its shard is encoded, in the wire dtype."""
+
+    def __init__(self, source: PieceSource, specs: tuple[TensorSpec, ...], wire: list[DType]) -> None:
+        self._source = source
+        self._specs = specs
+        self._wire = wire
+
+    def get(self, piece: Piece) -> torch.Tensor:
+        spec = self._specs[piece.tensor]
+        values = self._source.piece(spec.name, piece.start, piece.count)
+        if values.numel() != piece.count:
+            raise ValueError(
+                f"tensor {spec.name!r}: asked for {piece.count} elements from {piece.start}, "
+                f"the source gave {values.numel()}"
+            )
+        return _flat_wire(values, self._wire[piece.tensor])
+
 
 def _blocks(
-    pieces: tuple[Piece, ...], flats: _FlatCache, wire: list[DType], block_bytes: int
+    pieces: tuple[Piece, ...], flats: _FlatCache | _SourcePieces, wire: list[DType], block_bytes: int
 ) -> Iterator[_Job]:
     for piece in pieces:
         size = itemsize(wire[piece.tensor])
-        data = _as_u8_tensor(flats[piece.tensor][piece.start : piece.start + piece.count])
+        data = _as_u8_tensor(flats.get(piece))
         for offset in range(0, piece.count * size, block_bytes):
             yield piece.tensor, data[offset : offset + block_bytes], wire[piece.tensor]
 

@@ -79,6 +79,10 @@ class RunStatus(_message.Message):
     WAITING_REASON_FIELD_NUMBER: _builtins.int
     PAUSE_REASON_FIELD_NUMBER: _builtins.int
     MIN_SITES_TO_OPEN_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    DP_ROUNDS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     paused: _builtins.bool
     finished: _builtins.bool
@@ -99,6 +103,14 @@ class RunStatus(_message.Message):
     """what the operator said when pausing ("" when not paused)"""
     min_sites_to_open: _builtins.int
     """alive sites a round waits for before it opens"""
+    dp_epsilon: _builtins.float
+    """Client-level differential privacy, as of the latest round published with noise (all 0 before
+    one): the epsilon the run has spent at dp_delta (opacus's RDP accountant), the noise multiplier,
+    how many rounds had noise.
+    """
+    dp_delta: _builtins.float
+    dp_noise_multiplier: _builtins.float
+    dp_rounds: _builtins.int
     @_builtins.property
     def quorum(self) -> _federation_pb2.Quorum: ...
     def __init__(
@@ -120,10 +132,14 @@ class RunStatus(_message.Message):
         waiting_reason: _builtins.str = ...,
         pause_reason: _builtins.str = ...,
         min_sites_to_open: _builtins.int = ...,
+        dp_epsilon: _builtins.float = ...,
+        dp_delta: _builtins.float = ...,
+        dp_noise_multiplier: _builtins.float = ...,
+        dp_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "min_sites_to_open", b"min_sites_to_open", "pause_reason", b"pause_reason", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "dp_noise_multiplier", b"dp_noise_multiplier", "dp_rounds", b"dp_rounds", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "min_sites_to_open", b"min_sites_to_open", "pause_reason", b"pause_reason", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,6 +223,12 @@ class RoundStatus(_message.Message):
     MEAN_EVAL_LOSS_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     CLOSE_REASON_FIELD_NUMBER: _builtins.int
+    AGGREGATION_RULE_FIELD_NUMBER: _builtins.int
+    TRIMMED_PER_SIDE_FIELD_NUMBER: _builtins.int
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    DP_NOISE_STD_FIELD_NUMBER: _builtins.int
+    DP_SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _federation_pb2.RoundState.ValueType
     samples: _builtins.int
@@ -228,6 +250,17 @@ class RoundStatus(_message.Message):
     failure_reason: _builtins.str
     close_reason: _builtins.str
     """quorum, deadline, admin, all"""
+    aggregation_rule: _builtins.str
+    """Once published: the rule that combined the uploads (mean, trimmed_mean, median; svd for
+    FlexLoRA; "" before), the values it dropped per side and coordinate; with client-level DP, the
+    noise multiplier, the std of the noise on each coordinate of the mean delta, the sample rate the
+    accountant took, and the epsilon the run had spent after this round (all 0 without noise).
+    """
+    trimmed_per_side: _builtins.int
+    dp_noise_multiplier: _builtins.float
+    dp_noise_std: _builtins.float
+    dp_sample_rate: _builtins.float
+    dp_epsilon: _builtins.float
     @_builtins.property
     def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteRoundStatus]: ...
     def __init__(
@@ -249,10 +282,16 @@ class RoundStatus(_message.Message):
         mean_eval_loss: _builtins.float = ...,
         failure_reason: _builtins.str = ...,
         close_reason: _builtins.str = ...,
+        aggregation_rule: _builtins.str = ...,
+        trimmed_per_side: _builtins.int = ...,
+        dp_noise_multiplier: _builtins.float = ...,
+        dp_noise_std: _builtins.float = ...,
+        dp_sample_rate: _builtins.float = ...,
+        dp_epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "close_reason", b"close_reason", "closed_unix_ms", b"closed_unix_ms", "diff_bytes", b"diff_bytes", "failure_reason", b"failure_reason", "mean_eval_loss", b"mean_eval_loss", "mean_train_loss", b"mean_train_loss", "opened_unix_ms", b"opened_unix_ms", "participants", b"participants", "published_unix_ms", b"published_unix_ms", "ratio_to_full_model", b"ratio_to_full_model", "round", b"round", "samples", b"samples", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_seconds", b"aggregate_seconds", "aggregation_rule", b"aggregation_rule", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "close_reason", b"close_reason", "closed_unix_ms", b"closed_unix_ms", "diff_bytes", b"diff_bytes", "dp_epsilon", b"dp_epsilon", "dp_noise_multiplier", b"dp_noise_multiplier", "dp_noise_std", b"dp_noise_std", "dp_sample_rate", b"dp_sample_rate", "failure_reason", b"failure_reason", "mean_eval_loss", b"mean_eval_loss", "mean_train_loss", b"mean_train_loss", "opened_unix_ms", b"opened_unix_ms", "participants", b"participants", "published_unix_ms", b"published_unix_ms", "ratio_to_full_model", b"ratio_to_full_model", "round", b"round", "samples", b"samples", "state", b"state", "trimmed_per_side", b"trimmed_per_side"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
