@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from common.codec import encode
+from common.codec import BROADCAST_SHARD_BYTES, encode
 from common.delta import Codec, DeltaHeader, DeltaKind
 from common.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 from common.serde import header_from_bytes
@@ -192,7 +192,13 @@ class Fetching:
             )
         temp = self._blobs.temp_path(".payload")
         with temp.open("wb") as sink:
-            layout = encode({t.name: reader.read(t.name) for t in manifest}, Codec(), sink, manifest=manifest)
+            layout = encode(
+                {t.name: reader.read(t.name) for t in manifest},
+                Codec(),
+                sink,
+                manifest=manifest,
+                shard_bytes=BROADCAST_SHARD_BYTES,
+            )
         header = DeltaHeader(layout=layout, run_id=self._run_id, round=latest.round, kind=DeltaKind.SNAPSHOT)
         return FetchItem(header, temp, latest.round, temporary=True)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.buffers import ReusableBuffer
-from common.codec import decode_file, encode, validate_layout
+from common.codec import BROADCAST_SHARD_BYTES, decode_file, encode, validate_layout
 from common.codec.compact import CompactAssembler, is_lossy
 from common.codec.decoder import DecodedPiece, ShardDecoder
 from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
@@ -89,7 +89,7 @@ def store_payload(
     """
     temp = blobs.temp_path(".payload")
     with _removed_on_error(temp), rewrite(temp, blobs.recycler) as sink:
-        layout = encode(tensors, codec, sink, manifest=manifest)
+        layout = encode(tensors, codec, sink, manifest=manifest, shard_bytes=BROADCAST_SHARD_BYTES)
     blob = blobs.adopt(temp, layout.sha256.hex())
     header = DeltaHeader(layout=layout, run_id=run_id, round=round_number, base_round=base_round, kind=kind)
     return StoredPayload(blob, header_to_proto(header).SerializeToString(), layout.total_bytes), layout

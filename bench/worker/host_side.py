@@ -118,13 +118,13 @@ def serve(directory: Path, port: int) -> None:
 def write_global(directory: Path) -> None:
     """The round's global difference (GPT-2 small's shapes, a realistic small step), encoded as the aggregator does."""
     from bench.workload import realistic_delta
-    from common.codec import encode
+    from common.codec import BROADCAST_SHARD_BYTES, encode
     from common.delta import Codec, DeltaHeader, DeltaKind
     from common.serde import header_to_proto
 
     delta = realistic_delta({n: tuple(p.shape) for n, p in gpt2_small().named_parameters()}, seed=7)
     with (directory / "global.payload").open("wb") as sink:
-        layout = encode(delta, Codec(), sink)
+        layout = encode(delta, Codec(), sink, shard_bytes=BROADCAST_SHARD_BYTES)
     header = DeltaHeader(layout=layout, run_id="bench", round=2, base_round=1, kind=DeltaKind.DIFF)
     (directory / "global.header").write_bytes(header_to_proto(header).SerializeToString())
 

@@ -16,6 +16,7 @@ from common.codec.decoder import (
 )
 from common.codec.encoder import PieceSource, encode, manifest_of
 from common.codec.layout import (
+    BROADCAST_SHARD_BYTES,
     DEFAULT_LIMITS,
     DEFAULT_SHARD_BYTES,
     DecodeLimits,
@@ -24,6 +25,7 @@ from common.codec.layout import (
 )
 
 __all__ = [
+    "BROADCAST_SHARD_BYTES",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_LIMITS",
     "DEFAULT_SHARD_BYTES",

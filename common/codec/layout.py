@@ -44,6 +44,11 @@ class DecodeLimits:
 
 DEFAULT_LIMITS = DecodeLimits()
 DEFAULT_SHARD_BYTES = 32 * MIB
+# What the aggregator publishes with (global differences, snapshots). A worker applying a download
+# holds about one compressed and one decoded shard besides its one copy of the state: at 32 MiB
+# that was 0.3x a GPT-2-small state on top (docs/worker.md); 8 MiB keeps it near 0.1x, and 8 MiB
+# still gives the decoder's threads whole shards to work on.
+BROADCAST_SHARD_BYTES = 8 * MIB
 
 
 def digest_of_digests(digests: Sequence[bytes]) -> bytes:
