@@ -51,6 +51,7 @@ from common.channel import ChannelConfig, auth_metadata, open_channel
 from common.codec import encode
 from common.codec.compact import is_lossy
 from common.delta import DeltaHeader, DeltaKind, UploadMetrics
+from common.errors import GdfedError
 from common.files import rewrite
 from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
@@ -201,10 +202,7 @@ class Worker:
                 continue
             if round_spec.run_finished:
                 logger.info("[worker] the run is finished")
-                # The site keeps the run's final model: what was published since the last sync.
-                synced = self._sync(held_round, state)
-                if synced.round != held_round:
-                    self.local.save_held(run_id, synced.round, state)
+                self._final_sync(run_id, held_round, state)
                 break
             bytes_down = 0
             start = state
@@ -244,6 +242,22 @@ class Worker:
         if spec.run_finished or (spec.round > after and spec.state in TAKES_UPLOADS and not spec.sits_out):
             return spec
         return None
+
+    def _final_sync(self, run_id: str, held_round: int, state: dict[str, torch.Tensor]) -> None:
+        """The site keeps the run's final model: what was published since its last sync.
+
+        Best effort: the run is over whatever happens here, so a failure (an aggregator already
+        shut down, say) is logged and the worker still ends as finished, holding ``held_round``.
+        """
+        try:
+            synced = self._sync(held_round, state)
+        except (grpc.RpcError, GdfedError) as exc:
+            logger.warning(
+                "[worker] could not fetch the run's final round; keeping round %d: %s", held_round, exc
+            )
+            return
+        if synced.round != held_round:
+            self.local.save_held(run_id, synced.round, state)
 
     def _sync(
         self,
