@@ -110,17 +110,19 @@ def test_malformed_vectors_state_real_statuses_and_every_defect_the_spec_names()
 
 def test_the_directory_holds_the_index_and_its_files_only_and_stays_small() -> None:
     index = read_index()
-    named = {"index.json", ".gitignore"}
+    named = {"index.json"}
     for entry in index["valid"] + index["malformed"]:
         named |= {entry[k] for k in ("header", "payload", "tensors", "dense") if k in entry}
     present = {p.name for p in VECTORS_DIR.iterdir()}
     assert present == named
+    for path in VECTORS_DIR.iterdir():  # text only: the repository tracks no binary files
+        path.read_bytes().decode("utf-8")
     assert sum(p.stat().st_size for p in VECTORS_DIR.iterdir()) < 640 * 1024
     assert not list(VECTORS_DIR.rglob("*.proto"))  # protoc and the contract checks glob the parent
 
 
 def test_git_does_not_ignore_the_vectors() -> None:
-    """The repository ignores *.bin and *.safetensors elsewhere; the vectors' own .gitignore lets them in."""
+    """Every vector file is tracked text (binary content as base64): none falls under an ignore rule."""
     inside = subprocess.run(
         ["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True, text=True
     )

@@ -8,6 +8,7 @@ adds what it decodes to; a malformed one, the refusal it must get.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +137,17 @@ def write(directory: Path, vectors: list[Vector], notes: dict[str, Any]) -> list
         written.append(directory / name)
         return name
 
-    # The repository ignores *.bin and *.safetensors elsewhere (build outputs, checkpoints); here they are the point.
-    put(".gitignore", b"!*.bin\n!*.safetensors\n")
+    def put_binary(name: str, data: bytes) -> str:
+        # Binary content is kept as base64 text: the repository tracks no binary files, and a
+        # third party reads it with any base64 decoder (RFC 4648, lines of 76 characters).
+        return put(name, base64.encodebytes(data))
+
     entries: dict[str, list[dict[str, Any]]] = {"valid": [], "malformed": []}
     for v in vectors:
         entry: dict[str, Any] = {"name": v.name, "codec": v.codec, "exercises": v.exercises}
         entry["header"] = put(f"{v.name}.header.json", v.header_json.encode())
         if v.payload not in payload_files:
-            payload_files[v.payload] = put(f"{v.name}.bin", v.payload)
+            payload_files[v.payload] = put_binary(f"{v.name}.payload.b64", v.payload)
         entry["payload"] = payload_files[v.payload]
         if v.round_manifest is not None:
             entry["round_manifest"] = [spec_json(s) for s in v.round_manifest]
@@ -161,9 +165,9 @@ def write(directory: Path, vectors: list[Vector], notes: dict[str, Any]) -> list
         else:
             entry["chunk_bytes"] = v.chunk_bytes
         if v.refusal is None:
-            entry["tensors"] = put(f"{v.name}.safetensors", _safetensors(v.tensors))
+            entry["tensors"] = put_binary(f"{v.name}.tensors.b64", _safetensors(v.tensors))
             if v.dense is not None:
-                entry["dense"] = put(f"{v.name}.dense.safetensors", _safetensors(v.dense))
+                entry["dense"] = put_binary(f"{v.name}.dense.b64", _safetensors(v.dense))
             entry["shard_bytes"] = v.shard_bytes
             entry["reproducible"] = v.reproducible
             entries["valid"].append(entry)
@@ -177,6 +181,10 @@ def write(directory: Path, vectors: list[Vector], notes: dict[str, Any]) -> list
 
 def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save({name: t.contiguous() for name, t in tensors.items()})
+
+
+def _binary(path: Path) -> bytes:
+    return base64.decodebytes(path.read_bytes())
 
 
 def read_index(directory: Path = VECTORS_DIR) -> dict[str, Any]:
@@ -203,7 +211,7 @@ def _vector(directory: Path, entry: dict[str, Any], *, malformed: bool) -> Vecto
         "name": entry["name"],
         "exercises": entry["exercises"],
         "header_json": (directory / entry["header"]).read_text(encoding="utf-8"),
-        "payload": (directory / entry["payload"]).read_bytes(),
+        "payload": _binary(directory / entry["payload"]),
         "round_manifest": None
         if round_manifest is None
         else tuple(spec_from_json(s) for s in round_manifest),
@@ -215,8 +223,8 @@ def _vector(directory: Path, entry: dict[str, Any], *, malformed: bool) -> Vecto
     dense = entry.get("dense")
     return Vector(
         **common,
-        tensors=safetensors.torch.load((directory / entry["tensors"]).read_bytes()),
-        dense=None if dense is None else safetensors.torch.load((directory / dense).read_bytes()),
+        tensors=safetensors.torch.load(_binary(directory / entry["tensors"])),
+        dense=None if dense is None else safetensors.torch.load(_binary(directory / dense)),
         shard_bytes=entry["shard_bytes"],
         reproducible=entry["reproducible"],
     )
