@@ -9,7 +9,6 @@ given, so the only thing left wrong is the one thing a test changed on purpose.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import struct
@@ -22,11 +21,12 @@ import zstandard
 from common.codec import decode_chunks, encode, iter_chunks, make_chunk
 from common.codec.layout import DEFAULT_LIMITS, DEFAULT_SHARD_BYTES, DecodeLimits, digest_of_digests
 from common.codec.shuffle import shuffle
+from common.conformance import tamper
+from common.conformance.tamper import Frames  # and rebuild, unzstd: tests tamper as the vectors do
+from common.conformance.tamper import rebuild as rebuild
+from common.conformance.tamper import unzstd as unzstd
 from common.delta import Chunk, Codec, DeltaHeader, PayloadLayout, TensorSpec
 from common.dtypes import DType, itemsize
-
-# Frames of one shard; a payload is a list of them, one per shard.
-Frames = list[bytes]
 
 # Integer types of the same width, to compare floats bit for bit.
 _BITS = {
@@ -101,16 +101,9 @@ def decode_bytes(
 
 
 def split_frames(layout: PayloadLayout, payload: bytes) -> list[Frames]:
-    """The payload's zstd frames, shard by shard, as the layout's frame_bytes cut them."""
-    shards: list[Frames] = []
-    offset = 0
-    for shard in layout.shards:
-        frames = []
-        for size in shard.frame_bytes:
-            frames.append(payload[offset : offset + size])
-            offset += size
-        shards.append(frames)
-    assert offset == len(payload)
+    """The payload's zstd frames, shard by shard, as the layout's frame_bytes cut them (all of it)."""
+    shards = tamper.split_frames(layout, payload)
+    assert sum(len(f) for frames in shards for f in frames) == len(payload)
     return shards
 
 
@@ -132,34 +125,6 @@ def resign(layout: PayloadLayout) -> PayloadLayout:
     return dataclasses.replace(layout, sha256=digest_of_digests([s.sha256 for s in layout.shards]))
 
 
-def rebuild(
-    layout: PayloadLayout,
-    shards: Sequence[Frames],
-    *,
-    raw_bytes: Mapping[int, int] | None = None,
-) -> tuple[PayloadLayout, bytes]:
-    """A layout and payload consistent with ``shards``' frames: sizes and every digest recomputed.
-
-    Pieces and manifest are kept; ``raw_bytes`` overrides shard ``i``'s raw size
-    (needed when a test swaps in a header frame of another length).
-    """
-    specs = []
-    for i, (spec, frames) in enumerate(zip(layout.shards, shards, strict=True)):
-        specs.append(
-            dataclasses.replace(
-                spec,
-                compressed_bytes=sum(len(f) for f in frames),
-                raw_bytes=(raw_bytes or {}).get(i, spec.raw_bytes),
-                sha256=digest_of_digests([hashlib.sha256(f).digest() for f in frames]),
-                frame_bytes=tuple(len(f) for f in frames),
-            )
-        )
-    rebuilt = dataclasses.replace(
-        layout, shards=tuple(specs), total_bytes=sum(s.compressed_bytes for s in specs)
-    )
-    return resign(rebuilt), b"".join(b"".join(frames) for frames in shards)
-
-
 def replace_shard(layout: PayloadLayout, index: int, **changes: object) -> PayloadLayout:
     """The layout with shard ``index``'s fields changed (digests left as they are)."""
     shards = list(layout.shards)
@@ -169,10 +134,6 @@ def replace_shard(layout: PayloadLayout, index: int, **changes: object) -> Paylo
 
 def zstd(data: bytes, *, write_content_size: bool = True) -> bytes:
     return zstandard.ZstdCompressor(level=1, write_content_size=write_content_size).compress(data)
-
-
-def unzstd(frame: bytes) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(frame)
 
 
 def block_frame(values: np.ndarray, dtype: DType, codec: Codec) -> bytes:
