@@ -158,7 +158,7 @@ def _training(raw: object) -> TrainingSpec:
     try:
         return TrainingSpec(**parsed, **_values(TrainingSpec, values, "training"))
     except InvalidArgument as exc:
-        raise ConfigError(f"[training] {exc.message}", field=exc.field) from None
+        raise ConfigError(exc.message, field=exc.field) from None  # it names training.<field>
 
 
 def _read_file(path: Path, field: str, what: str, label: str = "") -> str:
