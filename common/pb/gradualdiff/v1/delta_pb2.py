@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradualdiff/v1/delta.proto\x12\x0egradualdiff.v1\"\xa7\x01\n\x05\x43odec\x12\"\n\x04\x63\x61st\x18\x01 \x01(\x0e\x32\x14.gradualdiff.v1.Cast\x12\x14\n\x0c\x62yte_shuffle\x18\x02 \x01(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\r\x12\x12\n\nzstd_level\x18\x04 \x01(\x05\x12$\n\x05lossy\x18\x05 \x01(\x0e\x32\x15.gradualdiff.v1.Lossy\x12\x15\n\rtopk_fraction\x18\x06 \x01(\x01\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.gradualdiff.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"5\n\x05Piece\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\x84\x01\n\tShardSpec\x12\x18\n\x10\x63ompressed_bytes\x18\x01 \x01(\x04\x12\x11\n\traw_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12%\n\x06pieces\x18\x04 \x03(\x0b\x32\x15.gradualdiff.v1.Piece\x12\x13\n\x0b\x66rame_bytes\x18\x05 \x03(\r\"\x97\x01\n\rTrainingStats\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13peak_is_accelerator\x18\x04 \x01(\x08\x12\r\n\x05ranks\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\"\x8d\x01\n\rUploadMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x04 \x01(\x01\x12/\n\x08training\x18\x05 \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\"\xf7\x02\n\x0b\x44\x65ltaHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x14\n\x0csample_count\x18\x05 \x01(\x04\x12$\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12,\n\x08manifest\x18\x07 \x03(\x0b\x32\x1a.gradualdiff.v1.TensorSpec\x12)\n\x06shards\x18\x08 \x03(\x0b\x32\x19.gradualdiff.v1.ShardSpec\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06sha256\x18\n \x01(\x0c\x12\x12\n\nbase_round\x18\x0b \x01(\x04\x12\'\n\x04kind\x18\x0c \x01(\x0e\x32\x19.gradualdiff.v1.DeltaKind\x12.\n\x07metrics\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.UploadMetrics\"t\n\nDeltaChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.gradualdiff.v1.DeltaHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08*\xc3\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F64\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I16\x10\x07\x12\x0c\n\x08\x44TYPE_I8\x10\x08\x12\x0c\n\x08\x44TYPE_U8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n\x12\r\n\tDTYPE_U32\x10\x0b*2\n\x04\x43\x61st\x12\r\n\tCAST_NONE\x10\x00\x12\r\n\tCAST_BF16\x10\x01\x12\x0c\n\x08\x43\x41ST_F16\x10\x02*7\n\x05Lossy\x12\x0e\n\nLOSSY_NONE\x10\x00\x12\x0e\n\nLOSSY_TOPK\x10\x01\x12\x0e\n\nLOSSY_INT8\x10\x02*q\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45LTA_KIND_DIFF\x10\x01\x12\x17\n\x13\x44\x45LTA_KIND_SNAPSHOT\x10\x02\x12\x1a\n\x16\x44\x45LTA_KIND_PARTIAL_SUM\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradualdiff/v1/delta.proto\x12\x0egradualdiff.v1\"\xcf\x01\n\x05\x43odec\x12\"\n\x04\x63\x61st\x18\x01 \x01(\x0e\x32\x14.gradualdiff.v1.Cast\x12\x14\n\x0c\x62yte_shuffle\x18\x02 \x01(\x08\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\r\x12\x12\n\nzstd_level\x18\x04 \x01(\x05\x12$\n\x05lossy\x18\x05 \x01(\x0e\x32\x15.gradualdiff.v1.Lossy\x12\x15\n\rtopk_fraction\x18\x06 \x01(\x01\x12&\n\x06\x64igest\x18\x07 \x01(\x0e\x32\x16.gradualdiff.v1.Digest\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.gradualdiff.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"5\n\x05Piece\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\x84\x01\n\tShardSpec\x12\x18\n\x10\x63ompressed_bytes\x18\x01 \x01(\x04\x12\x11\n\traw_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\x12%\n\x06pieces\x18\x04 \x03(\x0b\x32\x15.gradualdiff.v1.Piece\x12\x13\n\x0b\x66rame_bytes\x18\x05 \x03(\r\"\x97\x01\n\rTrainingStats\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13peak_is_accelerator\x18\x04 \x01(\x08\x12\r\n\x05ranks\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\"\x8d\x01\n\rUploadMetrics\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x15\n\rtrain_seconds\x18\x04 \x01(\x01\x12/\n\x08training\x18\x05 \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\"\xd6\x02\n\x0b\x44\x65ltaHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x11\n\tupload_id\x18\x04 \x01(\t\x12\x14\n\x0csample_count\x18\x05 \x01(\x04\x12$\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x15.gradualdiff.v1.Codec\x12,\n\x08manifest\x18\x07 \x03(\x0b\x32\x1a.gradualdiff.v1.TensorSpec\x12\x12\n\nbase_round\x18\x0b \x01(\x04\x12\'\n\x04kind\x18\x0c \x01(\x0e\x32\x19.gradualdiff.v1.DeltaKind\x12.\n\x07metrics\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.UploadMetricsJ\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bR\x06shardsR\x0btotal_bytesR\x06sha256\"\x9e\x01\n\nDeltaChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.gradualdiff.v1.DeltaHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12(\n\x05shard\x18\x06 \x01(\x0b\x32\x19.gradualdiff.v1.ShardSpec*\xc3\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F64\x10\x01\x12\r\n\tDTYPE_F32\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I64\x10\x05\x12\r\n\tDTYPE_I32\x10\x06\x12\r\n\tDTYPE_I16\x10\x07\x12\x0c\n\x08\x44TYPE_I8\x10\x08\x12\x0c\n\x08\x44TYPE_U8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n\x12\r\n\tDTYPE_U32\x10\x0b*2\n\x04\x43\x61st\x12\r\n\tCAST_NONE\x10\x00\x12\r\n\tCAST_BF16\x10\x01\x12\x0c\n\x08\x43\x41ST_F16\x10\x02*7\n\x05Lossy\x12\x0e\n\nLOSSY_NONE\x10\x00\x12\x0e\n\nLOSSY_TOPK\x10\x01\x12\x0e\n\nLOSSY_INT8\x10\x02*F\n\x06\x44igest\x12\x16\n\x12\x44IGEST_UNSPECIFIED\x10\x00\x12\x11\n\rDIGEST_SHA256\x10\x01\x12\x11\n\rDIGEST_BLAKE3\x10\x02*q\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45LTA_KIND_DIFF\x10\x01\x12\x17\n\x13\x44\x45LTA_KIND_SNAPSHOT\x10\x02\x12\x1a\n\x16\x44\x45LTA_KIND_PARTIAL_SUM\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.gradualdiff.v1.delta_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1282
-  _globals['_DTYPE']._serialized_end=1477
-  _globals['_CAST']._serialized_start=1479
-  _globals['_CAST']._serialized_end=1529
-  _globals['_LOSSY']._serialized_start=1531
-  _globals['_LOSSY']._serialized_end=1586
-  _globals['_DELTAKIND']._serialized_start=1588
-  _globals['_DELTAKIND']._serialized_end=1701
+  _globals['_DTYPE']._serialized_start=1332
+  _globals['_DTYPE']._serialized_end=1527
+  _globals['_CAST']._serialized_start=1529
+  _globals['_CAST']._serialized_end=1579
+  _globals['_LOSSY']._serialized_start=1581
+  _globals['_LOSSY']._serialized_end=1636
+  _globals['_DIGEST']._serialized_start=1638
+  _globals['_DIGEST']._serialized_end=1708
+  _globals['_DELTAKIND']._serialized_start=1710
+  _globals['_DELTAKIND']._serialized_end=1823
   _globals['_CODEC']._serialized_start=47
-  _globals['_CODEC']._serialized_end=214
-  _globals['_TENSORSPEC']._serialized_start=216
-  _globals['_TENSORSPEC']._serialized_end=295
-  _globals['_PIECE']._serialized_start=297
-  _globals['_PIECE']._serialized_end=350
-  _globals['_SHARDSPEC']._serialized_start=353
-  _globals['_SHARDSPEC']._serialized_end=485
-  _globals['_TRAININGSTATS']._serialized_start=488
-  _globals['_TRAININGSTATS']._serialized_end=639
-  _globals['_UPLOADMETRICS']._serialized_start=642
-  _globals['_UPLOADMETRICS']._serialized_end=783
-  _globals['_DELTAHEADER']._serialized_start=786
-  _globals['_DELTAHEADER']._serialized_end=1161
-  _globals['_DELTACHUNK']._serialized_start=1163
-  _globals['_DELTACHUNK']._serialized_end=1279
+  _globals['_CODEC']._serialized_end=254
+  _globals['_TENSORSPEC']._serialized_start=256
+  _globals['_TENSORSPEC']._serialized_end=335
+  _globals['_PIECE']._serialized_start=337
+  _globals['_PIECE']._serialized_end=390
+  _globals['_SHARDSPEC']._serialized_start=393
+  _globals['_SHARDSPEC']._serialized_end=525
+  _globals['_TRAININGSTATS']._serialized_start=528
+  _globals['_TRAININGSTATS']._serialized_end=679
+  _globals['_UPLOADMETRICS']._serialized_start=682
+  _globals['_UPLOADMETRICS']._serialized_end=823
+  _globals['_DELTAHEADER']._serialized_start=826
+  _globals['_DELTAHEADER']._serialized_end=1168
+  _globals['_DELTACHUNK']._serialized_start=1171
+  _globals['_DELTACHUNK']._serialized_end=1329
 # @@protoc_insertion_point(module_scope)
