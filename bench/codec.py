@@ -41,8 +41,7 @@ from common.codec import DeltaStreamDecoder, allocate, encode, iter_chunks
 from common.codec.compact import compact_tensor
 from common.delta import Cast, Codec, DeltaHeader, Lossy, PayloadLayout
 from common.lossy import ErrorFeedback
-from common.pb.gradualdiff.v1 import delta_pb2
-from common.serde import header_from_proto, header_to_proto
+from common.serde import layout_from_bytes, layout_to_bytes
 
 CODECS = {"exact": Codec(), "bf16": Codec(cast=Cast.BF16)}
 # A lossy upload as operators configure it (docs/operator.md, "Lossy uploads"): top-1 % of each
@@ -70,13 +69,19 @@ def topk_upload_bytes(shapes: dict[str, tuple[int, ...]], rounds: int = TOPK_ROU
     return sizes
 
 
-def decode_child(payload: Path, header_file: Path, warm: bool = False) -> None:
+def bench_header(layout: PayloadLayout) -> DeltaHeader:
+    """The header an upload of this payload starts with (what the decoder checks before it allocates)."""
+    return DeltaHeader(
+        spec=layout.spec, run_id="bench", round=1, site_id="bench", upload_id="b1", sample_count=1
+    )
+
+
+def decode_child(payload: Path, layout_file: Path, warm: bool = False) -> None:
     """Run in a fresh process: decode the payload from disk chunk by chunk; print seconds and RSS."""
-    msg = delta_pb2.DeltaHeader()
-    msg.ParseFromString(header_file.read_bytes())
-    header = header_from_proto(msg)
+    layout = layout_from_bytes(layout_file.read_bytes())
+    header = bench_header(layout)
     baseline = rss_bytes()
-    tensors = allocate(header.layout.manifest)
+    tensors = allocate(header.spec.manifest)
     if warm:
         for tensor in tensors.values():
             tensor.zero_()
@@ -84,7 +89,7 @@ def decode_child(payload: Path, header_file: Path, warm: bool = False) -> None:
     # Only the receiver's work is timed: reading the file and computing each
     # chunk's CRC stand in for the sender and the network.
     with payload.open("rb") as source, DeltaStreamDecoder(into=tensors) as decoder:
-        for chunk in iter_chunks(header, source):
+        for chunk in iter_chunks(header, layout, source):
             start = time.perf_counter()
             decoder.feed(chunk)
             seconds += time.perf_counter() - start
@@ -127,14 +132,13 @@ def main() -> int:
     parser.add_argument("--decode-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.decode_child:
-        payload, header_file, mode = args.decode_child
+        payload, layout_file, mode = args.decode_child
         if mode == "zstd":
-            msg = delta_pb2.DeltaHeader()
-            msg.ParseFromString(Path(header_file).read_bytes())
-            seconds, produced = zstd_limit(Path(payload), header_from_proto(msg).layout)
+            layout = layout_from_bytes(Path(layout_file).read_bytes())
+            seconds, produced = zstd_limit(Path(payload), layout)
             print(json.dumps({"seconds": seconds, "bytes": produced}))
         else:
-            decode_child(Path(payload), Path(header_file), warm=mode == "warm")
+            decode_child(Path(payload), Path(layout_file), warm=mode == "warm")
         return 0
 
     shapes = gpt2_small_shapes()
@@ -160,11 +164,9 @@ def main() -> int:
 
             encode_times = repeat(run_encode, args.runs)
             layout = run_encode()
-            header = DeltaHeader(
-                layout=layout, run_id="bench", round=1, site_id="bench", upload_id="b1", sample_count=1
-            )
-            header_file = Path(tmp) / f"{label}.header"
-            header_file.write_bytes(header_to_proto(header).SerializeToString())
+            # Stored beside the payload as the aggregator stores it: the header no longer carries shards.
+            layout_file = Path(tmp) / f"{label}.layout"
+            layout_file.write_bytes(layout_to_bytes(layout))
             # The limit is measured the same way as the decoder, in a fresh process, interleaved with
             # the decode runs: a lone busy thread clocks higher than two, so run-to-run drift is large.
             children: dict[str, list[dict[str, float]]] = {"zstd": [], "warm": [], "cold": []}
@@ -176,7 +178,7 @@ def main() -> int:
                         "bench.codec",
                         "--decode-child",
                         str(payload),
-                        str(header_file),
+                        str(layout_file),
                     ]
                     out = subprocess.run([*cmd, mode], check=True, capture_output=True, text=True)
                     children[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -218,6 +220,8 @@ def main() -> int:
         "Throughputs count the bytes zstd produces (the wire dtype's), so decode and the zstd limit compare 1:1.",
         "The limit runs the same way (a fresh process, one thread, the same frames from disk), interleaved",
         "with the decode runs; *decode / limit* is the median of the per-run ratios.",
+        "Wire revision 2 (issue 19): shard specs travel with the data; frames are hashed with",
+        f"{Codec().digest.name} (the default digest); decode verifies every shard's digest and every chunk's CRC-32C.",
         "",
         f"Limits on this machine: memcpy {spread(memcpy)} MB/s; plain zstd level 1 on the unshuffled fp32 bytes: ratio {plain_ratio:.3f}.",
         "",

@@ -7,16 +7,20 @@ NVFlare's clients. A site does, per round, what the worker does minus the
 model: await the round, fetch the global difference and add it to the state
 it holds (client.transfer.Sync), "train" by adding a fixed small step (a
 precomputed random buffer; the upload is ``(state + step) - state`` in fp32,
-so it carries the rounding pattern of a real difference), encode with the
-default exact codec, push (client.transfer.push). As the worker, it keeps
-its last upload's tensors until the next fetch decodes into them, and tunes
-malloc as ``gdfed work`` does (common.malloc).
+so it carries the rounding pattern of a real difference), then encode with
+the default exact codec and push at once, as the worker does since issue 19
+(client.outgoing.Outgoing encodes on a thread into the payload file while
+client.transfer.push streams each shard as it is written). As the worker, it
+keeps its last upload's tensors until the next fetch decodes into them, and
+tunes malloc as ``gdfed work`` does (common.malloc).
 
 Measured per K and round r:
 
 - round time: from every site holding global r-1 to every site holding
   global r (round 1: from the round opening); minus the longest local
   "training" of the round = the round overhead;
+- per site: encode → first byte (encoding starts → the first chunk handed
+  to gRPC), the encoder's time and the push's (both overlap);
 - the daemon's peak RSS (its VmRSS sampled every 100 ms, and VmHWM);
 - bytes per round: the daemon's own counters (compressed bytes in and out)
   and the growth of the loopback counters (what bench/peers.py also reads).
@@ -44,8 +48,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import torch
@@ -55,10 +60,9 @@ from safetensors.torch import load_file, save_file
 from bench.procs import Procs, TreeSampler, free_port, loopback_bytes, status_kib
 from bench.workload import MB, encoded_frames, gpt2_small_shapes, realistic_delta
 from common.channel import auth_metadata
-from common.codec import encode
+from common.codec import encode, manifest_of
 from common.codec.blocks import new_compressor
-from common.delta import Codec, DeltaHeader, DeltaKind, UploadMetrics
-from common.files import rewrite
+from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout, PayloadSpec, ShardSpec, UploadMetrics
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
 ADMIN = "bench-admin"
@@ -102,8 +106,21 @@ def local_step(state: dict[str, torch.Tensor], step: torch.Tensor) -> dict[str, 
     return out
 
 
+def encoder(
+    delta: dict[str, torch.Tensor], spec: PayloadSpec
+) -> Callable[[BinaryIO, Callable[[ShardSpec], None]], PayloadLayout]:
+    """What client.outgoing.Outgoing runs on its thread: ``delta`` encoded under ``spec``, shard by shard."""
+
+    def run(sink: BinaryIO, on_shard: Callable[[ShardSpec], None]) -> PayloadLayout:
+        return encode(delta, spec.codec, sink, manifest=spec.manifest, on_shard=on_shard)
+
+    return run
+
+
 def site_main(args: argparse.Namespace) -> int:
-    """One site: join, then await / fetch+apply / train / encode / push until the run is finished."""
+    """One site: join, then await / fetch+apply / train / encode and push until the run is finished."""
+    from client.delta_stub import DeltaStub
+    from client.outgoing import Outgoing
     from client.transfer import Sync, push
     from common.malloc import tune_malloc
 
@@ -115,6 +132,7 @@ def site_main(args: argparse.Namespace) -> int:
     step = torch.randn(STEP_ELEMENTS, generator=torch.Generator().manual_seed(args.seed)) * STEP_STD
     channel = grpc.insecure_channel(args.target)
     stub = federation_pb2_grpc.FederationStub(channel)
+    deltas = DeltaStub(channel)  # PushDelta and FetchDiff framed by common.serde, as the worker's
     meta = auth_metadata(args.token)
     out = open(args.out, "a")  # noqa: SIM115 - one line per event, flushed as it happens
 
@@ -159,7 +177,7 @@ def site_main(args: argparse.Namespace) -> int:
             target = spec.base_round if not spec.run_finished else spec.round
             if spec.run_finished or held != target:
                 start = time.perf_counter()
-                synced = Sync(stub, meta, args.site, held, state, spare=spare)()
+                synced = Sync(deltas, meta, args.site, held, state, spare=spare)()
                 spare = {}  # as the worker: dropped before training
                 if synced.round != held:
                     record(
@@ -175,14 +193,9 @@ def site_main(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             delta = local_step(state, step)
             train_s = time.perf_counter() - start
-            start = time.perf_counter()
-            # As the worker does: over the blocks of the last payload (common.files.rewrite).
-            with rewrite(payload) as sink:
-                layout = encode(delta, Codec(), sink)
-            spare, delta = delta, {}  # as the worker: decoded into at the next fetch
-            encode_s = time.perf_counter() - start
+            codec = Codec()
             header = DeltaHeader(
-                layout=layout,
+                spec=PayloadSpec(codec, manifest_of(delta)),
                 run_id=join.run_id,
                 round=spec.round,
                 site_id=args.site,
@@ -193,14 +206,30 @@ def site_main(args: argparse.Namespace) -> int:
                 metrics=UploadMetrics(train_loss=1.0, eval_loss=1.0, steps=1, train_seconds=train_s),
             )
             start = time.perf_counter()
-            push(stub, meta, header, payload)
+            first_byte: list[float] = []
+
+            def sent(n: int, first_byte: list[float] = first_byte) -> None:
+                if not first_byte:
+                    first_byte.append(time.perf_counter())
+
+            # As the worker: encoded on a thread over the blocks of the last payload file, each
+            # shard pushed once written (the first bytes leave after one shard, not the delta).
+            outgoing = Outgoing(header, payload, encoder(delta, header.spec), on_encoded=lambda layout: None)
+            try:
+                push(deltas, meta, header, outgoing, progress=sent)
+            finally:
+                outgoing.wait()
+            layout = outgoing.result()
+            push_s = time.perf_counter() - start
+            spare, delta = delta, {}  # as the worker: decoded into at the next fetch
             record(
                 event="pushed",
                 round=spec.round,
                 t=time.time(),
                 train_s=train_s,
-                encode_s=encode_s,
-                push_s=time.perf_counter() - start,
+                encode_s=outgoing.seconds,
+                first_byte_s=(first_byte[0] if first_byte else math.nan) - start,
+                push_s=push_s,
                 bytes_up=layout.total_bytes,
             )
             done = spec.round
@@ -324,6 +353,7 @@ def run_ours(
                 "open_to_published_s": (d.published_unix_ms - d.opened_unix_ms) / 1000,
                 "aggregate_s": d.aggregate_seconds,
                 "encode_s": statistics.median(ev["encode_s"] for ev in pushed),
+                "first_byte_s": statistics.median(ev["first_byte_s"] for ev in pushed),
                 "push_s": max(ev["push_s"] for ev in pushed),
                 "bytes_in": d.bytes_in,
                 "bytes_out": d.bytes_out,
@@ -408,9 +438,12 @@ def summarize(result: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
         "open_to_published_s",
         "aggregate_s",
         "encode_s",
+        "first_byte_s",
         "push_s",
     ):
-        values = [r[key] for r in result["rounds"]]
+        values = [r[key] for r in result["rounds"] if key in r]
+        if not values:  # saved runs from before a figure existed
+            continue
         out[key] = (statistics.median(values), min(values), max(values))
     bytes_round = [float(r["bytes_in"] + r["bytes_out"]) for r in result["rounds"]]
     out["wire_bytes"] = (statistics.median(bytes_round), min(bytes_round), max(bytes_round))
@@ -446,6 +479,7 @@ def main() -> int:
             print(
                 f"K={k}: round {s['round_s'][0]:.2f} s ({s['round_s'][1]:.2f}-{s['round_s'][2]:.2f}), "
                 f"overhead {s['overhead_s'][0]:.2f} s, limit {limit:.2f} s (x{s['overhead_s'][0] / limit:.2f}), "
+                f"a site's encode {s['encode_s'][0]:.2f} s, encode → first byte {s['first_byte_s'][0]:.2f} s, "
                 f"daemon peak RSS {result['server_peak_rss_MB']:.0f} MB (VmHWM {result['server_hwm_MB']:.0f}), "
                 f"wire {s['wire_bytes'][0] / MB:.0f} MB/round, loopback {result['loopback_bytes_per_round'] / MB:.0f} MB/round",
                 flush=True,

@@ -138,8 +138,8 @@ def write_section(name: str, markdown: str, figures: dict[str, object]) -> None:
     data_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def encoded_frames(delta: dict[str, torch.Tensor]) -> tuple[list[tuple[memoryview, int]], int]:
-    """``delta`` encoded with the exact codec: its zstd frames (compressed bytes, decoded size), and its wire bytes."""
+def encoded_payload(delta: dict[str, torch.Tensor]) -> tuple[bytes, PayloadLayout]:
+    """``delta`` encoded with the exact codec (the default digest): the payload and its layout."""
     import tempfile
 
     from common.codec import encode
@@ -149,7 +149,13 @@ def encoded_frames(delta: dict[str, torch.Tensor]) -> tuple[list[tuple[memoryvie
         payload = Path(tmp) / "delta.payload"
         with payload.open("wb") as sink:
             layout = encode(delta, Codec(), sink)
-        return payload_frames(payload.read_bytes(), layout), layout.total_bytes
+        return payload.read_bytes(), layout
+
+
+def encoded_frames(delta: dict[str, torch.Tensor]) -> tuple[list[tuple[memoryview, int]], int]:
+    """``delta`` encoded with the exact codec: its zstd frames (compressed bytes, decoded size), and its wire bytes."""
+    data, layout = encoded_payload(delta)
+    return payload_frames(data, layout), layout.total_bytes
 
 
 def payload_frames(data: bytes, layout: PayloadLayout) -> list[tuple[memoryview, int]]:

@@ -11,11 +11,14 @@ when. Files, in the worker's state directory (``client.local_state``):
     pending/<id>.residual      e' = (e + Δ) − sent: the residual once upload <id> counts
 
 The commit point is ``pending/<id>.header`` (``LocalState.save_pending``),
-written after the payload and after ``pending/<id>.residual``:
+written after the whole payload, its layout and ``pending/<id>.residual``, and
+before the push's last chunk leaves (client.outgoing: the push streams the
+payload while it is encoded, but the aggregator accepts nothing before it):
 
 - :meth:`UploadFeedback.prepare` computes e + Δ, the compact tensors and e',
   and writes e' (temporary name, fsync, rename). Killed before the header
-  exists, the worker trains the round again from the old e: nothing counted twice.
+  exists (while encoding, perhaps with part of the payload sent), the worker
+  trains the round again from the old e: nothing counted twice.
 - :meth:`UploadFeedback.acknowledged` (the aggregator took the upload) renames
   e' over feedback.safetensors: one atomic step. Killed after it, a restarted
   worker finds the file already naming the upload and does nothing.
@@ -46,14 +49,14 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
+from client.local_state import Pending, read_pending
 from common.codec.compact import compact_tensor, decode_dense, is_lossy, plan
-from common.delta import Codec, DeltaHeader, TensorSpec
+from common.delta import Codec, TensorSpec
 from common.dtypes import DType
 from common.files import fsync_dir, fsync_file
 from common.lossy import ErrorFeedback
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
 from common.retry import Retrier
-from common.serde import header_from_proto
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +140,9 @@ class UploadFeedback:
         os.replace(source, self.path)
         fsync_dir(self.root)
 
-    def not_taken(self, run_id: str, header: DeltaHeader, payload: Path) -> None:
-        """Upload ``header`` was not counted (its round is over): the residual becomes e' + sent = e + Δ."""
+    def not_taken(self, run_id: str, upload: Pending) -> None:
+        """``upload`` was not counted (its round is over): the residual becomes e' + sent = e + Δ."""
+        header, layout = upload.header, upload.layout
         source = self.residual_path(header.upload_id)
         if not source.exists():
             return
@@ -151,15 +155,15 @@ class UploadFeedback:
             logger.warning("[feedback] %s names another upload or run; ignored", source.name)
             return
         # The upload carries the tensors of its round (a FedCyBGD site: one block) of all those kept.
-        carried = {spec.name for spec in header.layout.manifest}
+        carried = {spec.name for spec in layout.manifest}
         manifest = [
             spec
             for name, t in residual.items()
             for spec in [TensorSpec(name, DType.F32, tuple(t.shape))]
-            if any(part.name in carried for part in plan([spec], header.layout.codec)[0].parts)
+            if any(part.name in carried for part in plan([spec], layout.codec)[0].parts)
         ]
-        with payload.open("rb") as f:
-            sent = decode_dense(header.layout, f, manifest)
+        with upload.payload.open("rb") as f:
+            sent = decode_dense(layout, f, manifest)
         for name, values in sent.items():
             residual[name].add_(values)
         self._write(self.path, residual, run_id, header.upload_id)
@@ -176,19 +180,16 @@ class UploadFeedback:
     # ------------------------------------------------------------ helpers
     def _settle_stale(self, run_id: str, current: str) -> None:
         """Settle the committed uploads of earlier rounds that a killed worker left in pending/."""
-        stale: list[tuple[int, DeltaHeader, Path]] = []
+        stale: list[Pending] = []
         for residual in self._pending.glob("*.residual"):
             upload_id = residual.name.removesuffix(".residual")
-            head_path = self._pending / f"{upload_id}.header"
-            payload = self._pending / f"{upload_id}.payload"
-            if upload_id == current or not head_path.exists() or not payload.exists():
+            found = None if upload_id == current else read_pending(self._pending, upload_id)
+            if found is None:
                 continue  # not committed: the round was trained again (or is being)
-            msg = delta_pb2.DeltaHeader()
-            msg.ParseFromString(head_path.read_bytes())
-            header = header_from_proto(msg)
-            if header.run_id == run_id:
-                stale.append((header.round, header, payload))
-        for _, header, payload in sorted(stale, key=lambda item: item[0]):  # oldest first
+            if found.header.run_id == run_id:
+                stale.append(found)
+        for upload in sorted(stale, key=lambda u: u.header.round):  # oldest first
+            header = upload.header
             upload_id = header.upload_id
             _, settled = self._read(self.path, run_id)
             if settled == upload_id:
@@ -198,7 +199,7 @@ class UploadFeedback:
                 logger.info("[feedback] upload %s of round %d was accepted", upload_id, header.round)
                 self.acknowledged(run_id, upload_id)
             else:
-                self.not_taken(run_id, header, payload)
+                self.not_taken(run_id, upload)
 
     def _discard(self, path: Path) -> None:
         path.unlink(missing_ok=True)

@@ -17,18 +17,19 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import numpy as np
 import torch
 
+from client.delta_stub import DeltaStub
 from common.codec import DeltaStreamDecoder, allocate, iter_chunks
 from common.codec.decoder import DecodedPiece, place_piece
-from common.delta import MIB, Chunk, DeltaHeader, DeltaKind
+from common.delta import MIB, Chunk, DeltaHeader, DeltaKind, PayloadLayout
 from common.errors import is_round_over, reason_of, status_of
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.pb.gradualdiff.v1 import federation_pb2
 from common.retry import TRANSIENT, Retrier, RetryPolicy
-from common.serde import chunk_from_proto, chunk_to_proto
 from common.spec import OPTIMIZER_MARK
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Sync:
 
     def __init__(
         self,
-        stub: federation_pb2_grpc.FederationStub,
+        stub: DeltaStub,
         metadata: tuple[tuple[str, str], ...],
         site_id: str,
         held_round: int,
@@ -141,8 +142,8 @@ class Sync:
         )
         current: _Incoming | None = None
         try:
-            for message in self._stub.FetchDiff(request, metadata=self._metadata, timeout=self._timeout):
-                chunk = chunk_from_proto(message)
+            # Each chunk's data is a view of its message (client.delta_stub), gone with the chunk.
+            for chunk in self._stub.FetchDiff(request, metadata=self._metadata, timeout=self._timeout):
                 if chunk.header is not None:
                     if current is not None:
                         self._finish(current)
@@ -196,9 +197,9 @@ class _Incoming:
     ) -> None:
         self.header = header
         self._state = state
-        names = {t.name for t in header.layout.manifest}
+        names = {t.name for t in header.spec.manifest}
         if header.kind is DeltaKind.SNAPSHOT:
-            known = set(state) | {t.name for t in header.layout.manifest if OPTIMIZER_MARK in t.name}
+            known = set(state) | {t.name for t in header.spec.manifest if OPTIMIZER_MARK in t.name}
             if names != known and not (partial and names <= known):
                 raise ValueError(
                     f"snapshot of round {header.round} has other tensors than this worker trains"
@@ -218,7 +219,7 @@ class _Incoming:
         self.buffers: dict[str, torch.Tensor] = {}
         self._spool: _Spool | None = None
         if spare:
-            self.buffers = allocate(header.layout.manifest, reuse=spare)
+            self.buffers = allocate(header.spec.manifest, reuse=spare)
             self._decoder = DeltaStreamDecoder(into=self.buffers)
         else:
             self._spool = _Spool(spool_dir)
@@ -238,7 +239,7 @@ class _Incoming:
         """Check that the whole delta arrived and decoded, then apply it; returns the round reached."""
         self._place(self._decoder.finish())
         state = self._state
-        for spec in self.header.layout.manifest:
+        for spec in self.header.spec.manifest:
             if OPTIMIZER_MARK in spec.name and spec.name not in state:
                 state[spec.name] = torch.zeros(spec.shape)
         if self._spool is not None:
@@ -258,7 +259,7 @@ class _Incoming:
 
     def _apply_spooled(self, spool: _Spool) -> None:
         state, snapshot = self._state, self.header.kind is DeltaKind.SNAPSHOT
-        for spec in self.header.layout.manifest:
+        for spec in self.header.spec.manifest:
             held = state[spec.name]
             if snapshot and tuple(held.shape) != tuple(spec.shape):
                 # As with buffers: the snapshot's shape wins (FlexLoRA's rank-R adapters).
@@ -322,11 +323,47 @@ class _Spool:
         self._file.close()
 
 
+class Outbound(Protocol):
+    """A payload a push streams: stored whole (StoredPayload) or still being encoded (GrowingPayload)."""
+
+    @property
+    def layout(self) -> PayloadLayout | None:
+        """The whole payload's layout once it is all written; None while it is still growing."""
+        ...
+
+    def chunks(self, header: DeltaHeader, *, start: int = 0) -> Iterator[Chunk]:
+        """The payload's chunks from offset ``start``, the first carrying ``header``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPayload:
+    """A payload already written whole to ``path`` (an upload resumed by a restarted worker)."""
+
+    path: Path
+    layout: PayloadLayout
+
+    def result(self) -> PayloadLayout:
+        """The layout (as GrowingPayload's owner answers once its encoder is done)."""
+        return self.layout
+
+    def chunks(self, header: DeltaHeader, *, start: int = 0) -> Iterator[Chunk]:
+        # The generator owns the file: gRPC reads it on a thread of its own, which may still be
+        # between two chunks when the call has failed, so the file must not be closed under it.
+        with self.path.open("rb") as source:
+            yield from iter_chunks(header, self.layout, source, start=start)
+
+
+def payload_chunks(payload: Outbound, header: DeltaHeader, start: int) -> Iterator[Chunk]:
+    """What one try of a push sends: ``payload`` from ``start`` (the fault tests slow it down here)."""
+    return payload.chunks(header, start=start)
+
+
 def push(
-    stub: federation_pb2_grpc.FederationStub,
+    stub: DeltaStub,
     metadata: tuple[tuple[str, str], ...],
     header: DeltaHeader,
-    payload: Path,
+    payload: Outbound,
     *,
     retrier: Retrier | None = None,
     progress: Callable[[int], None] = lambda n: None,
@@ -335,11 +372,14 @@ def push(
 ) -> federation_pb2.PushReceipt:
     """Stream a payload; after a failure, ask where to resume and send the rest (``retrier``: ``PUSH``).
 
+    ``payload`` may still be growing: each try sends what is written and waits for the rest, and
+    a resume may start anywhere in it, also past what is written so far.
     ``resume``: the upload may have been started by an earlier process; ask where it stands first.
 
     Raises:
         RoundOver: the round closed, or the upload is not wanted in it (nothing of it counts).
         grpc.RpcError: a failure ``retrier`` does not retry, or the last once it gives up.
+        Exception: whatever reading ``payload`` raised (the encoder's error), as it was raised.
     """
     resuming = resume
     # The offset the aggregator last said it committed: the retrier's sign that the push is moving
@@ -372,18 +412,23 @@ def push(
                     upload_id=header.upload_id, round=header.round, accepted=True, duplicate=True
                 )
             start = committed[0] = offset.committed_offset
+            layout = payload.layout
             logger.info(
-                "[upload] resuming %s at offset %d of %d (what the aggregator committed)",
+                "[upload] resuming %s at offset %d of %s (what the aggregator committed)",
                 header.upload_id,
                 start,
-                header.layout.total_bytes,
+                layout.total_bytes if layout is not None else "a payload still being encoded",
             )
         resuming = True
+        failed: list[BaseException] = []
         try:
             return stub.PushDelta(
-                _messages(header, payload, start, progress), metadata=metadata, timeout=timeout
+                _messages(payload, header, start, progress, failed), metadata=metadata, timeout=timeout
             )
         except grpc.RpcError as exc:
+            if failed:
+                # gRPC cancels the call when the request iterator raises; what matters is why.
+                raise failed[0] from None
             over = is_round_over(exc) or status_of(exc) is grpc.StatusCode.FAILED_PRECONDITION
             if over and reason_of(exc) != "WRONG_OFFSET":
                 raise RoundOver(exc.details() or "") from None
@@ -393,11 +438,16 @@ def push(
 
 
 def _messages(
-    header: DeltaHeader, payload: Path, start: int, progress: Callable[[int], None]
-) -> Iterator[delta_pb2.DeltaChunk]:
-    # The generator owns the file: gRPC reads it on a thread of its own, which may still be between
-    # two chunks when the call has failed, so the file must not be closed under it by the caller.
-    with payload.open("rb") as source:
-        for chunk in iter_chunks(header, source, start=start):
+    payload: Outbound,
+    header: DeltaHeader,
+    start: int,
+    progress: Callable[[int], None],
+    failed: list[BaseException],
+) -> Iterator[Chunk]:
+    try:
+        for chunk in payload_chunks(payload, header, start):
             progress(len(chunk.data))
-            yield chunk_to_proto(chunk)
+            yield chunk
+    except Exception as exc:
+        failed.append(exc)
+        raise

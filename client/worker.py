@@ -2,8 +2,9 @@
 
     join ─> (first contact: fetch the snapshot) ─> loop:
         await a round ─> sync to its base round (apply the global differences)
-        ─> train the local steps ─> delta = trained − start ─> encode to disk
-        ─> push (resuming after any cut) ─> back to the start state ─> next round
+        ─> train the local steps ─> delta = trained − start ─> encode to disk,
+           pushed as it is written (resuming after any cut)
+        ─> back to the start state ─> next round
 
 A heartbeat thread (client.heartbeat) beats from the moment of Join, the
 model's loading included, reporting phase, step, loss, the last problem and
@@ -21,9 +22,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 
 import grpc
 import torch
@@ -31,9 +31,10 @@ import torch
 from client import exits, optimizer_state, stats
 from client.data import Example, read_jsonl, split, tokenize, training_batches
 from client.delta_source import Difference, trained_values
+from client.delta_stub import DeltaStub
 from client.feedback import UploadFeedback, upload_accepted
 from client.heartbeat import Heartbeat, ProblemLog, Status, one_line
-from client.local_state import LocalState
+from client.local_state import LocalState, Pending
 from client.model import (
     LoadedModel,
     fingerprint,
@@ -42,17 +43,26 @@ from client.model import (
     pick_device,
     trainable_state,
 )
+from client.outgoing import Outgoing, start_encoding
 from client.progress import Progress
 from client.ranks import SOLO, Ranks
 from client.train import Aborted, RoundTraining
-from client.transfer import MAX_WAIT_S, PUSH, RESUMABLE, RoundOver, Sync, Synced, push
+from client.transfer import (
+    MAX_WAIT_S,
+    PUSH,
+    RESUMABLE,
+    RoundOver,
+    StoredPayload,
+    Sync,
+    Synced,
+    push,
+)
 from client.worker_config import RoundReport, WorkerConfig
 from common.channel import ChannelConfig, auth_metadata, open_channel
-from common.codec import encode
+from common.codec import manifest_of
 from common.codec.compact import is_lossy
-from common.delta import DeltaHeader, DeltaKind, UploadMetrics
+from common.delta import DeltaHeader, DeltaKind, PayloadSpec, UploadMetrics
 from common.errors import GdfedError
-from common.files import rewrite
 from common.lora import slice_state
 from common.pb.gradualdiff.v1 import federation_pb2, federation_pb2_grpc
 from common.retry import Retrier, RetryPolicy
@@ -92,6 +102,7 @@ class Worker:
             )
         )
         self._stub = federation_pb2_grpc.FederationStub(self._channel)
+        self._deltas = DeltaStub(self._channel)  # PushDelta, FetchDiff: chunks without protobuf copies
         self._meta = auth_metadata(config.token)
         stop = self._status.stop
         self._retry = Retrier(
@@ -273,7 +284,7 @@ class Worker:
         ):
             # One Sync across retries: after a broken stream it resumes from the round it reached.
             sync = Sync(
-                self._stub,
+                self._deltas,
                 self._meta,
                 self.config.site_id,
                 held_round,
@@ -305,7 +316,7 @@ class Worker:
         held_out: list[Example],
         run_id: str,
     ) -> RoundReport | None:
-        """One round: train, take the difference, encode and keep it, push it, settle error feedback.
+        """One round: train, take the difference, encode and keep it while pushing it, settle error feedback.
 
         An upload already encoded for this round (a restarted worker) is pushed as it is.
         """
@@ -330,13 +341,17 @@ class Worker:
             values = trained_values(loaded.model, loaded.trainable, trained.state)
             trained.state.clear()
             delta = Difference(values, start, names)
-            header, payload = self._encode(spec, spec_msg, run_id, delta, trained, samples=len(train))
-            del values, delta
-            load_trainable(loaded, start)
-        else:
-            header, payload = pending.header, pending.payload
-            logger.info("[round %d] resuming upload %s", number, header.upload_id)
-        return self._upload(run_id, header, payload, resume=pending is not None)
+            outgoing = self._encode(spec, spec_msg, run_id, delta, trained, samples=len(train))
+            del values, delta  # the encoder's thread holds them until it is done
+            try:
+                return self._upload(run_id, outgoing.header, outgoing)
+            finally:
+                # The encoder reads the trained values from the model: back to the start only after it.
+                outgoing.wait()
+                load_trainable(loaded, start)
+        logger.info("[round %d] resuming upload %s", number, pending.header.upload_id)
+        stored = StoredPayload(pending.payload, pending.layout)
+        return self._upload(run_id, pending.header, stored, resume=True)
 
     def _train(
         self,
@@ -392,20 +407,22 @@ class Worker:
         trained: RoundTraining,
         *,
         samples: int,
-    ) -> tuple[DeltaHeader, Path]:
-        """Encode ``delta`` (through error feedback) to a payload on disk and record it as pending."""
-        c, number, result = self.config, spec_msg.round, trained.result
+    ) -> Outgoing:
+        """Start encoding ``delta`` (through error feedback) to a payload on disk, on a thread.
+
+        The upload is recorded as pending once the payload is whole (client.outgoing).
+        """
+        c, number, result, codec = self.config, spec_msg.round, trained.result, spec.upload_codec
         upload_id = f"{c.site_id}-r{number}-{uuid.uuid4().hex[:8]}"
-        payload = self.local.payload_path(upload_id)
-        with rewrite(payload, self.local.recycler) as sink:
-            if is_lossy(spec.upload_codec):
-                # Compact forms of e + Δ, Δ a tensor at a time; the new residual kept on disk (client.feedback).
-                tensors = self.feedback.prepare(run_id, upload_id, delta, spec.upload_codec)
-                layout = encode(tensors, spec.upload_codec, sink)
-            else:
-                layout = encode(delta, spec.upload_codec, sink, manifest=delta.manifest)
+        if is_lossy(codec):
+            # Compact forms of e + Δ, Δ a tensor at a time; the new residual kept on disk (client.feedback).
+            tensors = self.feedback.prepare(run_id, upload_id, delta, codec)
+            manifest = manifest_of(tensors)
+            source: Mapping[str, torch.Tensor] = tensors
+        else:
+            manifest, source = delta.manifest, delta
         header = DeltaHeader(
-            layout=layout,
+            spec=PayloadSpec(codec, manifest),
             run_id=run_id,
             round=number,
             site_id=c.site_id,
@@ -421,24 +438,25 @@ class Worker:
                 training=self._status.training,  # as of the round's last step (_train's on_step)
             ),
         )
-        self.local.save_pending(header)
-        return header, payload
+        return start_encoding(header, source, self.local)
 
     def _upload(
-        self, run_id: str, header: DeltaHeader, payload: Path, *, resume: bool = False
+        self, run_id: str, header: DeltaHeader, payload: Outgoing | StoredPayload, *, resume: bool = False
     ) -> RoundReport | None:
-        """Push a pending upload, then settle its error feedback: taken, or not counted at all.
+        """Push an upload (whole on disk, or still being encoded), then settle its error feedback.
 
         ``resume``: an earlier process may have sent part of it; ask the aggregator where it stands.
         """
         number, metrics = header.round, header.metrics
+        # Known up front only for an upload encoded whole before (a restarted worker's).
+        total = payload.layout.total_bytes if payload.layout is not None else None
         try:
             with (
                 self._status.timed(Phase.UPLOADING, "upload"),
-                self.progress.bytes(f"{self.config.site_id} upload", header.layout.total_bytes) as bar,
+                self.progress.bytes(f"{self.config.site_id} upload", total) as bar,
             ):
                 receipt = push(
-                    self._stub,
+                    self._deltas,
                     self._meta,
                     header,
                     payload,
@@ -448,9 +466,12 @@ class Worker:
                 )
         except RoundOver as exc:
             logger.warning("[round %d] upload not taken: %s", number, exc)
-            self.feedback.not_taken(run_id, header, payload)  # nothing was counted: e ← e + Δ
+            # Nothing was counted: e ← e + Δ, with what was sent decoded from the whole payload.
+            pending = Pending(header, payload.result(), payload.path)
+            self.feedback.not_taken(run_id, pending)
             self.local.clear_pending()
             return None
+        layout = payload.result()  # the encoder is done: the last chunk left after it
         self.feedback.acknowledged(run_id, header.upload_id)
         self.local.clear_pending()
         logger.info(
@@ -460,14 +481,14 @@ class Worker:
             metrics.eval_loss,
             metrics.steps,
             metrics.train_seconds,
-            header.layout.total_bytes,
+            layout.total_bytes,
             "duplicate" if receipt.duplicate else "accepted",
         )
         return RoundReport(
             number,
             metrics.train_loss,
             metrics.eval_loss,
-            header.layout.total_bytes,
+            layout.total_bytes,
             0,
             metrics.train_seconds,
             metrics.steps,

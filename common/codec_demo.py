@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         layout = encode(delta, codec, sink)
         encoded = time.perf_counter() - start
         header = DeltaHeader(
-            layout=layout, run_id="demo", round=1, site_id="demo", upload_id="u1", sample_count=1
+            spec=layout.spec, run_id="demo", round=1, site_id="demo", upload_id="u1", sample_count=1
         )
         start = time.perf_counter()
-        _, decoded = decode_chunks(iter_chunks(header, sink))
+        _, decoded = decode_chunks(iter_chunks(header, layout, sink))
         decoded_s = time.perf_counter() - start
         if codec.cast is Cast.NONE:
             ok = all(torch.equal(delta[k], decoded[k]) for k in delta)

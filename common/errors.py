@@ -209,13 +209,13 @@ CATALOG: Mapping[str, Reason] = {
     "UPLOAD_ID_REUSED": Reason(_C.INVALID_ARGUMENT, "the upload id was started with a different header",
                                "send under a new upload id"),
     # DATA_LOSS
-    "CHECKSUM_MISMATCH": Reason(_C.DATA_LOSS, "a chunk's CRC-32C or a shard's SHA-256 does not match",
+    "CHECKSUM_MISMATCH": Reason(_C.DATA_LOSS, "a chunk's CRC-32C or a shard's digest (codec.digest) does not match",
                                 "with metadata.offset: resume from it; without: the upload is rejected, "
                                 "encode it again under a new upload id", True),
     # RESOURCE_EXHAUSTED
     "LIMIT_EXCEEDED": Reason(_C.RESOURCE_EXHAUSTED, "a size or count is over the aggregator's limit "
                              "(metadata.field, metadata.limit)", "send less; a retry as it is fails again"),
-    "UPLOAD_TOO_LARGE": Reason(_C.RESOURCE_EXHAUSTED, "the upload's total_bytes is over max_upload_bytes "
+    "UPLOAD_TOO_LARGE": Reason(_C.RESOURCE_EXHAUSTED, "the upload's payload runs past max_upload_bytes "
                                "(JoinReply.max_upload_bytes, metadata.limit)",
                                "upload with a lossier codec or ask the operator for a higher limit"),
     "SITE_BUSY": Reason(_C.RESOURCE_EXHAUSTED, "the site already holds as many streams or long polls as "

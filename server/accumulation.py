@@ -41,7 +41,7 @@ import torch
 from common.buffers import ReusableBuffer
 from common.codec.compact import CompactAssembler, is_lossy
 from common.codec.decoder import DecodedPiece
-from common.delta import PayloadLayout, TensorSpec
+from common.delta import PayloadSpec, TensorSpec
 from common.errors import InvalidArgument
 from server.aggregate import WeightedSum
 from server.influence import RoundBounds, squared_norm
@@ -91,7 +91,7 @@ class Accumulation:
         self.manifest = tuple(manifest)
         self._assemblers: dict[str, CompactAssembler] = {}  # lossy uploads in progress
         self.lock = threading.Lock()
-        self._folded: dict[str, set[int]] = {}
+        self._folded: dict[str, dict[int, bytes]] = {}  # upload -> shard index -> its spec's digest
         self.accepted: list[str] = []
         self.detached = False
         self.bounds = bounds or RoundBounds()
@@ -107,16 +107,19 @@ class Accumulation:
         shard: int,
         pieces: Sequence[DecodedPiece],
         weight: int,
-        layout: PayloadLayout | None = None,
+        payload: PayloadSpec | None = None,
         *,
         scale: float | None = None,
+        digest: bytes = b"",
     ) -> bool:
         """Add ``weight * piece`` for each piece of one shard; False (nothing added) once the round has closed.
 
-        A shard already folded for this upload is skipped: an upload id names
-        one header, and a header's hash tree names every byte, so a resumed or
-        restarted upload re-sends the same shard and must not count it twice.
-        ``layout`` (the upload's) is needed when its codec is lossy: the pieces
+        A shard already folded for this upload is skipped: a resumed or restarted
+        upload re-sends the same shard and must not count it twice. Since wire
+        revision 2 a header no longer names the payload's bytes, so ``digest``
+        (the shard spec's) is kept with each fold, and a shard of the same index
+        with another digest is refused (``check_refold``).
+        ``payload`` (the upload's codec and manifest) is needed when its codec is lossy: the pieces
         are then compact tensors, each folded densified once it is complete.
         ``scale`` (a rebuild, the upload's norm known): fold ``weight·scale·piece``;
         without it, the upload is held once its norm so far is over the clipping bound.
@@ -129,22 +132,23 @@ class Accumulation:
         with self.lock:
             if self.detached:
                 return False
-            done = self._folded.setdefault(upload_id, set())
+            done = self._folded.setdefault(upload_id, {})
             if shard in done:
+                _check_same(upload_id, shard, done[shard], digest)
                 return True
-            done.add(shard)
+            done[shard] = digest
             weight = 1 if self.uniform else weight
             if not self.checked:
                 # Lossy ones too: their tensors may differ in shape from this manifest (FlexLoRA's
                 # ranks); the close reads the spools back through common.codec.compact.decode_dense,
                 # which checks the compact data against the upload's own manifest. A dense upload's
                 # norm is still bounded by max_norm here.
-                if layout is None or not is_lossy(layout.codec):
+                if payload is None or not is_lossy(payload.codec):
                     self._measure(upload_id, [p.values for p in pieces])
                 return True
             ranges = (
-                self._compact_ranges(upload_id, pieces, layout)
-                if layout is not None and is_lossy(layout.codec)
+                self._compact_ranges(upload_id, pieces, payload)
+                if payload is not None and is_lossy(payload.codec)
                 else [(p.name, p.start, p.values) for p in pieces]
             )
             norm = self._measure(upload_id, [values for _, _, values in ranges])
@@ -165,11 +169,11 @@ class Accumulation:
             return True
 
     def _compact_ranges(
-        self, upload_id: str, pieces: Sequence[DecodedPiece], layout: PayloadLayout
+        self, upload_id: str, pieces: Sequence[DecodedPiece], payload: PayloadSpec
     ) -> list[tuple[str, int, torch.Tensor]]:
         assembler = self._assemblers.get(upload_id)
         if assembler is None:
-            assembler = self._assemblers[upload_id] = CompactAssembler(layout, self.manifest)
+            assembler = self._assemblers[upload_id] = CompactAssembler(payload, self.manifest)
         ranges = [
             (tensor.name, start, values)
             for tensor in assembler.add(pieces)  # checked before any of it is added
@@ -227,6 +231,20 @@ class Accumulation:
         with self.lock:
             return set(self._folded.get(upload_id, ()))
 
+    def check_refold(self, upload_id: str, shard: int, digest: bytes) -> bool:
+        """Whether shard ``shard`` of ``upload_id`` is folded already (its fold is then skipped).
+
+        Raises:
+            InvalidArgument (UPLOAD_ID_REUSED): it was folded with another digest: the upload id
+                was restarted with another payload, and what the sum holds of it is not this one.
+        """
+        with self.lock:
+            done = self._folded.get(upload_id, {})
+            if shard not in done:
+                return False
+            _check_same(upload_id, shard, done[shard], digest)
+            return True
+
     def detach(self) -> None:
         """Stop all further folds (waits for one in progress): the round is closing."""
         with self.lock:
@@ -248,3 +266,13 @@ class Accumulation:
         in it unclipped (held: it is not all in it)."""
         with self.lock:
             return bool(set(self._folded) - set(self.accepted)) or bool(self._held & set(self.accepted))
+
+
+def _check_same(upload_id: str, shard: int, folded: bytes, digest: bytes) -> None:
+    if digest != folded:
+        raise InvalidArgument(
+            f"upload {upload_id!r}: shard {shard} was folded with digest {folded.hex()[:16]}…, and now arrives "
+            f"with {digest.hex()[:16]}…: the upload id was started with another payload; use a new id",
+            field=f"shards[{shard}].digest",
+            reason="UPLOAD_ID_REUSED",
+        )

@@ -28,10 +28,11 @@ from grpc_reflection.v1alpha import reflection
 
 from common.malloc import tune_malloc
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
+from common.serde import chunk_from_wire
 from server.auth import Authenticator
 from server.config import ConfigError, ServerConfig
 from server.coordinator import Coordinator
-from server.decoding import add_service
+from server.decoding import add_service, serialized
 from server.fair_share import CallKind, FairShare, pool_size
 from server.metrics import Metrics
 from server.servicers import AdminServicer, FederationServicer
@@ -175,7 +176,15 @@ def _build(config: ServerConfig) -> _Built:
         admin=coordinator.admin, events=coordinator.state.events, auth=auth, version=package_version()
     )
     # Not the generated add_*_to_server: bytes that do not parse get INVALID_ARGUMENT (server.decoding).
-    add_service(server, federation_pb2.DESCRIPTOR.services_by_name["Federation"], federation)
+    # PushDelta's chunks are parsed without copying their data and FetchDiff's arrive serialized
+    # (common.serde's zero-copy framing, the same wire bytes as protobuf's).
+    add_service(
+        server,
+        federation_pb2.DESCRIPTOR.services_by_name["Federation"],
+        federation,
+        requests={"PushDelta": chunk_from_wire},
+        replies={"FetchDiff": serialized},
+    )
     add_service(server, admin_pb2.DESCRIPTOR.services_by_name["Admin"], admin)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,8 +1,8 @@
 """Content-addressed files: encoded payloads and state files, named by their digest.
 
-A payload is addressed by its layout's SHA-256 (the hash tree over its
-frames), which the encoder computes anyway; a state file by the SHA-256 of
-its bytes. Files are written under ``tmp/``, fsynced, then renamed into
+A payload is addressed by its layout's digest (the hash tree over its
+frames, BLAKE3 or SHA-256 as its codec says), which the encoder computes
+anyway; a state file by the SHA-256 of its bytes. Files are written under ``tmp/``, fsynced, then renamed into
 ``blobs/ab/<digest>``: a crash never leaves a half-written blob under a
 valid name. Deleted blobs wait in ``recycled/`` for a new state file or
 payload to be written over them (common.files.Recycler): a round writes a
@@ -43,7 +43,7 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         """Where blob ``digest`` lives (it may not exist)."""
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+            raise ValueError(f"not a 32-byte hex digest: {digest!r}")
         return self._blobs / digest[:2] / digest
 
     def exists(self, digest: str) -> bool:

@@ -34,7 +34,6 @@ from safetensors.torch import load_file, save_file
 from common.buffers import ReusableBuffer
 from common.delta import TensorSpec
 from common.errors import FailedPrecondition, NotFound
-from common.serde import header_from_bytes
 from common.statefile import StateReader
 from server import rounds
 from server.accumulation import Accumulation
@@ -50,6 +49,7 @@ from server.records import RoundRecord, RoundState, SiteRecord, UploadRecord
 from server.robust import Combined, ranked_uploads, robust_means, trim_per_side
 from server.run_state import RunState
 from server.spool import Spool
+from server.spooled import spooled_upload
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +335,7 @@ class Closing:
             )
             with state.lock:
                 state.acc = acc  # so that a failure below drops it (_publication_failed)
-            headers = [(u.upload_id, header_from_bytes(u.header)) for u in accepted]
-            rebuild(acc, headers, self._spool, norms)
+            rebuild(acc, [spooled_upload(u) for u in accepted], self._spool, norms)
         norms = acc.norms()
         privacy, noise = None, None
         if self._config.privacy.enabled:
@@ -389,7 +388,7 @@ class Closing:
         uploads = [
             RoundUpload(
                 upload_id=u.upload_id,
-                header=header_from_bytes(u.header),
+                layout=spooled_upload(u).layout,
                 sample_count=u.sample_count,
                 declared_rank=ranks.get(u.site_id, 0),
             )
@@ -422,6 +421,7 @@ class Closing:
             record.samples = samples
             record.diff_blob = result.diff.blob
             record.diff_header = result.diff.header
+            record.diff_layout = result.diff.layout
             record.diff_bytes = result.diff.nbytes
             record.state_blob = result.state_blob
             record.aggregate_seconds = result.seconds

@@ -41,11 +41,11 @@ def collect_garbage(
         if index < cut and (record.state_blob or record.snapshot_blob):
             dropped += [record.state_blob, record.snapshot_blob]
             record.state_blob = record.snapshot_blob = ""
-            record.snapshot_header = b""
+            record.snapshot_header = record.snapshot_layout = b""
         if record.round not in servable and record.diff_blob:
             dropped.append(record.diff_blob)
             record.diff_blob = ""
-            record.diff_header = b""
+            record.diff_header = record.diff_layout = b""
         if not dropped:
             continue
         store.put(record)

@@ -103,7 +103,7 @@ class Coordinator:
             state.acc = self.closing.start_sum(current.round)
             if current.state.accepts_uploads:
                 state.set_open_round(current.round)
-            accepted = state.accepted_headers(current.round)
+            accepted = state.accepted_uploads(current.round)
             if accepted:
                 logger.info(
                     "[recover] round=%d replaying %d accepted upload(s)", current.round, len(accepted)

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from common.codec import BROADCAST_SHARD_BYTES, encode
-from common.delta import Codec, DeltaHeader, DeltaKind
+from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout
 from common.errors import FailedPrecondition, InvalidArgument, LimitExceeded
-from common.serde import header_from_bytes
+from common.serde import header_from_bytes, layout_from_bytes
 from common.statefile import StateReader
 from server.blobs import BlobStore
 from server.publish import store_snapshot
@@ -51,9 +51,11 @@ def servable_diffs(published: Sequence[RoundRecord], snapshot_estimate: int) -> 
 
 @dataclass(frozen=True, slots=True)
 class FetchItem:
-    """One delta to stream to a worker: its header and the payload file."""
+    """One delta to stream to a worker: its header, its layout (the shard specs its chunks carry)
+    and the payload file."""
 
     header: DeltaHeader
+    layout: PayloadLayout
     path: Path
     round: int
     temporary: bool = False  # encoded for this request only: delete once streamed
@@ -161,13 +163,19 @@ class Fetching:
             servable = servable_diffs(chain, self.snapshot_estimate(latest))
             if not (snapshot or not complete or not chain or chain[0].round not in servable):
                 return [
-                    FetchItem(header_from_bytes(r.diff_header), self._blobs.path(r.diff_blob), r.round)
+                    FetchItem(
+                        header_from_bytes(r.diff_header),
+                        layout_from_bytes(r.diff_layout),
+                        self._blobs.path(r.diff_blob),
+                        r.round,
+                    )
                     for r in chain
                 ]
         record = self._ensure_snapshot(latest.round)
         return [
             FetchItem(
                 header_from_bytes(record.snapshot_header),
+                layout_from_bytes(record.snapshot_layout),
                 self._blobs.path(record.snapshot_blob),
                 record.round,
             )
@@ -199,8 +207,10 @@ class Fetching:
                 manifest=manifest,
                 shard_bytes=BROADCAST_SHARD_BYTES,
             )
-        header = DeltaHeader(layout=layout, run_id=self._run_id, round=latest.round, kind=DeltaKind.SNAPSHOT)
-        return FetchItem(header, temp, latest.round, temporary=True)
+        header = DeltaHeader(
+            spec=layout.spec, run_id=self._run_id, round=latest.round, kind=DeltaKind.SNAPSHOT
+        )
+        return FetchItem(header, layout, temp, latest.round, temporary=True)
 
     def snapshot_estimate(self, latest: RoundRecord) -> int:
         """What a snapshot of ``latest`` costs: its own size once encoded, until then round 0's
@@ -228,6 +238,7 @@ class Fetching:
                 assert record is not None
                 record.snapshot_blob = stored.blob
                 record.snapshot_header = stored.header
+                record.snapshot_layout = stored.layout
                 record.snapshot_bytes = stored.nbytes
                 self._store.put(record)
                 return record

@@ -35,7 +35,7 @@ import torch
 from common.codec.compact import decode_dense, is_lossy
 from common.codec.decoder import ShardDecoder, place_piece
 from common.codec.decoder import allocate as allocate_tensors
-from common.delta import DeltaHeader, TensorSpec
+from common.delta import PayloadLayout, TensorSpec
 from common.lora import lora_pairs, slice_a, slice_b
 from common.statefile import StateReader
 from server.flexlora import LoraFactors, ModuleSum
@@ -48,10 +48,11 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 
 @dataclass(frozen=True, slots=True)
 class FlexUpload:
-    """An accepted upload of the round: its spool, its header, its rank, its weight n_i."""
+    """An accepted upload of the round: its spool, its layout (recorded at acceptance), its rank,
+    its weight n_i."""
 
     upload_id: str
-    header: DeltaHeader
+    layout: PayloadLayout
     rank: int
     weight: float
     manifest: tuple[TensorSpec, ...]  # the dense fp32 tensors it stands for (rank-r_i shapes)
@@ -126,7 +127,7 @@ def _groups(
 
 def _read_upload(upload: FlexUpload, spool: Spool, wanted: Sequence[str]) -> dict[str, torch.Tensor]:
     """The ``wanted`` tensors of one spooled upload (already verified when it was accepted)."""
-    layout = upload.header.layout
+    layout = upload.layout
     if is_lossy(layout.codec):
         # Compact parts (top-k, int8) expand to dense tensors; this also checks them.
         with spool.path(upload.upload_id).open("rb") as source:
@@ -134,14 +135,14 @@ def _read_upload(upload: FlexUpload, spool: Spool, wanted: Sequence[str]) -> dic
     keep = set(wanted)
     manifest = [t for t in layout.manifest if t.name in keep]
     tensors = allocate_tensors(manifest)
-    decoder = ShardDecoder(layout)
+    decoder = ShardDecoder(layout.spec)
     offsets = layout.shard_offsets()
     for index, shard in enumerate(layout.shards):
         names = {layout.manifest[p.tensor].name for p in shard.pieces}
         if not names & keep:
             continue
         data = spool.read(upload.upload_id, offsets[index], shard.compressed_bytes)
-        for piece in decoder.decode(index, data):
+        for piece in decoder.decode(index, shard, data):
             if piece.name in keep:
                 place_piece(tensors[piece.name], piece)
     return tensors

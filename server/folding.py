@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.codec.decoder import PendingShard, ShardDecoder
+from common.delta import PayloadSpec, ShardSpec
 from common.errors import GdfedError
 from server.accumulation import Accumulation
 from server.spool import Spool
@@ -26,14 +27,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FoldJob:
-    """Shard ``shard`` of upload ``upload_id``, ready in the spool at ``[begin, begin + size)``."""
+    """Shard ``shard`` of upload ``upload_id`` (its spec ``spec``, accepted with the chunk that
+    ended it), ready in the spool at ``[begin, begin + spec.compressed_bytes)``."""
 
     upload_id: str
     round: int
     shard: int
+    spec: ShardSpec
     begin: int
-    size: int
     weight: int
+    payload: PayloadSpec
     decoder: ShardDecoder
     acc: Accumulation
     done: Callable[[int, GdfedError | None], None]  # called with (shard, error) once folded or failed
@@ -81,20 +84,21 @@ class FoldWorker:
             pending = started
 
     def _start(self, job: FoldJob) -> tuple[FoldJob, PendingShard] | None:
-        if job.acc.detached or job.shard in job.acc.folded_shards(job.upload_id):
-            job.done(job.shard, None)
-            return None
         try:
+            if job.acc.detached or job.acc.check_refold(job.upload_id, job.shard, job.spec.digest):
+                job.done(job.shard, None)
+                return None
             # Reused buffers: fresh ones would cost a page fault per 4 KiB on every shard.
             turn = self._turn = 1 - self._turn
-            if len(self._data[turn]) < job.size:
-                self._data[turn] = bytearray(job.size)
-            data = memoryview(self._data[turn])[: job.size]
+            size = job.spec.compressed_bytes
+            if len(self._data[turn]) < size:
+                self._data[turn] = bytearray(size)
+            data = memoryview(self._data[turn])[:size]
             self._spool.read_into(job.upload_id, job.begin, data)
-            need = job.decoder.scratch_bytes(job.shard)
+            need = job.decoder.scratch_bytes(job.spec)
             if self._scratch[turn].size < need:
                 self._scratch[turn] = np.empty(need, dtype=np.uint8)
-            return job, job.decoder.start(job.shard, data, scratch=self._scratch[turn])
+            return job, job.decoder.start(job.shard, job.spec, data, scratch=self._scratch[turn])
         except GdfedError as exc:
             job.done(job.shard, exc)
         except Exception as exc:  # a bug or an I/O error must not kill the worker
@@ -105,7 +109,7 @@ class FoldWorker:
     def _finish(self, job: FoldJob, pending: PendingShard) -> None:
         try:
             pieces = pending.result()
-            job.acc.fold(job.upload_id, job.shard, pieces, job.weight, job.decoder.layout)
+            job.acc.fold(job.upload_id, job.shard, pieces, job.weight, job.payload, digest=job.spec.digest)
             job.done(job.shard, None)
         except GdfedError as exc:
             job.done(job.shard, exc)

@@ -46,6 +46,7 @@ def load_or_create_run(
                 f"state directory {config.state_dir} holds run {run.run_id!r}, not {config.run_id!r}",
                 field="run_id",
             )
+        _check_wire_revision(config, store)
         _reconcile_spec(config)
         return run
     if config.init_state is None:
@@ -80,6 +81,7 @@ def load_or_create_run(
         snapshot_blob=snapshot.blob,
         snapshot_header=snapshot.header,
         snapshot_bytes=snapshot.nbytes,
+        snapshot_layout=snapshot.layout,
     )
     # Before the run record: a run found at a later start always has its spec beside it.
     write_training_spec(config.state_dir, config.training)
@@ -88,6 +90,25 @@ def load_or_create_run(
         store.put(genesis)
     logger.info("[run] created run=%s from %s", run_id, config.init_state)
     return run
+
+
+def _check_wire_revision(config: ServerConfig, store: Store) -> None:
+    """Refuse a state directory written for wire revision 1 of gradualdiff.v1.
+
+    Revision 1 kept a stored payload's shard specs in its header; revision 2 (issue 19) sends them
+    with the chunks and keeps the layout beside the header, which revision 1 did not record. The
+    protocol had no outside users then: such a run is not converted, it is refused by name.
+    """
+    for record in store.select(RoundRecord):
+        if (record.snapshot_header and not record.snapshot_layout) or (
+            record.diff_header and not record.diff_layout
+        ):
+            raise FailedPrecondition(
+                f"state directory {config.state_dir} was written by an aggregator of wire revision 1 of "
+                f"gradualdiff.v1 (round {record.round}'s payload has no recorded layout); this aggregator "
+                "speaks wire revision 2 and cannot serve it: start a new run in another --state-dir",
+                field="state_dir",
+            )
 
 
 # Fields whose change would make the stored state mean something else (other tensors, another

@@ -11,22 +11,26 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from common.codec import validate_layout
 from common.codec.compact import wire_manifest
-from common.codec.layout import validate_codec
-from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, Lossy
+from common.codec.layout import validate_codec, validate_spec
+from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, Lossy, ShardSpec
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
     GdfedError,
     InvalidArgument,
-    LimitExceeded,
     PermissionDenied,
     RoundClosed,
 )
-from common.serde import header_from_bytes, header_to_proto
+from common.serde import (
+    header_from_bytes,
+    header_to_proto,
+    layout_to_bytes,
+    shards_from_bytes,
+    shards_to_bytes,
+)
 from server.config import ServerConfig
 from server.folding import FoldWorker
 from server.reasons import refusal_reason
@@ -83,6 +87,7 @@ class Intake:
         try:
             try:
                 session.receive(first)
+                del first  # its data may be a view of the whole message: not kept past the spool
                 for chunk in chunks:
                     session.receive(chunk)
             except GdfedError as exc:
@@ -173,14 +178,17 @@ class Intake:
                 round=header.round,
                 site_id=site_id,
                 sample_count=header.sample_count,
-                total_bytes=header.layout.total_bytes,
                 header=header_to_proto(header).SerializeToString(),
                 started_ms=self._state.now_ms(),
                 train_loss=header.metrics.train_loss,
                 eval_loss=header.metrics.eval_loss,
                 **training_fields(header.metrics.training),
             )
+            # A resume at the committed offset continues after the shards recorded with it; one
+            # from 0 starts over.
+            shards: Sequence[ShardSpec] = shards_from_bytes(record.shards) if first_offset else ()
             record.committed_offset = first_offset
+            record.shards = shards_to_bytes(shards)
             with self._store.transaction():
                 self._store.put(record)
             current = self._state.current_round()
@@ -195,17 +203,18 @@ class Intake:
                 spool=self._spool,
                 folder=self._folder,
                 start=first_offset,
-                max_chunk_bytes=self._config.limits.max_chunk_bytes,
+                shards=shards,
+                limits=self._config.limits,
             )
             self._sessions[header.upload_id] = session
             logger.info(
-                "[upload] round=%d site=%s upload=%s %s at %d of %d bytes",
+                "[upload] round=%d site=%s upload=%s %s at %d (%d shard(s) before it)",
                 header.round,
                 site_id,
                 header.upload_id,
                 "resumed" if first_offset else "started",
                 first_offset,
-                header.layout.total_bytes,
+                len(shards),
             )
             return session
 
@@ -263,20 +272,13 @@ class Intake:
                 reason="NOT_ASSIGNED",
                 metadata={"round": str(current.round)},
             )
-        if header.layout.total_bytes > self._config.max_upload_bytes:
-            raise LimitExceeded(
-                f"header.total_bytes is {header.layout.total_bytes}; the limit is "
-                f"{self._config.max_upload_bytes} (max_upload_bytes, JoinReply.max_upload_bytes)",
-                field="total_bytes",
-                limit=self._config.max_upload_bytes,
-                reason="UPLOAD_TOO_LARGE",
-            )
-        validate_codec(header.layout.codec)  # before the manifest: it derives from the codec (top-k)
-        _check_round_codec(header.layout.codec, self._config.training.upload_codec)
-        expected = wire_manifest(
-            state.plan.upload_manifest(assignment), header.layout.codec
-        )  # lossy: compact names
-        validate_layout(header.layout, self._config.limits, expected=expected)
+        # The payload's size is not announced (wire revision 2): max_upload_bytes is enforced as
+        # its chunks arrive (UploadSession.receive), the manifest bounding every shard.
+        codec = header.spec.codec
+        validate_codec(codec)  # before the manifest: it derives from the codec (top-k); names codec.digest
+        _check_round_codec(codec, self._config.training.upload_codec)
+        expected = wire_manifest(state.plan.upload_manifest(assignment), codec)  # lossy: compact names
+        validate_spec(header.spec, self._config.limits, expected=expected)
         for upload in self._store.select(
             UploadRecord,
             "round = ? AND site_id = ? AND state = ?",
@@ -289,8 +291,10 @@ class Intake:
                     reason="ALREADY_UPLOADED",
                 )
 
-    def commit_offset(self, session: UploadSession, offset: int) -> None:
-        """Record a durable offset, unless a newer stream of the same upload has replaced ``session``."""
+    def commit_offset(self, session: UploadSession, offset: int, shards: Sequence[ShardSpec]) -> None:
+        """Record a durable offset with the specs of the shards ending at or before it (one row, one
+        write: a restart never finds one without the other), unless a newer stream of the same
+        upload has replaced ``session``."""
         with self._lock:
             current = self._sessions.get(session.upload_id)
             if current is not None and current is not session:
@@ -298,7 +302,9 @@ class Intake:
             upload = self._store.get(UploadRecord, session.upload_id)
             if upload is not None and upload.state is UploadState.RECEIVING:
                 upload.committed_offset = offset
-                self._store.put(upload)
+                upload.shards = shards_to_bytes(shards)
+                with self._store.transaction():
+                    self._store.put(upload)
 
     def round_accepts(self, round_number: int) -> bool:
         """``RunState.round_accepts``, for the sessions: no lock and no query (called for every chunk)."""
@@ -321,8 +327,13 @@ class Intake:
                     metadata={"round": str(record.round)},
                 )
             seq = len(self._state.accepted_records(record.round)) + 1
+            layout = session.layout
             record.state = UploadState.ACCEPTED
             record.seq = seq
+            # What the close reads the spool back by (server.spooled): the robust rules, a rebuild.
+            record.layout = layout_to_bytes(layout)
+            record.shards = b""  # the layout holds them
+            record.total_bytes = layout.total_bytes
             record.committed_offset = record.total_bytes
             record.accepted_ms = self._state.now_ms()
             record.upload_seconds = seconds

@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import torch
 
-from common.delta import DeltaHeader, TensorSpec
+from common.delta import PayloadLayout, TensorSpec
 from common.dtypes import DType
 from common.errors import InvalidArgument
 from common.lora import is_lora_a, is_lora_b, lora_pairs
@@ -65,7 +65,7 @@ class RoundUpload:
     """An accepted upload, as a plan that combines them at the close (``next_state``) sees it."""
 
     upload_id: str
-    header: DeltaHeader
+    layout: PayloadLayout  # recorded at acceptance: where its shards lie in its spool
     sample_count: int
     declared_rank: int  # the LoRA rank the site declared when it joined (0: any)
 
@@ -148,7 +148,7 @@ class FlexLoraPlan(MethodPlan):
             flex.append(
                 FlexUpload(
                     upload_id=u.upload_id,
-                    header=u.header,
+                    layout=u.layout,
                     rank=rank,
                     weight=float(u.sample_count),
                     manifest=self.upload_manifest(Assignment(lora_rank=rank)),

@@ -29,22 +29,25 @@ from common.codec.decoder import DecodedPiece, ShardDecoder
 from common.delta import Cast, Codec, DeltaHeader, DeltaKind, PayloadLayout, TensorSpec
 from common.dtypes import DType
 from common.files import rewrite
-from common.serde import header_to_proto
+from common.serde import header_to_proto, layout_to_bytes
 from common.statefile import StateReader, write_state
 from server.accumulation import Accumulation
 from server.blobs import BlobStore
 from server.influence import squared_norm
 from server.optimizers import ServerOptimizer
 from server.spool import Spool
+from server.spooled import SpooledUpload
 
 
 @dataclass(frozen=True, slots=True)
 class StoredPayload:
-    """An encoded payload in the blob store, with its serialized header."""
+    """An encoded payload in the blob store, with its serialized header and layout (what
+    FetchDiff cuts its chunks and shard specs by)."""
 
     blob: str
     header: bytes
     nbytes: int
+    layout: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +93,12 @@ def store_payload(
     temp = blobs.temp_path(".payload")
     with _removed_on_error(temp), rewrite(temp, blobs.recycler) as sink:
         layout = encode(tensors, codec, sink, manifest=manifest, shard_bytes=BROADCAST_SHARD_BYTES)
-    blob = blobs.adopt(temp, layout.sha256.hex())
-    header = DeltaHeader(layout=layout, run_id=run_id, round=round_number, base_round=base_round, kind=kind)
-    return StoredPayload(blob, header_to_proto(header).SerializeToString(), layout.total_bytes), layout
+    blob = blobs.adopt(temp, layout.digest.hex())
+    header = DeltaHeader(
+        spec=layout.spec, run_id=run_id, round=round_number, base_round=base_round, kind=kind
+    )
+    head = header_to_proto(header).SerializeToString()
+    return StoredPayload(blob, head, layout.total_bytes, layout_to_bytes(layout)), layout
 
 
 def store_initial_state(
@@ -209,7 +215,7 @@ def publish_diff(
         stored_diff, layout = store_diff()
         # Workers apply the decoded (rounded) difference; so must the state here.
         with blobs.path(stored_diff.blob).open("rb") as source:
-            state_blob = store_state(decode_file(layout, source))
+            state_blob = store_state(decode_file(source, layout))
     return Published(stored_diff, state_blob, time.perf_counter() - start)
 
 
@@ -254,7 +260,7 @@ def fp32_manifest(manifest: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
 
 def rebuild(
     acc: Accumulation,
-    uploads: Sequence[tuple[str, DeltaHeader]],
+    uploads: Sequence[SpooledUpload],
     spool: Spool,
     norms: Mapping[str, float] | None = None,
 ) -> None:
@@ -263,22 +269,22 @@ def rebuild(
     Each folds scaled by the round's clipping bound (``acc.bounds``); with clipping on, an
     upload whose norm is not in ``norms`` is read twice: once to measure it, once to fold it.
     """
-    for upload_id, header in uploads:
-        layout = header.layout
+    for upload in uploads:
+        upload_id, layout = upload.upload_id, upload.layout
         validate_layout(layout)
         scale = 1.0
         if acc.summing and math.isfinite(acc.bounds.clip):
             known = (norms or {}).get(upload_id)
-            norm = known if known is not None else measure(upload_id, header, spool, acc.manifest)
+            norm = known if known is not None else measure(upload_id, layout, spool, acc.manifest)
             scale = acc.bounds.scale(norm)
         for index, pieces in _decoded(upload_id, layout, spool):
-            acc.fold(upload_id, index, pieces, header.sample_count, layout, scale=scale)
-        acc.accept(upload_id, header.sample_count)
+            digest = layout.shards[index].digest
+            acc.fold(upload_id, index, pieces, upload.sample_count, layout.spec, scale=scale, digest=digest)
+        acc.accept(upload_id, upload.sample_count)
 
 
-def measure(upload_id: str, header: DeltaHeader, spool: Spool, manifest: Sequence[TensorSpec]) -> float:
+def measure(upload_id: str, layout: PayloadLayout, spool: Spool, manifest: Sequence[TensorSpec]) -> float:
     """The global L2 norm of a spooled upload (lossy ones as their dense deltas)."""
-    layout = header.layout
     assembler = CompactAssembler(layout, manifest) if is_lossy(layout.codec) else None
     squares = 0.0
     for _, pieces in _decoded(upload_id, layout, spool):
@@ -291,8 +297,8 @@ def measure(upload_id: str, header: DeltaHeader, spool: Spool, manifest: Sequenc
 
 
 def _decoded(upload_id: str, layout: PayloadLayout, spool: Spool) -> Iterator[tuple[int, list[DecodedPiece]]]:
-    decoder = ShardDecoder(layout)
+    decoder = ShardDecoder(layout.spec)
     offsets = layout.shard_offsets()
     for index, shard in enumerate(layout.shards):
         data = spool.read(upload_id, offsets[index], shard.compressed_bytes)
-        yield index, list(decoder.decode(index, data))
+        yield index, list(decoder.decode(index, shard, data))

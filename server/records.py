@@ -86,6 +86,11 @@ class RoundRecord:
     snapshot_blob: str = ""  # the trainable state after this round, encoded
     snapshot_header: bytes = b""
     snapshot_bytes: int = 0
+    # The payloads' full layouts (common.serde.layout_to_bytes): wire revision 2 sends a stored
+    # payload's shard specs with its chunks, so they are kept beside it. Empty beside a header
+    # means a state directory of wire revision 1 (server.genesis refuses it).
+    diff_layout: bytes = b""
+    snapshot_layout: bytes = b""
     state_blob: str = ""  # the same state as a plain safetensors file
     aggregate_seconds: float = 0.0
     mean_train_loss: float = 0.0
@@ -151,9 +156,14 @@ class UploadRecord:
     site_id: str
     state: UploadState = UploadState.RECEIVING
     sample_count: int = 0
-    total_bytes: int = 0
+    total_bytes: int = 0  # the payload's size, known once its last chunk arrived (0 before)
     committed_offset: int = 0
     header: bytes = b""  # gradualdiff.v1.DeltaHeader, serialized
+    # The specs of the shards that end at or before committed_offset (common.serde.shards_to_bytes),
+    # written with it: a resume after a restart knows the shards before it (their specs arrived
+    # with chunks the worker will not send again).
+    shards: bytes = b""
+    layout: bytes = b""  # the full PayloadLayout (common.serde.layout_to_bytes), set at acceptance
     seq: int = 0  # acceptance order within the round (1-based; 0 = not accepted)
     train_loss: float = 0.0
     eval_loss: float = 0.0

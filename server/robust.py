@@ -42,15 +42,15 @@ import torch
 from common.codec import validate_layout
 from common.codec.compact import CompactAssembler, plan
 from common.codec.decoder import ShardDecoder
-from common.delta import DeltaHeader, TensorSpec
+from common.delta import PayloadLayout, TensorSpec
 from common.dtypes import DType
-from common.serde import header_from_bytes
 from server.config import AggregationConfig, AggregationRule
 from server.influence import RoundBounds
 from server.privacy import RoundPrivacy
 from server.publish import measure
 from server.records import RoundRecord, RunRecord, UploadRecord
 from server.spool import Spool
+from server.spooled import spooled_upload
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,11 @@ class Combined:
 
 @dataclass(frozen=True, slots=True)
 class RankedUpload:
-    """An accepted upload as a robust rule reads it: its spool, its header, its clip factor."""
+    """An accepted upload as a robust rule reads it: its spool, its layout (recorded at acceptance),
+    its clip factor."""
 
     upload_id: str
-    header: DeltaHeader
+    layout: PayloadLayout
     scale: float = 1.0  # min(1, clip/‖Δ‖)
 
 
@@ -104,10 +105,10 @@ def ranked_uploads(
     attempt dropped the round's accumulation) is measured from its spool, and its norm added there."""
     uploads = []
     for u in accepted:
-        header = header_from_bytes(u.header)
+        layout = spooled_upload(u).layout
         if u.upload_id not in norms:
-            norms[u.upload_id] = measure(u.upload_id, header, spool, manifest)
-        uploads.append(RankedUpload(u.upload_id, header, bounds.scale(norms[u.upload_id])))
+            norms[u.upload_id] = measure(u.upload_id, layout, spool, manifest)
+        uploads.append(RankedUpload(u.upload_id, layout, bounds.scale(norms[u.upload_id])))
     if uploads:
         logger.info(
             "[round] round=%d: %d upload(s) to rank, read back from their spools",
@@ -205,7 +206,7 @@ class _Reader:
     """One accepted upload's spool, read back tensor group by tensor group."""
 
     def __init__(self, upload: RankedUpload, spool: Spool, manifest: Sequence[TensorSpec]) -> None:
-        layout = upload.header.layout
+        layout = upload.layout
         validate_layout(layout)
         self.upload = upload
         self._spool = spool
@@ -219,9 +220,9 @@ class _Reader:
 
     def read_into(self, rows: dict[str, torch.Tensor]) -> None:
         """Fill each ``rows[name]`` (flat fp32) with the upload's tensor ``name``, clipped."""
-        layout = self.upload.header.layout
+        layout = self.upload.layout
         assembler = CompactAssembler(layout, self._manifest)  # checks the layout against the round's
-        decoder = ShardDecoder(layout)
+        decoder = ShardDecoder(layout.spec)
         offsets = layout.shard_offsets()
         filled = dict.fromkeys(rows, 0)
         for index, shard in enumerate(layout.shards):
@@ -229,7 +230,7 @@ class _Reader:
             if not names & filled.keys():
                 continue
             data = self._spool.read(self.upload.upload_id, offsets[index], shard.compressed_bytes)
-            for tensor in assembler.add(decoder.decode(index, data)):
+            for tensor in assembler.add(decoder.decode(index, shard, data)):
                 row = rows.get(tensor.name)
                 if row is None:
                     continue

@@ -17,9 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.delta import DeltaHeader
 from common.errors import FailedPrecondition
-from common.serde import header_from_bytes
 from server import rounds
 from server.accumulation import Accumulation
 from server.config import RoundPolicy
@@ -33,6 +31,7 @@ from server.records import (
     UploadRecord,
     UploadState,
 )
+from server.spooled import SpooledUpload, spooled_upload
 from server.store import Store
 
 # (name, value, label): label is "" or a word from a fixed set (server.reasons), never an id.
@@ -193,9 +192,9 @@ class RunState:
             UploadRecord, "round = ? AND state = ?", (round_number, int(UploadState.ACCEPTED)), order="seq"
         )
 
-    def accepted_headers(self, round_number: int) -> list[tuple[str, DeltaHeader]]:
-        """(upload id, header) of the round's accepted uploads, in acceptance order."""
-        return [(u.upload_id, header_from_bytes(u.header)) for u in self.accepted_records(round_number)]
+    def accepted_uploads(self, round_number: int) -> list[SpooledUpload]:
+        """The round's accepted uploads with their recorded layouts, in acceptance order."""
+        return [spooled_upload(u) for u in self.accepted_records(round_number)]
 
     def abandon_uploads(self, round_number: int, reason: str) -> None:
         """Mark the round's uploads still being received as abandoned (inside the caller's transaction)."""

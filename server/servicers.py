@@ -22,9 +22,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from common.codec import iter_chunks
+from common.delta import Chunk
 from common.errors import CATALOG, GdfedError, InvalidArgument, PermissionDenied, RoundClosed
-from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
-from common.serde import chunk_from_proto, chunk_to_proto, training_stats_from_proto
+from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from common.serde import chunk_to_wire, training_stats_from_proto
 from common.spec import Device, Phase, TrainingSpec
 from server import wire
 from server.auth import Authenticator
@@ -193,9 +194,9 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         return wire.round_spec(view, self._training)
 
     @stream_rpc
-    def FetchDiff(
+    def FetchDiff(  # type: ignore[override]  # serialized DeltaChunks: server.app registers the serializer
         self, request: federation_pb2.FetchDiffRequest, context: grpc.ServicerContext
-    ) -> Iterator[delta_pb2.DeltaChunk]:
+    ) -> Iterator[bytes]:
         site = self._site(context, request.site_id)
         with (
             self._share.slot(site, CallKind.FETCH),
@@ -205,18 +206,18 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         ):
             for item, source in plan:
                 sent = 0
-                for chunk in iter_chunks(item.header, source):
+                for chunk in iter_chunks(item.header, item.layout, source):
                     if not context.is_active():
                         return
                     sent += len(chunk.data)
-                    yield chunk_to_proto(chunk)
+                    yield chunk_to_wire(chunk)
                 self._fetching.count_bytes_out(item.round, sent)
         if plan and not request.only_prefixes:  # a partial snapshot is not a synced state
             self._fetching.mark_synced(site, plan[-1][0].round)
 
     @rpc
-    def PushDelta(
-        self, request_iterator: Iterator[delta_pb2.DeltaChunk], context: grpc.ServicerContext
+    def PushDelta(  # type: ignore[override]  # parsed chunks: server.app registers chunk_from_wire
+        self, request_iterator: Iterator[Chunk], context: grpc.ServicerContext
     ) -> federation_pb2.PushReceipt:
         site = self._site(context)
         with self._share.slot(site, CallKind.PUSH):
@@ -228,8 +229,7 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
                         reason="UPLOAD_CANCELLED",
                     )
             try:
-                chunks = (chunk_from_proto(m) for m in request_iterator)
-                return wire.receipt(self._intake.receive(site, chunks))
+                return wire.receipt(self._intake.receive(site, request_iterator))
             finally:
                 self._upload_slots.release()
 

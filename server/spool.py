@@ -83,7 +83,7 @@ class SpoolWriter:
         self.offset = offset
         self.synced = offset
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self.offset += len(data)
 

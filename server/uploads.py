@@ -5,6 +5,12 @@ chunk, then ``complete`` (wait for the folds, then accept) or ``interrupt``
 (the stream broke: make what arrived durable so the worker can resume).
 Memory per session is one chunk: the spool on disk is the buffer.
 
+Wire revision 2 sends each shard's spec with the chunk that ends it: the
+``ChunkVerifier`` accepts it there, and that shard's fold job is submitted.
+The specs accepted so far are recorded with every committed offset (those of
+shards ending at or before it), so that a resume, after an aggregator restart
+too, verifies the rest against them and folds each earlier shard once.
+
 A full disk (the spool's or the store's) is answered RESOURCE_EXHAUSTED, with
 what was received kept for a resume once there is room again.
 """
@@ -16,15 +22,16 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from common.codec.chunks import ChunkVerifier
 from common.codec.decoder import ShardDecoder
-from common.delta import MIB, Chunk, DeltaHeader
-from common.errors import GdfedError, LimitExceeded, RoundClosed, TruncatedStream
+from common.codec.layout import DecodeLimits
+from common.delta import MIB, Chunk, DeltaHeader, PayloadLayout, ShardSpec
+from common.errors import GdfedError, LimitExceeded, MalformedShard, ManifestMismatch, RoundClosed, TruncatedStream
 from server.accumulation import Accumulation
 from server.folding import FoldJob, FoldWorker
 from server.records import UploadRecord
@@ -75,7 +82,7 @@ class SessionOwner(Protocol):
     """What a session reports to (``server.intake.Intake``): offsets, acceptance, rejection, its end."""
 
     def round_accepts(self, round_number: int) -> bool: ...
-    def commit_offset(self, session: UploadSession, offset: int) -> None: ...
+    def commit_offset(self, session: UploadSession, offset: int, shards: Sequence[ShardSpec]) -> None: ...
     def accept_upload(self, session: UploadSession, seconds: float) -> Receipt: ...
     def reject_upload(self, session: UploadSession, error: GdfedError) -> None: ...
     def end_session(self, session: UploadSession) -> None: ...
@@ -94,50 +101,80 @@ class UploadSession:
         spool: Spool,
         folder: FoldWorker,
         start: int,
-        max_chunk_bytes: int,
+        shards: Sequence[ShardSpec],
+        limits: DecodeLimits,
     ) -> None:
+        """``shards``: the specs of the shards that end at or before ``start`` (recorded with it);
+        ``limits.max_total_bytes`` is the aggregator's max_upload_bytes."""
         self.upload_id = record.upload_id
         self.site_id = record.site_id
         self.round = record.round
         self.acc = acc
         self._intake = intake
         self._header = header
-        self._layout = header.layout
         self._spool = spool
         self._folder = folder
-        self._decoder = ShardDecoder(header.layout)
-        self._verifier = ChunkVerifier(
-            header.layout.total_bytes, start=start, max_chunk_bytes=max_chunk_bytes
-        )
+        self._max_bytes = limits.max_total_bytes
+        self._decoder = ShardDecoder(header.spec)
+        self._verifier = ChunkVerifier(header.spec, limits=limits, start=start, shards=shards)
         self._writer = spool.open_at(record.upload_id, start)
-        offsets = header.layout.shard_offsets()
-        self._begins, self._ends = offsets[:-1], offsets[1:]
-        self._next_shard = 0
         self._cond = threading.Condition()
         self._outstanding = 0
         self._failure: GdfedError | None = None
         self._cancelled = ""
         self._started = time.monotonic()
         self.bytes_received = 0
-        self._submit_ready()
+        # The shards before ``start`` are in the spool: folded now (the fold worker skips those
+        # this round's sum already holds, so a resume without a restart folds none twice).
+        for index in range(len(self._verifier.shards)):
+            self._submit(index)
 
     def receive(self, chunk: Chunk) -> None:
-        """Check, spool and (when a shard completes) hand on one chunk; raise on any problem."""
+        """Check, spool and (when a shard completes) hand on one chunk; raise on any problem.
+
+        ``chunk.data`` may be a view of the received message: it is written and not kept.
+        """
         self._raise_if_stopped()
-        self._verifier.check(chunk)
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset == self._verifier.offset and end > self._max_bytes:
+            raise LimitExceeded(
+                f"the upload reaches {end} bytes at offset {chunk.offset}; the limit is {self._max_bytes} "
+                "(max_upload_bytes, JoinReply.max_upload_bytes)",
+                field="offset",
+                limit=self._max_bytes,
+                reason="UPLOAD_TOO_LARGE",
+            )
+        try:
+            completed = self._verifier.check(chunk)
+        except (MalformedShard, ManifestMismatch) as exc:
+            # The sender's own account of its payload (a shard spec, the manifest's coverage) does
+            # not add up: sending the same upload again cannot mend it, so it is rejected, not resumed.
+            with self._cond:
+                if self._failure is None:
+                    self._failure = exc
+            raise
         with storage_errors(f"upload {self.upload_id!r}"):
             self._writer.write(chunk.data)
             self.bytes_received += len(chunk.data)
             if self._writer.offset - self._writer.synced >= COMMIT_EVERY:
                 self._commit()
-            self._submit_ready()
+            if completed is not None:
+                self._writer.flush()  # the fold worker reads the shard back from the file
+                self._submit(completed)
+
+    @property
+    def layout(self) -> PayloadLayout:
+        """The upload's full layout, once its last chunk has been received."""
+        layout = self._verifier.layout
+        assert layout is not None, "the upload is not complete"
+        return layout
 
     def complete(self) -> Receipt:
         """The stream ended: wait for every shard to fold, then have the upload accepted."""
         if not self._verifier.done:
             self.interrupt()
             raise TruncatedStream(
-                f"the stream ended at offset {self._verifier.offset} of {self._layout.total_bytes}; "
+                f"the stream ended at offset {self._verifier.offset} before its last chunk; "
                 f"resume from {self._writer.synced}",
                 field="offset",
             )
@@ -224,7 +261,12 @@ class UploadSession:
 
     def _commit(self) -> None:
         offset = self._writer.sync()
-        self._intake.commit_offset(self, offset)
+        # A shard past the durable offset is received again, its spec with it.
+        shards = self._verifier.shards
+        durable = [
+            s for i, s in enumerate(shards) if self._verifier.shard_begin(i) + s.compressed_bytes <= offset
+        ]
+        self._intake.commit_offset(self, offset, durable)
 
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:
@@ -242,26 +284,23 @@ class UploadSession:
                 metadata={"round": str(self.round)},
             )
 
-    def _submit_ready(self) -> None:
-        while self._next_shard < len(self._ends) and self._writer.offset >= self._ends[self._next_shard]:
-            index = self._next_shard
-            self._next_shard += 1
-            self._writer.flush()
-            with self._cond:
-                self._outstanding += 1
-            self._folder.submit(
-                FoldJob(
-                    upload_id=self.upload_id,
-                    round=self.round,
-                    shard=index,
-                    begin=self._begins[index],
-                    size=self._ends[index] - self._begins[index],
-                    weight=self._header.sample_count,
-                    decoder=self._decoder,
-                    acc=self.acc,
-                    done=self._folded,
-                )
+    def _submit(self, index: int) -> None:
+        with self._cond:
+            self._outstanding += 1
+        self._folder.submit(
+            FoldJob(
+                upload_id=self.upload_id,
+                round=self.round,
+                shard=index,
+                spec=self._verifier.shards[index],
+                begin=self._verifier.shard_begin(index),
+                weight=self._header.sample_count,
+                payload=self._header.spec,
+                decoder=self._decoder,
+                acc=self.acc,
+                done=self._folded,
             )
+        )
 
     def _folded(self, shard: int, error: GdfedError | None) -> None:
         with self._cond:

@@ -1,9 +1,12 @@
 """Helpers for codec tests: encode to bytes, take a payload apart, and rebuild a consistent layout after tampering.
 
 A tampered payload is only interesting when it gets past the checks it was not
-aimed at: :func:`rebuild` recomputes every size and digest the header carries
-(frame sizes, compressed sizes, shard and payload sha256) from the frames as
+aimed at: :func:`rebuild` recomputes every size and digest the shard specs carry
+(frame sizes, compressed sizes, shard and payload digests) from the frames as
 given, so the only thing left wrong is the one thing a test changed on purpose.
+On the wire (revision 2) the header carries the codec and manifest, and each
+shard's spec travels with the chunk that ends the shard: :func:`chunks` cuts a
+stream that way from a layout, whatever it claims.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import torch
 import zstandard
 
 from common.codec import decode_chunks, encode, iter_chunks, make_chunk
-from common.codec.layout import DEFAULT_LIMITS, DEFAULT_SHARD_BYTES, DecodeLimits, digest_of_digests
+from common.codec.digests import digest_of_digests
+from common.codec.layout import DEFAULT_LIMITS, DEFAULT_SHARD_BYTES, DecodeLimits
 from common.codec.shuffle import shuffle
 from common.conformance import tamper
 from common.conformance.tamper import Frames  # and rebuild, unzstd: tests tamper as the vectors do
 from common.conformance.tamper import rebuild as rebuild
 from common.conformance.tamper import unzstd as unzstd
-from common.delta import Chunk, Codec, DeltaHeader, PayloadLayout, TensorSpec
+from common.delta import Chunk, Codec, DeltaHeader, PayloadLayout, ShardSpec, TensorSpec
 from common.dtypes import DType, itemsize
 
 # Integer types of the same width, to compare floats bit for bit.
@@ -64,27 +68,46 @@ def encode_bytes(
 
 
 def header(layout: PayloadLayout) -> DeltaHeader:
-    return DeltaHeader(layout=layout, run_id="run", round=1, site_id="site", upload_id="u1", sample_count=1)
+    return DeltaHeader(
+        spec=layout.spec, run_id="run", round=1, site_id="site", upload_id="u1", sample_count=1
+    )
 
 
-def chunks(layout: PayloadLayout, payload: bytes, chunk_bytes: int = 1 << 20) -> list[Chunk]:
+def chunks(
+    layout: PayloadLayout, payload: bytes, chunk_bytes: int = 1 << 20, *, cut: PayloadLayout | None = None
+) -> list[Chunk]:
     """The chunk stream of ``payload`` as a sender would cut it, CRCs computed over the bytes as given.
 
-    The bytes are cut as they are, whatever ``layout.total_bytes`` claims, so a
-    lying header reaches the receiver (``iter_chunks`` would stop at the sender).
+    Cut at the shard ends ``cut`` (by default ``layout``) gives, each of
+    ``layout``'s specs on the chunk that ends its shard, whatever the bytes: a
+    payload shorter than that stops where it ends (the specs it does not reach
+    are not sent), one longer sends its extra bytes after the last shard,
+    without a spec; the final chunk is ``last``. So a lying sender reaches the
+    receiver (``iter_chunks`` would stop at the sender); ``cut``, the honest
+    layout, sends lying specs at the ends of the shards as they really are.
     """
-    if len(payload) == layout.total_bytes:
-        return list(iter_chunks(header(layout), io.BytesIO(payload), chunk_bytes=chunk_bytes))
-    offsets = range(0, len(payload), chunk_bytes) if payload else [0]
-    return [
-        make_chunk(
-            offset,
-            payload[offset : offset + chunk_bytes],
-            offset + chunk_bytes >= len(payload),
-            header(layout) if offset == 0 else None,
-        )
-        for offset in offsets
-    ]
+    if cut is None and len(payload) == sum(s.compressed_bytes for s in layout.shards):
+        return list(iter_chunks(header(layout), layout, io.BytesIO(payload), chunk_bytes=chunk_bytes))
+    sizes = [s.compressed_bytes for s in (cut or layout).shards]
+    cuts: list[tuple[int, int, ShardSpec | None]] = []  # (begin, end, spec of the shard ending at end)
+    begin = 0
+    for shard, size in zip(layout.shards, sizes, strict=True):
+        end = begin + max(size, 0)  # a negative size (tampered) cuts an empty shard
+        cuts.append((begin, min(end, len(payload)), shard if end <= len(payload) else None))
+        if end >= len(payload):
+            break
+        begin = end
+    else:
+        cuts.append((begin, len(payload), None))
+    out: list[Chunk] = []
+    for begin, end, spec in cuts:
+        offsets = range(begin, end, chunk_bytes) if end > begin else [begin]
+        for offset in offsets:
+            stop = min(offset + chunk_bytes, end)
+            out.append(make_chunk(offset, payload[offset:stop], False, None, spec if stop == end else None))
+    out[0] = dataclasses.replace(out[0], header=header(layout))
+    out[-1] = dataclasses.replace(out[-1], last=True)
+    return out
 
 
 def decode_bytes(
@@ -121,8 +144,9 @@ def frame_offsets(layout: PayloadLayout) -> list[list[int]]:
 
 
 def resign(layout: PayloadLayout) -> PayloadLayout:
-    """The layout with its payload sha256 recomputed over its shards' sha256 values."""
-    return dataclasses.replace(layout, sha256=digest_of_digests([s.sha256 for s in layout.shards]))
+    """The layout with its payload digest recomputed over its shards' digests."""
+    algo = layout.codec.digest
+    return dataclasses.replace(layout, digest=digest_of_digests(algo, [s.digest for s in layout.shards]))
 
 
 def replace_shard(layout: PayloadLayout, index: int, **changes: object) -> PayloadLayout:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from common.channel import auth_metadata
 from common.codec import DEFAULT_SHARD_BYTES, decode_chunks, encode, iter_chunks
-from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, UploadMetrics
+from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, PayloadLayout, UploadMetrics
 from common.dtypes import DType
 from common.pb.gradualdiff.v1 import admin_pb2, admin_pb2_grpc, delta_pb2, federation_pb2, federation_pb2_grpc
 from common.serde import chunk_from_proto, chunk_to_proto
@@ -137,6 +137,30 @@ class Aggregator:
         self.stop()
 
 
+class Payload(bytes):
+    """An encoded payload's bytes with the layout the encoder returned for them.
+
+    Wire revision 2 sends the shard specs with the chunks, so pushing a payload needs its layout;
+    a test that tampers with the bytes keeps them as ``Payload(tampered, payload.layout)``.
+    """
+
+    layout: PayloadLayout
+
+    def __new__(cls, data: bytes, layout: PayloadLayout) -> Payload:
+        made = super().__new__(cls, data)
+        made.layout = layout
+        return made
+
+
+def layout_of(payload: bytes, layout: PayloadLayout | None = None) -> PayloadLayout:
+    """``layout``, else the one a ``Payload`` carries."""
+    if layout is not None:
+        return layout
+    if not isinstance(payload, Payload):
+        raise TypeError("a payload of plain bytes needs its layout (pass layout=)")
+    return payload.layout
+
+
 class ScriptedSite:
     """A site driven by the test, over real gRPC."""
 
@@ -147,6 +171,7 @@ class ScriptedSite:
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
         self.metadata = auth_metadata(token if token is not None else token_of(site_id))
         self.run_id = ""
+        self.fetched_bytes: list[int] = []  # the payload size of each delta of the latest fetch
         self._beating: threading.Event | None = None
         self._beat_thread: threading.Thread | None = None
 
@@ -224,7 +249,8 @@ class ScriptedSite:
         )
 
     def fetch(self, *, have: int, snapshot: bool = False) -> list[tuple[DeltaHeader, State]]:
-        """Every delta of the FetchDiff stream for a site holding round ``have``, decoded."""
+        """Every delta of the FetchDiff stream for a site holding round ``have``, decoded (and the
+        payload size of each in ``fetched_bytes``)."""
         stream = self.stub.FetchDiff(
             federation_pb2.FetchDiffRequest(site_id=self.site_id, have_round=have, snapshot=snapshot),
             metadata=self.metadata,
@@ -232,11 +258,15 @@ class ScriptedSite:
         )
         out = []
         current: list[Chunk] = []
+        self.fetched_bytes = []
         for msg in stream:
             chunk = chunk_from_proto(msg)
             if chunk.header is not None and current:
                 out.append(decode_chunks(current))
                 current = []
+            if chunk.header is not None:
+                self.fetched_bytes.append(0)
+            self.fetched_bytes[-1] += len(chunk.data)
             current.append(chunk)
         if current:
             out.append(decode_chunks(current))
@@ -259,12 +289,12 @@ class ScriptedSite:
         samples: int | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         metrics: UploadMetrics | None = None,
-    ) -> tuple[DeltaHeader, bytes]:
+    ) -> tuple[DeltaHeader, Payload]:
         """``delta`` encoded as an upload for round ``round``, trained from round ``base``'s state."""
         sink = io.BytesIO()
         layout = encode(delta, codec or Codec(), sink, shard_bytes=shard_bytes)
         header = DeltaHeader(
-            layout=layout,
+            spec=layout.spec,
             run_id=self.run_id,
             round=round,
             site_id=self.site_id,
@@ -274,18 +304,34 @@ class ScriptedSite:
             kind=DeltaKind.DIFF,
             metrics=metrics or UploadMetrics(train_loss=1.0, eval_loss=2.0, steps=1),
         )
-        return header, sink.getvalue()
+        return header, Payload(sink.getvalue(), layout)
 
     def chunks(
-        self, header: DeltaHeader, payload: bytes, start: int = 0, chunk_bytes: int = 64 * 1024
+        self,
+        header: DeltaHeader,
+        payload: bytes,
+        start: int = 0,
+        chunk_bytes: int = 64 * 1024,
+        *,
+        layout: PayloadLayout | None = None,
     ) -> Iterator[delta_pb2.DeltaChunk]:
-        for chunk in iter_chunks(header, io.BytesIO(payload), start=start, chunk_bytes=chunk_bytes):
+        """The PushDelta messages of ``payload`` (a ``Payload``, or bytes with their ``layout``)."""
+        source = io.BytesIO(payload)
+        for chunk in iter_chunks(
+            header, layout_of(payload, layout), source, start=start, chunk_bytes=chunk_bytes
+        ):
             yield chunk_to_proto(chunk)
 
     def push(
-        self, header: DeltaHeader, payload: bytes, start: int = 0, chunk_bytes: int = 64 * 1024
+        self,
+        header: DeltaHeader,
+        payload: bytes,
+        start: int = 0,
+        chunk_bytes: int = 64 * 1024,
+        *,
+        layout: PayloadLayout | None = None,
     ) -> federation_pb2.PushReceipt:
-        return self.push_messages(self.chunks(header, payload, start, chunk_bytes))
+        return self.push_messages(self.chunks(header, payload, start, chunk_bytes, layout=layout))
 
     def push_messages(self, messages: Iterator[delta_pb2.DeltaChunk]) -> federation_pb2.PushReceipt:
         receipt: federation_pb2.PushReceipt = self.stub.PushDelta(
@@ -609,20 +655,20 @@ def add(state: Mapping[str, torch.Tensor], diff: Mapping[str, torch.Tensor]) -> 
     return {k: v.clone().add_(diff[k].to(v.dtype)) for k, v in state.items()}
 
 
-def with_nan(header: DeltaHeader, payload: bytes, shard: int = -1) -> tuple[DeltaHeader, bytes]:
+def with_nan(header: DeltaHeader, payload: Payload, shard: int = -1) -> tuple[DeltaHeader, Payload]:
     """The upload with the first block of shard ``shard`` replaced by NaNs, every size and digest made consistent.
 
     The encoder refuses NaN, so a NaN delta is made by tampering: everything
     else about it is valid, the shards before ``shard`` decode and fold.
     """
-    layout = header.layout
+    layout = payload.layout
     frames = split_frames(layout, payload)
     piece = layout.shards[shard].pieces[0]
     assert layout.manifest[piece.tensor].dtype is DType.F32 and layout.codec.cast is Cast.NONE
     count = len(unzstd(frames[shard][1])) // 4
     frames[shard][1] = block_frame(np.full(count, np.nan, dtype=np.float32), DType.F32, layout.codec)
     new_layout, new_payload = rebuild(layout, frames)
-    return replace(header, layout=new_layout), new_payload
+    return header, Payload(new_payload, new_layout)
 
 
 def assert_same_bits(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:

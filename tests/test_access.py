@@ -111,7 +111,7 @@ def test_a_topk_upload_with_a_bad_fraction_is_invalid_argument_naming_the_field(
     for fraction in (math.nan, 0.0, 1.5):
         bad = dataclasses.replace(
             head,
-            layout=dataclasses.replace(head.layout, codec=dataclasses.replace(good, topk_fraction=fraction)),
+            spec=dataclasses.replace(head.spec, codec=dataclasses.replace(good, topk_fraction=fraction)),
         )
         exc = refusal(lambda bad=bad: a.push(bad, payload))
         assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, (fraction, _text(exc))

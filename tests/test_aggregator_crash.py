@@ -24,6 +24,7 @@ from tests.scripted import (
     AdminClient,
     Daemon,
     Harness,
+    Payload,
     ScriptedSite,
     State,
     assert_same_bits,
@@ -120,11 +121,24 @@ def run(tmp_path: Path, init: State) -> Iterator[Run]:
         print(r.daemon.log())  # shown by pytest only when the test failed
 
 
+class Cut:
+    """An upload's 1 MiB chunks (cut at shard ends too), and where the daemon's 8 MiB commit lands."""
+
+    def __init__(self, site: ScriptedSite, head: DeltaHeader, payload: Payload) -> None:
+        self.messages = list(site.chunks(head, payload, chunk_bytes=MIB))
+        self.ends = [m.offset + len(m.data) for m in self.messages]
+        self.commit = next(i for i, end in enumerate(self.ends) if end >= 8 * MIB)
+
+    @property
+    def committed(self) -> int:
+        """The offset of the 8 MiB commit: the end of the first chunk at or past 8 MiB."""
+        return self.ends[self.commit]
+
+
 def _half_stream(
-    site: ScriptedSite, head: DeltaHeader, payload: bytes, chunks: int
+    site: ScriptedSite, messages: list[delta_pb2.DeltaChunk]
 ) -> tuple[grpc.Future[federation_pb2.PushReceipt], threading.Event]:
-    """Stream ``chunks`` 1 MiB chunks of an upload, then hold the stream open until the event is set."""
-    messages = list(site.chunks(head, payload, chunk_bytes=MIB))[:chunks]
+    """Stream ``messages`` (the first chunks of an upload), then hold the stream open until the event is set."""
     release = threading.Event()
 
     def paused() -> Iterator[delta_pb2.DeltaChunk]:
@@ -166,18 +180,29 @@ def test_sigkill_mid_round_restarts_into_the_same_round(
     # Crash 2: while b's upload is half-streamed, past its first 8 MiB commit.
     head_b, payload_b = b.header(deltas["b"], round=1, base=0, shard_bytes=SHARD)
     assert len(payload_b) > 10 * MIB
-    future, release = _half_stream(b, head_b, payload_b, chunks=9)
+    cut = Cut(b, head_b, payload_b)
+    # The commit lies past the end of two shards and inside a third: the resumed stream brings the
+    # rest of that shard and its spec, and the daemon must know the first two from what it recorded
+    # with the offset (their specs came with chunks that are not sent again).
+    shard_ends = payload_b.layout.shard_offsets()[1:]
+    assert shard_ends[1] < cut.committed < shard_ends[2], (shard_ends, cut.committed)
+    # One chunk past the commit: received, perhaps, but never committed; the resume sends it again.
+    future, release = _half_stream(b, cut.messages[: cut.commit + 2])
     wait_for(
-        lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
+        lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
+        timeout=30,
+        what="the 8 MiB commit",
     )
     run.daemon.kill()
     _end(future, release)
     run.start()
 
-    assert b.offset(head_b.upload_id).committed_offset == 8 * MIB  # fsynced before it was recorded
+    assert b.offset(head_b.upload_id).committed_offset == cut.committed  # fsynced before it was recorded
     again = a.push(head_a, payload_a, chunk_bytes=MIB)  # a never saw its receipt, say: it sends again
     assert again.accepted and again.duplicate
-    receipt = b.push(head_b, payload_b, start=8 * MIB, chunk_bytes=MIB)
+    # Each shard of b folds once: its first two from the spool when the stream resumes, the rest as
+    # they arrive; a shard folded twice or not at all would change the published bits below.
+    receipt = b.push(head_b, payload_b, start=cut.committed, chunk_bytes=MIB)
     assert receipt.accepted and not receipt.duplicate and receipt.bytes_received == len(payload_b)
 
     status = run.admin.wait_round(1, timeout=60)
@@ -207,11 +232,14 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
     assert a.push(head_a, payload_a, chunk_bytes=MIB).accepted
 
     head_b, payload_b = b.header(deltas["b"], round=1, base=0, shard_bytes=SHARD)
-    future, release = _half_stream(b, head_b, payload_b, chunks=9)
+    cut = Cut(b, head_b, payload_b)
+    future, release = _half_stream(b, cut.messages[: cut.commit + 2])
     wait_for(
-        lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
+        lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
+        timeout=30,
+        what="the 8 MiB commit",
     )
-    time.sleep(0.3)  # the ninth MiB lands
+    time.sleep(0.3)  # the chunk after the commit lands
     started = time.monotonic()
     # The daemon waits out its grace period (5 s) for the stream, then cuts it and exits.
     assert run.daemon.terminate(timeout=20) == 0
@@ -220,8 +248,8 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
 
     run.start()
     # The break committed everything received, not just the last 8 MiB step.
-    assert b.offset(head_b.upload_id).committed_offset == 9 * MIB
-    receipt = b.push(head_b, payload_b, start=9 * MIB, chunk_bytes=MIB)
+    assert b.offset(head_b.upload_id).committed_offset == cut.ends[cut.commit + 1]
+    receipt = b.push(head_b, payload_b, start=cut.ends[cut.commit + 1], chunk_bytes=MIB)
     assert receipt.accepted and not receipt.duplicate
     status = run.admin.wait_round(1, timeout=60)
     assert status.state == federation_pb2.ROUND_STATE_PUBLISHED, status.failure_reason
@@ -270,9 +298,12 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
     assert a.push(head_a, payload_a, chunk_bytes=MIB).accepted
     assert len(list(recycled.glob("*.spent"))) == 1  # a's upload took one over
     head_b, payload_b = b.header(second["b"], round=2, base=1, shard_bytes=SHARD)
-    future, release = _half_stream(b, head_b, payload_b, chunks=9)
+    cut = Cut(b, head_b, payload_b)
+    future, release = _half_stream(b, cut.messages[: cut.commit + 1])
     wait_for(
-        lambda: b.offset(head_b.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
+        lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
+        timeout=30,
+        what="the 8 MiB commit",
     )
     assert not list(recycled.glob("*.spent"))  # and b's the other one
     run.daemon.kill()

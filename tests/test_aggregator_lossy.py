@@ -29,6 +29,7 @@ from tests.scripted import (
     AdminClient,
     Daemon,
     MakeHarness,
+    Payload,
     ScriptedSite,
     State,
     add,
@@ -61,7 +62,7 @@ def harness(tmp_path: Path) -> Iterator[MakeHarness]:
 
 def lossy_upload(
     site: ScriptedSite, delta: State, codec: Codec, **kw: Any
-) -> tuple[DeltaHeader, bytes, State]:
+) -> tuple[DeltaHeader, Payload, State]:
     """A round-1 upload of ``delta`` compressed under ``codec``, and the dense tensors it stands for."""
     tensors: State = {}
     sent: State = {}
@@ -80,7 +81,7 @@ def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harnes
     da, db = random_delta(1, h.init), random_delta(2, h.init)
     head_a, payload_a, sent_a = lossy_upload(h["a"], da, codec)
     head_b, payload_b, sent_b = lossy_upload(h["b"], db, codec)
-    assert len(head_a.layout.shards) >= 2 and len(head_b.layout.shards) >= 2
+    assert len(payload_a.layout.shards) >= 2 and len(payload_b.layout.shards) >= 2
     for site, head, payload in ((h["a"], head_a, payload_a), (h["b"], head_b, payload_b)):
         receipt = site.push(head, payload, chunk_bytes=CHUNK)
         assert receipt.accepted and not receipt.duplicate
@@ -92,7 +93,7 @@ def test_topk_and_int8_uploads_publish_the_weighted_mean_of_what_was_sent(harnes
     assert len(payload_a) < (raw / 20 if codec is TOPK else raw / 3)  # 5% of the entries in bf16; 1 byte each
 
 
-def _tamper_gaps(codec: Codec, delta: State, site: ScriptedSite, how: str) -> tuple[DeltaHeader, bytes]:
+def _tamper_gaps(codec: Codec, delta: State, site: ScriptedSite, how: str) -> tuple[DeltaHeader, Payload]:
     tensors: State = {}
     for name, t in delta.items():
         wire, _ = compact_tensor(name, t, codec)
@@ -121,7 +122,7 @@ def test_a_bad_lossy_upload_is_refused_and_changes_nothing(harness: Any, how: st
         # The header claims 5.1%: the round's codec says 5%, and the tensors hold 5%'s entries.
         head = dataclasses.replace(
             head,
-            layout=dataclasses.replace(head.layout, codec=dataclasses.replace(TOPK, topk_fraction=0.051)),
+            spec=dataclasses.replace(head.spec, codec=dataclasses.replace(TOPK, topk_fraction=0.051)),
         )
     else:
         tensors: State = {}
@@ -191,15 +192,22 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
 
         head_a, payload_a, sent_a = lossy_upload(a, random_delta(10, init), INT8, shard_bytes=4 * MIB)
         assert len(payload_a) > 9 * MIB
-        messages = list(a.chunks(head_a, payload_a, chunk_bytes=MIB))[:9]
+        messages = list(a.chunks(head_a, payload_a, chunk_bytes=MIB))
+        # Chunks are cut at shard ends too: the 8 MiB commit lands at the first chunk end past it,
+        # after the end of a shard and inside the next one.
+        ends = [m.offset + len(m.data) for m in messages]
+        commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB)
+        committed = ends[commit]
+        shard_ends = payload_a.layout.shard_offsets()[1:]
+        assert any(end < committed for end in shard_ends) and committed not in shard_ends
         release = threading.Event()
 
         def paused() -> Iterator[Any]:
-            yield from messages
+            yield from messages[: commit + 2]
             release.wait(60)
 
         future = a.stub.PushDelta.future(paused(), metadata=a.metadata, timeout=120)
-        wait_for(lambda: a.offset(head_a.upload_id).committed_offset == 8 * MIB, timeout=30, what="8 MiB")
+        wait_for(lambda: a.offset(head_a.upload_id).committed_offset == committed, timeout=30, what="8 MiB")
         daemon.kill()  # mid-upload: a's folded shards die with the process, its spool stays
         release.set()
         with pytest.raises(grpc.RpcError):
@@ -207,8 +215,8 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
         daemon.start(target)
         for site in (a, b):
             site.ready()
-        assert a.offset(head_a.upload_id).committed_offset == 8 * MIB
-        receipt = a.push(head_a, payload_a, start=8 * MIB, chunk_bytes=MIB)
+        assert a.offset(head_a.upload_id).committed_offset == committed
+        receipt = a.push(head_a, payload_a, start=committed, chunk_bytes=MIB)
         assert receipt.accepted and not receipt.duplicate
         assert b.push(head_b, payload_b, chunk_bytes=MIB).duplicate
 

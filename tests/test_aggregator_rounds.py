@@ -126,7 +126,7 @@ def test_full_round_publishes_the_weighted_mean(harness: MakeHarness) -> None:
     assert status.samples == total == 47
     assert status.bytes_in == sum(sizes.values())
     assert status.close_reason == "all"
-    assert status.diff_bytes == fetched[0][0].layout.total_bytes
+    assert status.diff_bytes == h["b"].fetched_bytes[0]
     assert status.bytes_out >= status.diff_bytes  # what FetchDiff served for this round
     full = sum(t.numel() * 4 for t in h.init.values())
     assert status.ratio_to_full_model == pytest.approx(sum(sizes.values()) / 3 / full)
@@ -338,7 +338,8 @@ def test_fetch_chain_or_snapshot_gives_the_same_state(harness: MakeHarness) -> N
     _, snapshot = site.snapshot()
     assert_same_bits(snapshot, expected)
     diff_bytes = {r.round: r.diff_bytes for r in h.admin.rounds()}
-    snapshot_bytes = site.fetch(have=0, snapshot=True)[0][0].layout.total_bytes
+    site.fetch(have=0, snapshot=True)
+    snapshot_bytes = site.fetched_bytes[0]
     kinds = {}
     for have in (0, 1, 2):
         fetched = site.fetch(have=have)
@@ -386,7 +387,8 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
         # The site one round behind still ends exactly where the aggregator is.
         assert_same_bits(apply_fetched(states[number - 1], site.fetch(have=number - 1)), states[number])
 
-    snapshot_bytes = site.fetch(have=0, snapshot=True)[0][0].layout.total_bytes
+    site.fetch(have=0, snapshot=True)
+    snapshot_bytes = site.fetched_bytes[0]
     records = {r.round: r for r in store.select(RoundRecord, "round > 0")}
     kept = dropped = 0
     for number in range(1, 6):
@@ -407,15 +409,15 @@ def test_differences_no_chain_can_use_are_dropped_and_their_blocks_reused(harnes
 
 def test_a_plan_whose_file_was_dropped_opens_nothing_and_removes_its_temporaries(tmp_path: Path) -> None:
     """Between planning and opening the collector may drop a file: nothing stays open, nothing leaks."""
-    layout = PayloadLayout(codec=Codec(), manifest=(), shards=(), total_bytes=0, sha256=bytes(32))
-    head = DeltaHeader(layout=layout, run_id="r")
+    layout = PayloadLayout(codec=Codec(), manifest=(), shards=(), total_bytes=0, digest=bytes(32))
+    head = DeltaHeader(spec=layout.spec, run_id="r")
     kept, temporary = tmp_path / "kept.payload", tmp_path / "partial.payload"
     kept.write_bytes(b"k")
     temporary.write_bytes(b"t")
     plan = [
-        FetchItem(head, kept, 1),
-        FetchItem(head, temporary, 2, temporary=True),
-        FetchItem(head, tmp_path / "dropped.payload", 3),
+        FetchItem(head, layout, kept, 1),
+        FetchItem(head, layout, temporary, 2, temporary=True),
+        FetchItem(head, layout, tmp_path / "dropped.payload", 3),
     ]
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(FileNotFoundError):
@@ -453,7 +455,7 @@ def test_a_bf16_broadcast_publishes_the_state_workers_will_hold(harness: MakeHar
     push(h, "a", delta, round=1, base=0)
     assert h.admin.wait_round(1).state == PUBLISHED
     fetched = site.fetch(have=0)
-    assert [(head.kind, head.layout.codec.cast) for head, _ in fetched] == [(DeltaKind.DIFF, Cast.BF16)]
+    assert [(head.kind, head.spec.codec.cast) for head, _ in fetched] == [(DeltaKind.DIFF, Cast.BF16)]
     held = apply_fetched(h.init, fetched)
     _, snapshot = site.snapshot()
     assert_same_bits(snapshot, held)

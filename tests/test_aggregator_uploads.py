@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from common.codec import make_chunk
-from common.delta import MIB, DeltaHeader, DeltaKind
+from common.delta import MIB, Codec, DeltaHeader, DeltaKind, Digest
+from common.errors import reason_of
 from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2
 from common.serde import chunk_to_proto
 from tests.codec_helpers import flip, frame_offsets
@@ -30,6 +31,7 @@ from tests.scripted import (
     AdminClient,
     Harness,
     MakeHarness,
+    Payload,
     ScriptedSite,
     State,
     accumulator_dtype,
@@ -39,6 +41,7 @@ from tests.scripted import (
     harnesses,
     partial_delta,
     random_delta,
+    refusal,
     rpc_code,
     small_state,
     token_of,
@@ -60,10 +63,10 @@ def harness(tmp_path: Path) -> Iterator[MakeHarness]:
 
 def encoded(
     site: ScriptedSite, delta: State, *, round: int = 1, base: int = 0, **kw: Any
-) -> tuple[DeltaHeader, bytes]:
+) -> tuple[DeltaHeader, Payload]:
     """An upload of ``delta`` for round ``round`` from round ``base`` (round 1 from 0), in several shards."""
     head, payload = site.header(delta, round=round, base=base, shard_bytes=SHARD, **kw)
-    assert len(head.layout.shards) >= 8
+    assert len(payload.layout.shards) >= 8
     return head, payload
 
 
@@ -73,9 +76,9 @@ def messages(
     return list(site.chunks(head, payload, start, chunk_bytes=CHUNK))
 
 
-def accepted(receipt: federation_pb2.PushReceipt, head: DeltaHeader) -> None:
+def accepted(receipt: federation_pb2.PushReceipt, head: DeltaHeader, payload: Payload) -> None:
     assert receipt.accepted and not receipt.duplicate
-    assert (receipt.upload_id, receipt.bytes_received) == (head.upload_id, head.layout.total_bytes)
+    assert (receipt.upload_id, receipt.bytes_received) == (head.upload_id, payload.layout.total_bytes)
 
 
 def folded(h: Harness, upload_id: str) -> set[int]:
@@ -98,7 +101,7 @@ def test_duplicate_upload_counts_once(harness: MakeHarness) -> None:
     h.join_all()
     da, db = random_delta(1, h.init), random_delta(2, h.init)
     head, payload = encoded(h["a"], da)
-    accepted(h["a"].push(head, payload, chunk_bytes=CHUNK), head)
+    accepted(h["a"].push(head, payload, chunk_bytes=CHUNK), head, payload)
 
     again = h["a"].push(head, payload, chunk_bytes=CHUNK)
     assert again.accepted and again.duplicate
@@ -125,7 +128,7 @@ def test_duplicate_upload_counts_once(harness: MakeHarness) -> None:
     ]
 
     head_b, payload_b = encoded(h["b"], db)
-    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
+    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b, payload_b)
     state = final_state(h)
     assert_same_bits(state, add(h.init, h.mean([(da, 10), (db, 30)])))
     status = h.admin.round(1)
@@ -145,7 +148,7 @@ def _reference(tmp_path: Path, deltas: dict[str, State]) -> State:
         h.join_all()
         for name in ("b", "a"):
             head, payload = encoded(h[name], deltas[name])
-            accepted(h[name].push(head, payload, chunk_bytes=CHUNK), head)
+            accepted(h[name].push(head, payload, chunk_bytes=CHUNK), head, payload)
         return final_state(h)
     finally:
         h.close()
@@ -168,7 +171,7 @@ def test_cut_upload_resumes_to_the_same_state(
     h = harness({"a": 10, "b": 30})
     h.join_all()
     head_b, payload_b = encoded(h["b"], cut_deltas["b"])
-    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
+    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b, payload_b)
 
     site = h["a"]
     head, payload = encoded(site, cut_deltas["a"])
@@ -212,7 +215,7 @@ def test_cut_upload_resumes_to_the_same_state(
     assert not reply.complete and 0 < reply.committed_offset <= sent
     start = 0 if how == "restart-at-0" else reply.committed_offset
     assert h.admin.round(1).state == federation_pb2.ROUND_STATE_COLLECTING
-    accepted(site.push(head, payload, start=start, chunk_bytes=CHUNK), head)
+    accepted(site.push(head, payload, start=start, chunk_bytes=CHUNK), head, payload)
     assert site.offset(head.upload_id).complete
 
     state = final_state(h)
@@ -237,13 +240,31 @@ def test_resume_must_match_the_upload(harness: MakeHarness) -> None:
         resume = functools.partial(site.push, head, payload, start=start, chunk_bytes=CHUNK)
         assert rpc_code(resume) is grpc.StatusCode.FAILED_PRECONDITION
     # The same upload id with another header.
-    other, other_payload = encoded(site, random_delta(22, h.init), upload_id=head.upload_id)
+    other, other_payload = encoded(site, delta, upload_id=head.upload_id, samples=11)
     assert rpc_code(lambda: site.push(other, other_payload)) is grpc.StatusCode.INVALID_ARGUMENT
     # An unknown upload is at offset 0.
     assert site.offset("never-sent").committed_offset == 0
     assert rpc_code(lambda: site.offset("bad id!")) is grpc.StatusCode.INVALID_ARGUMENT
     assert site.offset(head.upload_id).committed_offset == committed
-    accepted(site.push(head, payload, start=committed, chunk_bytes=CHUNK), head)
+
+    # The same header with another payload (a header no longer names its bytes): restarted at 0
+    # under the id of an upload whose first shards were folded, it is refused for good at its
+    # first shard whose digest differs from the one folded, and its folds are rebuilt away.
+    x_head, x_payload = encoded(site, random_delta(23, h.init))
+    x_chunks = messages(site, x_head, x_payload)
+    assert rpc_code(lambda: site.push_messages(iter(x_chunks[:10]))) is grpc.StatusCode.ABORTED
+    wait_for(lambda: folded(h, x_head.upload_id), what="a shard of the cut upload to fold")
+    _, swapped = encoded(site, random_delta(24, h.init), upload_id=x_head.upload_id)
+    exc = refusal(lambda: site.push(x_head, swapped, chunk_bytes=CHUNK))
+    assert (exc.code(), reason_of(exc)) == (grpc.StatusCode.INVALID_ARGUMENT, "UPLOAD_ID_REUSED"), (
+        exc.details()
+    )
+    assert (
+        rpc_code(lambda: site.push(x_head, x_payload, chunk_bytes=CHUNK))
+        is grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+    accepted(site.push(head, payload, start=committed, chunk_bytes=CHUNK), head, payload)
     assert_same_bits(final_state(h), add(h.init, h.mean([(delta, 10)])))
 
 
@@ -258,26 +279,31 @@ def test_large_upload_commits_every_8_mib_and_resumes(harness: MakeHarness) -> N
     site = h["a"]
     delta = random_delta(31, init)
     head, payload = site.header(delta, round=1, base=0, shard_bytes=4 * MIB)
-    assert len(payload) > 10 * MIB and len(head.layout.shards) >= 3
+    assert len(payload) > 10 * MIB and len(payload.layout.shards) >= 3
     chunks = list(site.chunks(head, payload, chunk_bytes=MIB))
+    # Chunks are cut at shard ends too: the first chunk end at or past 8 MiB is where the commit lands.
+    ends = [c.offset + len(c.data) for c in chunks]
+    commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB)
     release = threading.Event()
 
     def paused() -> Iterator[delta_pb2.DeltaChunk]:
-        yield from chunks[:9]
+        yield from chunks[: commit + 2]
         release.wait(60)  # then the stream ends without its last chunk
 
     future = site.stub.PushDelta.future(paused(), metadata=site.metadata, timeout=120)
     # Mid-stream, the committed offset moves in 8 MiB steps (fsync, then record).
     wait_for(
-        lambda: site.offset(head.upload_id).committed_offset == 8 * MIB, timeout=30, what="the 8 MiB commit"
+        lambda: site.offset(head.upload_id).committed_offset == ends[commit],
+        timeout=30,
+        what="the 8 MiB commit",
     )
     release.set()
     with pytest.raises(grpc.RpcError) as info:
         future.result(timeout=30)
     assert info.value.code() is grpc.StatusCode.ABORTED
-    assert site.offset(head.upload_id).committed_offset == 9 * MIB  # the break commits the rest
-    receipt = site.push(head, payload, start=9 * MIB, chunk_bytes=MIB)
-    accepted(receipt, head)
+    assert site.offset(head.upload_id).committed_offset == ends[commit + 1]  # the break commits the rest
+    receipt = site.push(head, payload, start=ends[commit + 1], chunk_bytes=MIB)
+    accepted(receipt, head, payload)
     status = h.admin.wait_round(1, timeout=60)
     assert status.state == PUBLISHED and status.bytes_in == len(payload)
     _, state = site.snapshot()
@@ -313,7 +339,7 @@ def test_bad_uploads_are_refused_and_change_nothing(
     assert len(good) > 20
     INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 
-    def fresh(**kw: Any) -> tuple[DeltaHeader, bytes]:
+    def fresh(**kw: Any) -> tuple[DeltaHeader, Payload]:
         return encoded(a, kw.pop("delta", da), **kw)
 
     def push(head: DeltaHeader, payload: bytes, site: ScriptedSite = a) -> grpc.StatusCode:
@@ -377,7 +403,7 @@ def test_bad_uploads_are_refused_and_change_nothing(
     assert rpc_code(lambda: a.push_messages(iter(big))) is grpc.StatusCode.RESOURCE_EXHAUSTED
     # Damaged bytes with valid chunk CRCs: the shard digest catches them, after earlier shards folded.
     head, payload = fresh()
-    flipped = flip(payload, frame_offsets(head.layout)[-1][1] + 20, 0x10)
+    flipped = Payload(flip(payload, frame_offsets(payload.layout)[-1][1] + 20, 0x10), payload.layout)
     assert push(head, flipped) is grpc.StatusCode.DATA_LOSS
     # NaN in the last shard: refused after the shards before it were folded into the sum.
     nan_head, nan_payload = with_nan(*fresh())
@@ -399,9 +425,9 @@ def test_bad_uploads_are_refused_and_change_nothing(
 
     # The same run without the bad attempts: a's and b's good uploads.
     caplog.set_level(logging.INFO, logger="server")
-    accepted(a.push(good_head, good_payload, chunk_bytes=CHUNK), good_head)
+    accepted(a.push(good_head, good_payload, chunk_bytes=CHUNK), good_head, good_payload)
     head_b, payload_b = encoded(b, db)
-    accepted(b.push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
+    accepted(b.push(head_b, payload_b, chunk_bytes=CHUNK), head_b, payload_b)
     state = final_state(h)
     assert_same_bits(state, add(h.init, h.mean([(da, 10), (db, 30)])))
     status = h.admin.round(1)
@@ -421,8 +447,25 @@ def test_upload_over_the_size_limit_is_refused(harness: MakeHarness) -> None:
     small = partial_delta(46, h.init, ["layers.0.norm.weight"])
     head, payload = encoded(h["a"], small)
     assert len(payload) < 64 * 1024
-    accepted(h["a"].push(head, payload, chunk_bytes=CHUNK), head)
+    accepted(h["a"].push(head, payload, chunk_bytes=CHUNK), head, payload)
     assert_same_bits(final_state(h), add(h.init, h.mean([(small, 10)])))
+
+
+def test_the_digest_is_the_senders_choice_but_must_be_named(harness: MakeHarness) -> None:
+    h = harness({"a": 10, "b": 30})
+    h.join_all()
+    da, db = random_delta(47, h.init), random_delta(48, h.init)
+    head, payload = encoded(h["a"], da, codec=Codec(digest=Digest.SHA256))
+    codec = dataclasses.replace(head.spec.codec, digest=Digest.UNSPECIFIED)  # a sender that names none
+    unnamed = dataclasses.replace(head, spec=dataclasses.replace(head.spec, codec=codec))
+    exc = refusal(lambda: h["a"].push(unnamed, payload, chunk_bytes=CHUNK))
+    assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT and "codec.digest" in (exc.details() or "")
+    # SHA-256 and BLAKE3 (the default) in one round: the round's codec fixes the values, not the hash.
+    accepted(h["a"].push(head, payload, chunk_bytes=CHUNK), head, payload)
+    head_b, payload_b = encoded(h["b"], db)
+    assert head_b.spec.codec.digest is Digest.BLAKE3
+    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b, payload_b)
+    assert_same_bits(final_state(h), add(h.init, h.mean([(da, 10), (db, 30)])))
 
 
 @pytest.mark.parametrize("fate", ["rejected", "abandoned"])
@@ -444,9 +487,9 @@ def test_partial_upload_that_folded_shards_is_left_out(
     wait_for(lambda: len(folded(h, head.upload_id)) >= 5, what="the partial upload's shards to fold")
 
     good_head, good_payload = encoded(a, da)
-    accepted(a.push(good_head, good_payload, chunk_bytes=CHUNK), good_head)
+    accepted(a.push(good_head, good_payload, chunk_bytes=CHUNK), good_head, good_payload)
     head_b, payload_b = encoded(h["b"], db)
-    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b)
+    accepted(h["b"].push(head_b, payload_b, chunk_bytes=CHUNK), head_b, payload_b)
     state = final_state(h)
     assert_same_bits(state, add(h.init, h.mean([(da, 10), (db, 30)])))
     assert any("rebuilding the sum" in r.getMessage() for r in caplog.records)
@@ -477,7 +520,7 @@ def test_concurrent_uploads_fold_within_the_order_bound(harness: MakeHarness) ->
     for t in threads:
         t.join(timeout=60)
     for s in samples:
-        accepted(receipts[s], uploads[s][0])
+        accepted(receipts[s], *uploads[s])
 
     status = h.admin.wait_round(1)
     assert status.state == PUBLISHED and status.samples == sum(samples.values())

@@ -1,9 +1,15 @@
 """Every way a delta stream can be wrong is refused with its typed error: never a crash, a hang, or a bomb.
 
-Tampered headers are rebuilt consistently (tests/codec_helpers.py) so that each
+Tampered layouts are rebuilt consistently (tests/codec_helpers.py) so that each
 case reaches the one check it is aimed at: a frame swapped by an attacker
 comes with matching sizes and digests, and must still be caught by what it
 cannot fake.
+
+On the wire (revision 2) the header carries the codec and the manifest, which
+are refused before any payload byte is read (:func:`refused_before_payload`);
+each shard's spec comes with the chunk that ends the shard and is refused
+there, before that shard is decoded (:func:`refused_at_spec`); a stored layout
+(what decode_file reads) is refused whole before its payload is read.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from common.codec import (
     make_chunk,
     validate_layout,
 )
-from common.codec.layout import expected_frame_sizes
+from common.codec.layout import expected_frame_sizes, frame_bound, header_bound
 from common.codec.shuffle import unshuffle_into
-from common.delta import MIB, Cast, Chunk, Codec, PayloadLayout, Piece, TensorSpec
+from common.delta import MIB, Cast, Chunk, Codec, Digest, PayloadLayout, Piece, TensorSpec
 from common.dtypes import DType
 from common.errors import (
     ChunkOrderError,
@@ -121,7 +127,7 @@ def decode_both(layout: PayloadLayout, payload: bytes, **kwargs: Any) -> None:
     errors: list[BaseException] = []
     decoders: list[Callable[[], object]] = [
         lambda: decode_bytes(layout, payload, chunk_bytes=1024, **kwargs),
-        lambda: decode_file(layout, io.BytesIO(payload), **kwargs),
+        lambda: decode_file(io.BytesIO(payload), layout, **kwargs),
     ]
     for decode in decoders:
         try:
@@ -149,7 +155,7 @@ def refused_before_payload(layout: PayloadLayout, payload: bytes, **kwargs: Any)
     errors: list[BaseException] = []
     for decode in (
         lambda: decode_chunks(only_first(chunks(layout, payload, 1024)), **kwargs),
-        lambda: decode_file(layout, NoPayload(), **kwargs),
+        lambda: decode_file(NoPayload(), layout, **kwargs),
         lambda: DeltaStreamDecoder(**kwargs).feed(chunks(layout, payload, 1024)[0]),
     ):
         try:
@@ -160,6 +166,39 @@ def refused_before_payload(layout: PayloadLayout, payload: bytes, **kwargs: Any)
             raise AssertionError("the header was accepted")
     assert len({type(e) for e in errors}) == 1, errors
     raise errors[0]
+
+
+def refused_at_spec(layout: PayloadLayout, payload: bytes, *, honest: bool = True, **kwargs: Any) -> None:
+    """A lying shard spec: refused from a stored layout before its payload is read, and in a stream at the
+    chunk that carries it (or, for what only the whole can tell, at the last chunk); raise.
+
+    ``honest``: the stream is cut at the shards' real ends (the reference's), the
+    lying specs riding on the chunks that end them; else at the ends ``layout`` claims.
+    """
+    errors: list[BaseException] = []
+    try:
+        decode_file(NoPayload(), layout, **kwargs)
+    except GdfedError as exc:
+        errors.append(exc)
+    else:
+        raise AssertionError("the stored layout was accepted")
+    stream = chunks(layout, payload, 1024, cut=_reference()[0] if honest else None)
+    decoder = DeltaStreamDecoder(**kwargs)
+    fed = 0
+    try:
+        for chunk in stream:
+            decoder.feed(chunk)
+            fed += 1
+        decoder.finish()
+    except GdfedError as exc:
+        errors.append(exc)
+    else:
+        raise AssertionError("the stream was accepted")
+    finally:
+        decoder.close()
+    assert stream[fed].shard is not None or stream[fed].last, "refused before the spec arrived"
+    assert type(errors[0]) is type(errors[1]), errors
+    raise errors[1]
 
 
 def expect(
@@ -207,8 +246,9 @@ def test_reference_payload_decodes(ref):
     """The untampered fixtures decode; every failure below is the tampering's doing."""
     layout, payload = ref
     assert_bit_exact(decode_bytes(layout, payload, chunk_bytes=1024), reference_delta())
-    assert_bit_exact(decode_file(layout, io.BytesIO(payload)), reference_delta())
+    assert_bit_exact(decode_file(io.BytesIO(payload), layout), reference_delta())
     assert_bit_exact(decode_bytes(*_small()), small_delta())
+    assert [c.shard for c in chunks(layout, payload, 4096) if c.shard] == list(layout.shards)
 
 
 # --- the chunk stream ----------------------------------------------------------------------------
@@ -313,13 +353,102 @@ def test_last_flag_on_a_chunk_that_does_not_end_the_payload(ref):
         decode_chunks([dataclasses.replace(stream[0], last=True), *stream[1:]])
 
 
-def test_chunk_running_past_total_bytes(ref):
+def test_chunk_running_past_its_shard(ref):
+    """A chunk carrying a spec must end where the spec says its shard ends."""
     layout, payload = ref
     stream = chunks(layout, payload, 4096)
     last = stream[-1]
-    longer = make_chunk(last.offset, last.data + b"\0", True)
-    with expect(InvalidArgument, INVALID, field="data", match="past total_bytes"):
+    longer = make_chunk(last.offset, bytes(last.data) + b"\0", True, shard=last.shard)
+    with expect(MalformedShard, INVALID, field="shards[1].compressed_bytes", match="ends exactly"):
         decode_chunks([*stream[:-1], longer])
+    shorter = make_chunk(last.offset, last.data[:-1], True, shard=last.shard)
+    with expect(MalformedShard, INVALID, field="shards[1].compressed_bytes"):
+        decode_chunks([*stream[:-1], shorter])
+
+
+def test_chunk_running_past_the_payload(ref):
+    """Once the shards cover the manifest, not one byte more: the end of the payload is known."""
+    layout, payload = ref
+    stream = chunks(layout, payload, 4096)
+    more = [dataclasses.replace(stream[-1], last=False), make_chunk(layout.total_bytes, b"x", True)]
+    with expect(InvalidArgument, INVALID, field="data", match="past the end of the payload"):
+        decode_chunks([*stream[:-1], *more])
+
+
+def test_spec_on_a_chunk_inside_its_shard(ref):
+    """The spec rides on a chunk before the shard's end: it does not end there."""
+    layout, payload = ref
+    stream = chunks(layout, payload, 4096)
+    first_end = next(i for i, c in enumerate(stream) if c.shard is not None)
+    early = dataclasses.replace(stream[first_end - 1], shard=stream[first_end].shard)
+    with expect(MalformedShard, INVALID, field="shards[0].compressed_bytes", match="ends exactly"):
+        decode_chunks([*stream[: first_end - 1], early, *stream[first_end:]])
+
+
+def test_spec_never_sent(ref):
+    """A shard's bytes without its spec: the next spec miscounts its shard, or the last chunk ends none."""
+    layout, payload = ref
+    stream = chunks(layout, payload, 4096)
+    ends = [i for i, c in enumerate(stream) if c.shard is not None]
+    assert len(ends) == 2
+    no_first = [dataclasses.replace(c, shard=None) if i == ends[0] else c for i, c in enumerate(stream)]
+    with expect(MalformedShard, INVALID, field="shards[0].pieces[0]", match="starts at element 25000"):
+        decode_chunks(no_first)  # shard 1's spec, taken for shard 0's: its pieces do not start the manifest
+    late = [*no_first[: ends[1]], dataclasses.replace(no_first[ends[1]], shard=layout.shards[0])]
+    with expect(MalformedShard, INVALID, field="shards[0].compressed_bytes", match="ends exactly"):
+        decode_chunks(late)  # shard 0's spec, one shard late
+    no_last = [*stream[:-1], dataclasses.replace(stream[-1], shard=None)]
+    with expect(ChunkOrderError, INVALID, field="last", match="whose spec never came"):
+        decode_chunks(no_last)
+
+
+def test_last_chunk_with_shards_missing(ref):
+    """The stream ends (``last``) after shard 0: the manifest is not covered."""
+    layout, payload = ref
+    stream = chunks(layout, payload, 4096)
+    end = next(i for i, c in enumerate(stream) if c.shard is not None)
+    cut = [*stream[:end], dataclasses.replace(stream[end], last=True)]
+    with expect(
+        MalformedShard, INVALID, field="manifest[0]", match=f"cover 25000 of 30000 elements of {Q!r}"
+    ):
+        decode_chunks(cut)
+
+
+def test_bytes_of_an_unfinished_shard_are_bounded(ref):
+    """Chunks that never bring a spec: refused once they pass what a shard may hold, never buffered further.
+
+    The bound is what is left of the manifest (its data and headers), and the shard raw-size limit.
+    """
+    layout, _ = ref
+    junk = np.random.default_rng(0).integers(0, 256, 64 * 1024, dtype=np.uint8).tobytes()
+    for limits, bound in (
+        (DecodeLimits(), frame_bound(121_346 + header_bound(5, 512))),
+        (DecodeLimits(max_shard_raw_bytes=50_000), frame_bound(50_000)),
+    ):
+        decoder = DeltaStreamDecoder(limits=limits)
+        offset = 0
+        with expect(LimitExceeded, EXHAUSTED, field="data", match="with no spec yet") as err:
+            for i in range(100):
+                decoder.feed(make_chunk(offset, junk, False, header(layout) if i == 0 else None))
+                offset += len(junk)
+        decoder.close()
+        assert err.value.limit == bound
+        assert offset <= bound < offset + len(junk)
+
+
+def test_max_total_bytes_refuses_the_chunk_that_passes_it(ref):
+    """No total travels: the limit refuses the first chunk that runs past it (a stored layout, up front)."""
+    layout, payload = ref
+    tight = DecodeLimits(max_total_bytes=layout.total_bytes - 1)
+    with expect(LimitExceeded, EXHAUSTED, field="data") as err:
+        decode_bytes(layout, payload, chunk_bytes=4096, limits=tight)
+    assert err.value.limit == layout.total_bytes - 1
+    assert str(layout.total_bytes - 1) in err.value.message
+    with expect(LimitExceeded, EXHAUSTED, field="total_bytes"):
+        decode_file(NoPayload(), layout, limits=tight)
+    exact = DecodeLimits(max_total_bytes=layout.total_bytes)
+    assert_bit_exact(decode_bytes(layout, payload, limits=exact), reference_delta())
+    assert_bit_exact(decode_file(io.BytesIO(payload), layout, limits=exact), reference_delta())
 
 
 def test_chunk_larger_than_max_chunk_bytes(ref):
@@ -337,7 +466,7 @@ def test_chunk_larger_than_max_chunk_bytes(ref):
 def test_flipped_byte_with_the_crc_left_as_is(ref):
     layout, payload = ref
     stream = chunks(layout, payload, 4096)
-    damaged = dataclasses.replace(stream[3], data=flip(stream[3].data, 100))
+    damaged = dataclasses.replace(stream[3], data=flip(bytes(stream[3].data), 100))
     with expect(DataLoss, DATA_LOSS, field="crc32"):
         decode_chunks([*stream[:3], damaged, *stream[4:]])
     wrong_crc = dataclasses.replace(stream[0], crc32=stream[0].crc32 ^ 1)
@@ -354,7 +483,7 @@ def test_every_flipped_byte_is_data_loss(mask):
     layout, payload = _small()
     for offset in range(len(payload)):
         damaged = flip(payload, offset, mask)
-        with expect(DataLoss, DATA_LOSS, match="sha256"):
+        with expect(DataLoss, DATA_LOSS, match="digest"):
             decode_both(layout, damaged)
 
 
@@ -371,54 +500,79 @@ def _interesting_offsets(layout: PayloadLayout, payload: bytes) -> list[int]:
 
 
 def test_flipped_byte_with_recomputed_crc_is_data_loss(ref):
-    """An attacker recomputing the chunk CRCs still cannot get damaged bytes past the shard sha256."""
+    """An attacker recomputing the chunk CRCs still cannot get damaged bytes past the shard digest."""
     layout, payload = ref
     offsets = _interesting_offsets(layout, payload)
     assert len(offsets) > 100
     for offset in offsets:
-        with expect(DataLoss, DATA_LOSS, match="sha256") as err:
+        with expect(DataLoss, DATA_LOSS, match="digest") as err:
             decode_both(layout, flip(payload, offset))
-        assert err.value.field in ("shards[0].sha256", "shards[1].sha256")
+        assert err.value.field in ("shards[0].digest", "shards[1].digest")
 
 
 def test_flip_in_header_frame_and_zstd_headers_names_the_shard(ref):
     layout, payload = ref
     starts = frame_offsets(layout)
     cases = {
-        starts[0][0] + 20: "shards[0].sha256",  # inside frame 0's compressed JSON
-        starts[1][0] + 2: "shards[1].sha256",  # frame 0's zstd magic number
-        starts[1][0] + 5: "shards[1].sha256",  # frame 0's declared content size
-        starts[0][1] + 4: "shards[0].sha256",  # a block frame's frame header descriptor
-        starts[0][2] + 6: "shards[0].sha256",  # ... its content size
-        starts[1][5] + 7: "shards[1].sha256",  # the last frame
+        starts[0][0] + 20: "shards[0].digest",  # inside frame 0's compressed JSON
+        starts[1][0] + 2: "shards[1].digest",  # frame 0's zstd magic number
+        starts[1][0] + 5: "shards[1].digest",  # frame 0's declared content size
+        starts[0][1] + 4: "shards[0].digest",  # a block frame's frame header descriptor
+        starts[0][2] + 6: "shards[0].digest",  # ... its content size
+        starts[1][5] + 7: "shards[1].digest",  # the last frame
     }
     for offset, field in cases.items():
         with expect(DataLoss, DATA_LOSS, field=field):
             decode_both(layout, flip(payload, offset))
 
 
-def test_wrong_payload_sha256(ref):
+def test_wrong_stored_payload_digest(ref):
+    """The payload digest does not travel; a stored layout's is checked before its payload is read."""
     layout, payload = ref
-    lying = dataclasses.replace(layout, sha256=flip(layout.sha256, 0))
-    with expect(DataLoss, DATA_LOSS, field="sha256"):
-        refused_before_payload(lying, payload)
-    with expect(InvalidArgument, INVALID, field="sha256"):
-        refused_before_payload(dataclasses.replace(layout, sha256=layout.sha256[:31]), payload)
+    lying = dataclasses.replace(layout, digest=flip(layout.digest, 0))
+    with expect(DataLoss, DATA_LOSS, field="digest"):
+        decode_file(NoPayload(), lying)
+    with expect(InvalidArgument, INVALID, field="digest"):
+        decode_file(NoPayload(), dataclasses.replace(layout, digest=layout.digest[:31]))
+    # A receiver of the stream computes it over the specs that came.
+    decoder = DeltaStreamDecoder()
+    for chunk in chunks(lying, payload, 4096):
+        decoder.feed(chunk)
+    decoder.finish()
+    assert decoder.layout == layout
 
 
 @pytest.mark.parametrize("shard", [0, 1])
-def test_wrong_shard_sha256(ref, shard):
+def test_wrong_shard_digest(ref, shard):
     layout, payload = ref
-    lying = resign(replace_shard(layout, shard, sha256=flip(layout.shards[shard].sha256, 31)))
-    with expect(DataLoss, DATA_LOSS, field=f"shards[{shard}].sha256"):
+    lying = resign(replace_shard(layout, shard, digest=flip(layout.shards[shard].digest, 31)))
+    with expect(DataLoss, DATA_LOSS, field=f"shards[{shard}].digest"):
         decode_both(lying, payload)
-    # Without the payload digest recomputed, the header itself is refused.
-    unsigned = replace_shard(layout, shard, sha256=flip(layout.shards[shard].sha256, 31))
-    with expect(DataLoss, DATA_LOSS, field="sha256"):
-        refused_before_payload(unsigned, payload)
-    short = resign(replace_shard(layout, shard, sha256=b"\0" * 16))
-    with expect(InvalidArgument, INVALID, field=f"shards[{shard}].sha256"):
-        refused_before_payload(short, payload)
+    # Without the payload digest recomputed, a stored layout is refused before its payload.
+    unsigned = replace_shard(layout, shard, digest=flip(layout.shards[shard].digest, 31))
+    with expect(DataLoss, DATA_LOSS, field="digest"):
+        decode_file(NoPayload(), unsigned)
+    short = resign(replace_shard(layout, shard, digest=b"\0" * 16))
+    with expect(InvalidArgument, INVALID, field=f"shards[{shard}].digest"):
+        refused_at_spec(short, payload)
+
+
+def test_digest_algorithm_named_by_the_codec(ref):
+    """The same frames under the other algorithm's name fail every shard's digest; unspecified is refused."""
+    layout, payload = ref
+    other = Digest.SHA256 if layout.codec.digest is Digest.BLAKE3 else Digest.BLAKE3
+    renamed = dataclasses.replace(layout, codec=dataclasses.replace(layout.codec, digest=other))
+    with expect(DataLoss, DATA_LOSS, field="shards[0].digest", match=other.name.lower()):
+        decode_bytes(renamed, payload)
+    sha = Codec(block_bytes=64 * 1024, digest=Digest.SHA256)
+    sha_layout, sha_payload = encode_bytes(reference_delta(), sha, shard_bytes=100_000)
+    assert sha_payload == payload and sha_layout.shards[0].digest != layout.shards[0].digest
+    assert_bit_exact(decode_bytes(sha_layout, sha_payload), reference_delta())
+    unspecified = dataclasses.replace(
+        layout, codec=dataclasses.replace(layout.codec, digest=Digest.UNSPECIFIED)
+    )
+    with expect(InvalidArgument, INVALID, field="codec.digest"):
+        refused_before_payload(unspecified, payload)
 
 
 def test_frames_swapped_between_shards_is_data_loss(ref):
@@ -426,7 +580,7 @@ def test_frames_swapped_between_shards_is_data_loss(ref):
     layout, payload = ref
     frames = split_frames(layout, payload)
     frames[1][2], frames[1][3] = frames[1][3], frames[1][2]
-    with expect(DataLoss, DATA_LOSS, field="shards[1].sha256"):
+    with expect(DataLoss, DATA_LOSS, field="shards[1].digest"):
         decode_both(layout, b"".join(b"".join(f) for f in frames))
 
 
@@ -434,26 +588,38 @@ def test_frames_swapped_between_shards_is_data_loss(ref):
 
 
 @pytest.mark.parametrize("delta", [1, -1, 1 << 20])
-def test_total_bytes_wrong(ref, delta):
-    layout, payload = ref
+def test_stored_total_bytes_wrong(ref, delta):
+    """total_bytes no longer travels; a stored layout's is checked before its payload is read."""
+    layout, _ = ref
     lying = dataclasses.replace(layout, total_bytes=layout.total_bytes + delta)
     with expect(InvalidArgument, INVALID, field="total_bytes"):
-        refused_before_payload(lying, payload)
+        decode_file(NoPayload(), lying)
 
 
-def test_total_bytes_over_the_limit(ref):
-    layout, payload = ref
+def test_stored_total_bytes_over_the_limit(ref):
+    layout, _ = ref
     lying = dataclasses.replace(layout, total_bytes=1 << 62)
     with expect(LimitExceeded, EXHAUSTED, field="total_bytes"):
-        refused_before_payload(lying, payload)
+        decode_file(NoPayload(), lying)
 
 
 @pytest.mark.parametrize("delta", [1, -1])
 def test_compressed_bytes_wrong(ref, delta):
+    """A spec claiming bytes not sent (or fewer than sent), on the chunk that really ends its shard."""
     layout, payload = ref
     lying = replace_shard(layout, 1, compressed_bytes=layout.shards[1].compressed_bytes + delta)
     with expect(MalformedShard, INVALID, field="shards[1].compressed_bytes"):
-        refused_before_payload(lying, payload)
+        refused_at_spec(lying, payload)
+    # Its frame sizes made to agree: the spec is sound, the chunk it rides on ends elsewhere.
+    sizes = layout.shards[1].frame_bytes
+    agreeing = replace_shard(
+        layout,
+        1,
+        compressed_bytes=layout.shards[1].compressed_bytes + delta,
+        frame_bytes=(*sizes[:-1], sizes[-1] + delta),
+    )
+    with expect(MalformedShard, INVALID, field="shards[1].compressed_bytes", match="ends exactly"):
+        decode_chunks(chunks(agreeing, payload, 1024, cut=layout))
 
 
 @pytest.mark.parametrize("delta", [1, -1, 8])
@@ -472,14 +638,26 @@ def test_raw_bytes_impossible(ref, raw_bytes):
     layout, payload = ref
     lying = replace_shard(layout, 0, raw_bytes=raw_bytes)
     with expect(MalformedShard, INVALID, field="shards[0].raw_bytes"):
-        refused_before_payload(lying, payload, limits=DecodeLimits(max_shard_raw_bytes=1 << 41))
+        refused_at_spec(lying, payload, limits=DecodeLimits(max_shard_raw_bytes=1 << 41))
 
 
 def test_raw_bytes_over_the_limit(ref):
     layout, payload = ref
     lying = replace_shard(layout, 0, raw_bytes=300 * MIB)
     with expect(LimitExceeded, EXHAUSTED, field="shards[0].raw_bytes"):
-        refused_before_payload(lying, payload)
+        refused_at_spec(lying, payload)
+
+
+def test_compressed_bytes_beyond_the_frame_bound_of_raw_bytes(ref):
+    """What a receiver buffers before a spec is bounded by frame_bound(raw): a spec may not claim more."""
+    layout, payload = ref
+    shard = layout.shards[1]
+    # The last three frames (8, 10 and 128 bytes decoded) 1000 bytes larger: each within its own bound.
+    sizes = (*shard.frame_bytes[:3], *(size + 1000 for size in shard.frame_bytes[3:]))
+    lying = replace_shard(layout, 1, frame_bytes=sizes, compressed_bytes=sum(sizes))
+    assert sum(sizes) > frame_bound(shard.raw_bytes)
+    with expect(MalformedShard, INVALID, field="shards[1].compressed_bytes", match="at most"):
+        refused_at_spec(lying, payload)
 
 
 def _with_frame_bytes(layout: PayloadLayout, shard: int, frame_bytes: tuple[int, ...]) -> PayloadLayout:
@@ -492,7 +670,7 @@ def test_frame_bytes_missing_or_extra(ref):
     sizes = layout.shards[1].frame_bytes
     for lying in (sizes[:-1], (*sizes, 10), (*sizes[:2], sizes[2] + sizes[3], *sizes[4:])):
         with expect(MalformedShard, INVALID, field="shards[1].frame_bytes"):
-            refused_before_payload(_with_frame_bytes(layout, 1, lying), payload)
+            refused_at_spec(_with_frame_bytes(layout, 1, lying), payload)
 
 
 @pytest.mark.parametrize(("frame", "size"), [(1, 0), (0, 5000), (2, 70_000)])
@@ -502,7 +680,7 @@ def test_frame_bytes_out_of_bounds(ref, frame, size):
     sizes = list(layout.shards[0].frame_bytes)
     sizes[frame] = size
     with expect(MalformedShard, INVALID, field=f"shards[0].frame_bytes[{frame}]"):
-        refused_before_payload(_with_frame_bytes(layout, 0, tuple(sizes)), payload)
+        refused_at_spec(_with_frame_bytes(layout, 0, tuple(sizes)), payload)
 
 
 def test_frame_bytes_shifted(ref):
@@ -512,7 +690,7 @@ def test_frame_bytes_shifted(ref):
     shifted = replace_shard(layout, 0, frame_bytes=(a + 1, b - 1, c))
     validate_layout(resign(shifted))
     # The sender's digests no longer match the frames as cut: damaged.
-    with expect(DataLoss, DATA_LOSS, field="shards[0].sha256"):
+    with expect(DataLoss, DATA_LOSS, field="shards[0].digest"):
         decode_both(shifted, payload)
     # An attacker re-signing the frames as cut: the frames themselves are malformed.
     frames = split_frames(shifted, payload)
@@ -546,36 +724,38 @@ def test_pieces_not_covering_the_manifest(ref, case):
     layout, payload = ref
     lying = _with_pieces(layout, 1, PIECE_CASES[case](layout.shards[1].pieces))
     with expect(MalformedShard, INVALID) as err:
-        refused_before_payload(lying, payload)
+        refused_at_spec(lying, payload)
     assert err.value.field.startswith(("shards[1]", "manifest["))
 
 
 def test_pieces_not_covering_a_tensor_the_manifest_grew(ref):
+    """The last tensor one element longer: every spec is sound, the last chunk leaves it uncovered."""
     layout, payload = ref
+    manifest = list(layout.manifest)
+    manifest[4] = dataclasses.replace(manifest[4], shape=(65,))
+    lying = dataclasses.replace(layout, manifest=tuple(manifest))
+    with expect(MalformedShard, INVALID, match="cover 64 of 65 elements of 'model.norm.weight'") as err:
+        refused_at_spec(lying, payload)
+    assert err.value.field == "manifest[4]"
+    # A tensor in the middle: the next shard's pieces move on before it is covered.
     manifest = list(layout.manifest)
     manifest[1] = dataclasses.replace(manifest[1], shape=(301,))
     lying = dataclasses.replace(layout, manifest=tuple(manifest))
-    with expect(
-        MalformedShard, INVALID, match="cover 300 of 301 elements of 'model.layers.0.q_proj.bias'"
-    ) as err:
-        refused_before_payload(lying, payload)
-    assert err.value.field == "manifest[1]"
+    with expect(MalformedShard, INVALID, field="shards[1].pieces[2]", match="element 300 of tensor 1"):
+        refused_at_spec(lying, payload)
 
 
 def test_pieces_reordered_within_a_shard(ref):
-    """Pieces and their frames swapped consistently: every size adds up, the safetensors header disagrees."""
+    """Pieces (and their frames) out of the manifest's order: refused at the spec, whatever else adds up."""
     layout, payload = ref
     p = layout.shards[1].pieces
     frames = split_frames(layout, payload)
     frames[1][2], frames[1][3] = frames[1][3], frames[1][2]
     lying, tampered = rebuild(_with_pieces(layout, 1, [p[0], p[2], p[1], *p[3:]]), frames)
-    validate_layout(lying)
-    with expect(MalformedShard, INVALID) as err:
-        decode_both(lying, tampered)
-    assert err.value.field.startswith("header[")
-    # Without the frames swapped too, the frame sizes no longer fit the pieces.
-    with expect(MalformedShard, INVALID, field="shards[1].frame_bytes[2]"):
-        refused_before_payload(resign(_with_pieces(layout, 1, [p[0], p[2], p[1], *p[3:]])), payload)
+    with expect(MalformedShard, INVALID, field="shards[1].pieces[1]", match="in its order"):
+        refused_at_spec(lying, tampered)
+    with expect(MalformedShard, INVALID, field="shards[1].pieces[1]"):
+        refused_at_spec(resign(_with_pieces(layout, 1, [p[0], p[2], p[1], *p[3:]])), payload)
 
 
 @pytest.mark.parametrize("block_bytes", [0, 1000, 64 * 1024 + 4, 32 * MIB])
@@ -591,7 +771,7 @@ def test_codec_block_bytes_differs_from_the_frames(ref):
     layout, payload = ref
     lying = dataclasses.replace(layout, codec=dataclasses.replace(layout.codec, block_bytes=128 * 1024))
     with expect(MalformedShard, INVALID, field="shards[0].frame_bytes"):
-        refused_before_payload(lying, payload)
+        refused_at_spec(lying, payload)
 
 
 def test_codec_byte_shuffle_flag_flipped(ref):
@@ -681,8 +861,8 @@ def test_expected_manifest_accepted_in_any_order(ref):
 # --- limits --------------------------------------------------------------------------------------
 
 
+# max_total_bytes: no total travels, see test_max_total_bytes_refuses_the_chunk_that_passes_it.
 LIMIT_CASES: list[tuple[str, Callable[[PayloadLayout], int], type[GdfedError], str]] = [
-    ("max_total_bytes", lambda lay: lay.total_bytes, LimitExceeded, "total_bytes"),
     ("max_tensors", lambda lay: 5, LimitExceeded, "manifest"),
     ("max_shard_raw_bytes", lambda lay: lay.shards[0].raw_bytes, LimitExceeded, "shards[0].raw_bytes"),
     ("max_dims", lambda lay: 2, LimitExceeded, "manifest[0].shape"),
@@ -694,22 +874,24 @@ LIMIT_CASES: list[tuple[str, Callable[[PayloadLayout], int], type[GdfedError], s
 
 @pytest.mark.parametrize(("limit", "needed_by", "cls", "field"), LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
 def test_limit_exceeded_before_any_payload(ref, limit, needed_by, cls, field):
-    """One under what the delta needs: refused from the header alone. Exactly what it needs: decoded."""
+    """One under what the delta needs: refused from the header alone (a shard's limit: from its spec, before
+    the shard is decoded). Exactly what it needs: decoded."""
     layout, payload = ref
     needed = needed_by(layout)
+    refuse = refused_at_spec if field.startswith("shards") else refused_before_payload
     with expect(cls, cls.code, field=field) as err:
-        refused_before_payload(layout, payload, limits=DecodeLimits(**{limit: needed - 1}))
+        refuse(layout, payload, limits=DecodeLimits(**{limit: needed - 1}))
     assert err.value.limit == needed - 1
     assert str(needed - 1) in err.value.message
     tight = DecodeLimits(**{limit: needed})
     assert_bit_exact(decode_bytes(layout, payload, limits=tight), reference_delta())
-    assert_bit_exact(decode_file(layout, io.BytesIO(payload), limits=tight), reference_delta())
+    assert_bit_exact(decode_file(io.BytesIO(payload), layout, limits=tight), reference_delta())
 
 
 def test_huge_claimed_tensor_is_refused_without_allocating(ref):
-    """A 128 GiB tensor under every default count limit: refused from the header, before any allocation.
+    """A 128 GiB tensor under every default count limit: refused at its shard's spec, before any allocation.
 
-    (decode_chunks allocates the decoded tensors only after validate_layout passes.)
+    (decode_chunks allocates a tensor only once a shard spec covering it passed its checks.)
     """
     layout, payload = ref
     manifest = (TensorSpec("huge", DType.F32, (2**35,)),)
@@ -720,11 +902,11 @@ def test_huge_claimed_tensor_is_refused_without_allocating(ref):
     tracemalloc.start()
     try:
         with expect(MalformedShard, INVALID, field="shards[0].raw_bytes"):
-            refused_before_payload(lying, payload)
+            refused_at_spec(lying, payload, honest=False)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # validate_layout lists the claimed piece's 2M block sizes before comparing to raw_bytes (~32 MiB).
+    # The raw size is compared before the claimed piece's 2M block sizes are listed.
     assert peak < 96 * MIB
 
 
@@ -1033,7 +1215,7 @@ def test_random_tampering_is_refused_with_a_typed_error(case):
     layout, payload, original = case
     decoders: list[Callable[[], dict[str, torch.Tensor]]] = [
         lambda: decode_bytes(layout, payload, chunk_bytes=4096),
-        lambda: decode_file(layout, io.BytesIO(payload)),
+        lambda: decode_file(io.BytesIO(payload), layout),
     ]
     for decode in decoders:
         try:

@@ -44,6 +44,7 @@ from common.delta import (
     Codec,
     DeltaHeader,
     DeltaKind,
+    PayloadLayout,
     Piece,
     TensorSpec,
     UploadMetrics,
@@ -193,7 +194,7 @@ def check_round_trip(
     # Keep 1-byte chunks to payloads where they cost milliseconds.
     chunk_bytes = max(chunk_bytes, len(payload) // 2000)
     assert_bit_exact(decode_bytes(layout, payload, chunk_bytes=chunk_bytes), delta)
-    assert_bit_exact(decode_file(layout, io.BytesIO(payload)), delta)
+    assert_bit_exact(decode_file(io.BytesIO(payload), layout), delta)
     assert_bit_exact(stream_decode(layout, payload, chunk_bytes), delta)
 
 
@@ -277,8 +278,8 @@ def test_decode_file_from_disk(tmp_path):
         layout = encode(delta, Codec(block_bytes=MIN_BLOCK_BYTES), sink, shard_bytes=50_000)
     assert path.stat().st_size == layout.total_bytes
     with path.open("rb") as source:
-        assert_bit_exact(decode_file(layout, source), delta)
-        _, tensors = decode_chunks(iter_chunks(header(layout), source, chunk_bytes=4096))
+        assert_bit_exact(decode_file(source, layout), delta)
+        _, tensors = decode_chunks(iter_chunks(header(layout), layout, source, chunk_bytes=4096))
     assert_bit_exact(tensors, delta)
 
 
@@ -286,7 +287,7 @@ def test_empty_delta_round_trips():
     layout, payload = encode_bytes({}, Codec())
     assert (layout.shards, layout.total_bytes, payload) == ((), 0, b"")
     assert decode_bytes(layout, payload) == {}
-    assert decode_file(layout, io.BytesIO()) == {}
+    assert decode_file(io.BytesIO(), layout) == {}
 
 
 def test_special_float_values_are_bit_exact():
@@ -321,7 +322,7 @@ def check_cast_round_trip(delta: dict[str, torch.Tensor], cast: Cast, shard_byte
     codec = Codec(cast=cast, block_bytes=MIN_BLOCK_BYTES)
     layout, payload = encode_bytes(delta, codec, shard_bytes=bounded(shard_bytes, delta))
     assert layout.manifest == manifest_of(delta)  # the manifest keeps the original dtypes
-    for decoded in (decode_bytes(layout, payload, chunk_bytes=333), decode_file(layout, io.BytesIO(payload))):
+    for decoded in (decode_bytes(layout, payload, chunk_bytes=333), decode_file(io.BytesIO(payload), layout)):
         want = {
             name: t.to(target).to(t.dtype) if t.dtype in (torch.float32, torch.float64) else t
             for name, t in delta.items()
@@ -618,13 +619,13 @@ non_negative = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
-def delta_headers(draw: st.DrawFn) -> tuple[DeltaHeader, bytes]:
+def delta_headers(draw: st.DrawFn) -> tuple[DeltaHeader, PayloadLayout, bytes]:
     delta = draw(deltas(max_size=4))
     codec = draw(st.sampled_from([*EXACT_CODECS, Codec(cast=Cast.BF16), Codec(cast=Cast.F16, zstd_level=3)]))
     delta = fit_for_cast(delta, codec.cast)
     layout, payload = encode_bytes(delta, codec, shard_bytes=bounded(draw(shard_sizes), delta))
     built = DeltaHeader(
-        layout=layout,
+        spec=layout.spec,
         run_id=draw(header_texts),
         round=draw(u64),
         site_id=draw(header_texts),
@@ -639,26 +640,30 @@ def delta_headers(draw: st.DrawFn) -> tuple[DeltaHeader, bytes]:
             train_seconds=draw(non_negative),
         ),
     )
-    return built, payload
+    return built, layout, payload
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=_SLOW_DATA)
 @given(case=delta_headers(), chunk_bytes=st.integers(1, 2000))
 def test_serde_round_trip(case, chunk_bytes):
-    built, payload = case
+    built, layout, payload = case
     msg = serde.header_to_proto(built)
     assert serde.header_from_proto(msg) == built
     wire = pb.DeltaHeader.FromString(msg.SerializeToString())
     assert wire == msg
     assert serde.header_from_proto(wire) == built
-    stream = list(iter_chunks(built, io.BytesIO(payload), chunk_bytes=max(chunk_bytes, len(payload) // 50)))
+    stream = list(
+        iter_chunks(built, layout, io.BytesIO(payload), chunk_bytes=max(chunk_bytes, len(payload) // 50))
+    )
     received = []
     for chunk in stream:
         chunk_msg = pb.DeltaChunk()
         chunk_msg.ParseFromString(serde.chunk_to_proto(chunk).SerializeToString())
         assert chunk_msg.HasField("header") == (chunk.header is not None)
+        assert chunk_msg.HasField("shard") == (chunk.shard is not None)
         received.append(serde.chunk_from_proto(chunk_msg))
     assert received == stream
+    assert [c.shard for c in stream if c.shard is not None] == list(layout.shards)
     # What came through protobuf still decodes, bit-exactly.
     _, tensors = decode_chunks(received)
     _, direct = decode_chunks(stream)

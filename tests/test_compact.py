@@ -34,7 +34,14 @@ from common.dtypes import DType
 from common.errors import InvalidArgument, ManifestMismatch
 from common.lossy import ErrorFeedback, Sparse, compress_delta, topk_count
 from common.pb.gradualdiff.v1 import delta_pb2 as pb
-from common.serde import codec_from_proto, codec_to_proto, header_from_proto, header_to_proto
+from common.serde import (
+    codec_from_proto,
+    codec_to_proto,
+    header_from_proto,
+    header_to_proto,
+    layout_from_bytes,
+    layout_to_bytes,
+)
 
 TOPK = Codec(cast=Cast.BF16, lossy=Lossy.TOPK, topk_fraction=0.01)
 INT8 = Codec(lossy=Lossy.INT8)
@@ -285,6 +292,7 @@ def test_non_finite_compact_values_are_refused() -> None:
 def test_a_header_round_trips_with_the_lossy_codec() -> None:
     tensors, _ = compacted({"w": torch.randn(20, 30)}, TOPK)
     layout = encode(tensors, TOPK, io.BytesIO())
-    header = DeltaHeader(layout=layout, run_id="r", round=1, site_id="s", upload_id="u", sample_count=1)
+    header = DeltaHeader(spec=layout.spec, run_id="r", round=1, site_id="s", upload_id="u", sample_count=1)
     back = header_from_proto(pb.DeltaHeader.FromString(header_to_proto(header).SerializeToString()))
     assert back == header
+    assert layout_from_bytes(layout_to_bytes(layout)) == layout

@@ -16,7 +16,7 @@ import pytest
 
 from common import protocompat
 from common.codec.compact import compact_tensor
-from common.delta import KIB, Cast, Codec, Lossy
+from common.delta import KIB, Cast, Codec, Digest, Lossy, PayloadSpec
 from common.pb.gradualdiff.v1 import federation_pb2
 from common.protogen import PROTO_DIR
 from common.spec import TrainingSpec
@@ -233,10 +233,28 @@ def test_an_upload_in_another_codec_is_refused(
 
 
 def test_packing_is_the_senders_choice(harness: MakeHarness) -> None:
-    """Block size, byte shuffle and zstd level only pack the same values: any valid choice is taken."""
+    """Block size, byte shuffle, zstd level and digest only pack the same values: any valid choice is taken."""
     round_codec = Codec(cast=Cast.BF16)
     h = harness({"a": 10}, training=TrainingSpec(upload_codec=round_codec))
     h.join_all()
-    sent = dataclasses.replace(round_codec, block_bytes=64 * KIB, zstd_level=3, byte_shuffle=False)
-    assert sent != round_codec
+    sent = dataclasses.replace(
+        round_codec, block_bytes=64 * KIB, zstd_level=3, byte_shuffle=False, digest=Digest.SHA256
+    )
+    assert sent != round_codec and round_codec.digest is Digest.BLAKE3
     assert _push(h, sent).accepted
+
+
+def test_an_upload_that_names_no_digest_is_refused_naming_the_field(harness: MakeHarness) -> None:
+    """Wire revision 2: a sender names its hash tree's algorithm; one of the first v1 wire leaves it unset."""
+    h = harness({"a": 10})
+    h.join_all()
+    a = h["a"]
+    head, payload = a.header(random_delta(1, h.init), round=1, base=0)
+    unnamed = dataclasses.replace(head.spec.codec, digest=Digest.UNSPECIFIED)
+    error = refusal(
+        lambda: a.push(dataclasses.replace(head, spec=PayloadSpec(unnamed, head.spec.manifest)), payload)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "codec.digest" in (error.details() or "")
+    # Refused from the header: nothing of the upload was counted or spent, so it goes through named.
+    assert a.push(head, payload).accepted

@@ -40,6 +40,7 @@ from tests.codec_helpers import flip, frame_offsets
 from tests.scripted import (
     ROOT,
     MakeHarness,
+    Payload,
     ScriptedSite,
     State,
     harnesses,
@@ -68,7 +69,7 @@ def _reason(exc: grpc.RpcError, code: grpc.StatusCode, reason: str) -> dict[str,
 
 def _upload(
     site: ScriptedSite, seed: int, init: State, codec: Codec | None = None
-) -> tuple[DeltaHeader, bytes, list[delta_pb2.DeltaChunk]]:
+) -> tuple[DeltaHeader, Payload, list[delta_pb2.DeltaChunk]]:
     """A small upload for round 1 in 8 KiB shards, and its stream in 1 KiB chunks."""
     head, payload = site.header(random_delta(seed, init), round=1, base=0, shard_bytes=8 * 1024, codec=codec)
     return head, payload, list(site.chunks(head, payload, chunk_bytes=CHUNK))
@@ -116,7 +117,9 @@ def test_damaged_content_under_good_chunk_checksums_is_rejected_without_an_offse
     h.join_all()
     a = h["a"]
     head, payload, _ = _upload(a, 8, h.init)
-    flipped = flip(payload, frame_offsets(head.layout)[-1][1] + 20, 0x10)  # the chunks' CRCs match it
+    flipped = Payload(
+        flip(payload, frame_offsets(payload.layout)[-1][1] + 20, 0x10), payload.layout
+    )  # CRCs match
     exc = refusal(lambda: a.push(head, flipped, chunk_bytes=CHUNK))
     meta = _reason(exc, grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH")
     assert "offset" not in meta, meta  # the upload is rejected: nothing to resume

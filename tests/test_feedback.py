@@ -1,8 +1,8 @@
 """Error feedback on the worker (client.feedback): across rounds, restarts, refusals; and a real run.
 
 The unit tests drive UploadFeedback with the worker's own LocalState and
-codec, the way ``Worker._round`` does (prepare, encode, save_pending, then
-acknowledged or not_taken), and rebuild both from disk wherever a worker
+codec, the way ``Worker._round`` does (prepare, encode through client.outgoing,
+which records the upload as pending, then acknowledged or not_taken), and rebuild both from disk wherever a worker
 could be killed. The last test runs two real workers on the demo model with
 top-1% uploads.
 """
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from client.feedback import UploadFeedback
-from client.local_state import LocalState
-from common.codec import encode
+from client.local_state import LocalState, Pending
+from client.outgoing import start_encoding
 from common.codec.compact import decode_dense
 from common.codec.encoder import manifest_of
-from common.delta import Cast, Codec, DeltaHeader, Lossy, TensorSpec
+from common.delta import Cast, Codec, DeltaHeader, Lossy, PayloadSpec, TensorSpec
 from common.dtypes import DType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,23 +44,21 @@ class Site:
 
     def encode(
         self, upload_id: str, delta: dict[str, torch.Tensor], codec: Codec, round_number: int = 1
-    ) -> DeltaHeader:
-        """prepare, encode, save_pending: what the worker does between training and pushing."""
+    ) -> Pending:
+        """prepare, then encode (recorded as pending once whole): what the worker does after training."""
         tensors = self.feedback.prepare(RUN, upload_id, delta, codec)
-        payload = self.local.payload_path(upload_id)
-        with payload.open("wb") as sink:
-            layout = encode(tensors, codec, sink)
+        spec = PayloadSpec(codec, manifest_of(tensors))
         header = DeltaHeader(
-            layout=layout, run_id=RUN, round=round_number, site_id="s", upload_id=upload_id, sample_count=1
+            spec=spec, run_id=RUN, round=round_number, site_id="s", upload_id=upload_id, sample_count=1
         )
-        self.local.save_pending(header)
-        return header
+        layout = start_encoding(header, tensors, self.local).result()
+        return Pending(header, layout, self.local.payload_path(upload_id))
 
-    def received(self, header: DeltaHeader, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def received(self, upload: Pending, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What the aggregator densifies from the payload on disk."""
         manifest = [TensorSpec(n, DType.F32, tuple(t.shape)) for n, t in delta.items()]
-        with self.local.payload_path(header.upload_id).open("rb") as f:
-            return decode_dense(header.layout, f, manifest)
+        with upload.payload.open("rb") as f:
+            return decode_dense(upload.layout, f, manifest)
 
 
 def test_topk_feedback_by_hand_across_rounds_and_restarts(tmp_path: Path) -> None:
@@ -71,14 +69,14 @@ def test_topk_feedback_by_hand_across_rounds_and_restarts(tmp_path: Path) -> Non
     site = Site(tmp_path)
     for r in range(3):
         delta = {"w": torch.tensor(deltas[r])}
-        header = site.encode(f"u{r}", delta, HALF, r + 1)
-        assert site.received(header, delta)["w"].tolist() == sent[r], f"round {r + 1}"
+        upload = site.encode(f"u{r}", delta, HALF, r + 1)
+        assert site.received(upload, delta)["w"].tolist() == sent[r], f"round {r + 1}"
         site.restart()  # killed after encoding: the residual is not yet applied...
         assert site.local.pending(RUN, r + 1) is not None
         before = site.feedback.residual(RUN)
         assert (before["w"].tolist() if before else [0.0] * 4) == (residual[r - 1] if r else [0.0] * 4)
-        site.feedback.acknowledged(RUN, header.upload_id)  # ...the resumed push is acknowledged
-        site.feedback.acknowledged(RUN, header.upload_id)  # a second ack changes nothing
+        site.feedback.acknowledged(RUN, upload.header.upload_id)  # ...the resumed push is acknowledged
+        site.feedback.acknowledged(RUN, upload.header.upload_id)  # a second ack changes nothing
         site.local.clear_pending()
         site.restart()
         assert site.feedback.residual(RUN)["w"].tolist() == residual[r], f"round {r + 1}"
@@ -96,14 +94,14 @@ def test_round_over_restores_e_plus_delta_exactly(tmp_path: Path) -> None:
         site.local.clear_pending()
         d1 = {"w": torch.randn(64, 48, generator=gen), "b": torch.randn(48, generator=gen) * 1e-3}
         h1 = site.encode("first", d1, codec)
-        site.feedback.acknowledged(RUN, h1.upload_id)
+        site.feedback.acknowledged(RUN, h1.header.upload_id)
         site.local.clear_pending()
         e1 = site.feedback.residual(RUN)
         d2 = {"w": torch.randn(64, 48, generator=gen), "b": torch.randn(48, generator=gen) * 1e-3}
         h2 = site.encode("second", d2, codec)
         site.restart()
-        site.feedback.not_taken(RUN, h2, site.local.payload_path(h2.upload_id))
-        site.feedback.not_taken(RUN, h2, site.local.payload_path(h2.upload_id))  # retried after a crash
+        site.feedback.not_taken(RUN, h2)
+        site.feedback.not_taken(RUN, h2)  # retried after a crash
         e2 = site.feedback.residual(RUN)
         for name in d2:
             want = e1[name] + d2[name]
@@ -149,8 +147,8 @@ def test_two_stale_uploads_are_each_settled_once(tmp_path: Path) -> None:
 def test_exact_codecs_leave_the_residual_alone(tmp_path: Path) -> None:
     site = Site(tmp_path)
     d = {"w": torch.tensor([1.0, -2.0, 0.5, 0.25])}
-    header = site.encode("lossy", d, HALF)
-    site.feedback.acknowledged(RUN, header.upload_id)
+    upload = site.encode("lossy", d, HALF)
+    site.feedback.acknowledged(RUN, upload.header.upload_id)
     site.local.clear_pending()
     before = site.feedback.residual(RUN)
     tensors = site.feedback.prepare(RUN, "exact", d, Codec())
@@ -161,11 +159,11 @@ def test_exact_codecs_leave_the_residual_alone(tmp_path: Path) -> None:
 
 def test_a_tensor_that_changed_shape_starts_from_zero(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    header = site.encode("a", {"w": torch.tensor([1.0, -2.0, 0.5, 0.25])}, HALF)
-    site.feedback.acknowledged(RUN, header.upload_id)
+    upload = site.encode("a", {"w": torch.tensor([1.0, -2.0, 0.5, 0.25])}, HALF)
+    site.feedback.acknowledged(RUN, upload.header.upload_id)
     site.local.clear_pending()
-    header = site.encode("b", {"w": torch.tensor([3.0, 1.0])}, HALF)
-    site.feedback.acknowledged(RUN, header.upload_id)
+    upload = site.encode("b", {"w": torch.tensor([3.0, 1.0])}, HALF)
+    site.feedback.acknowledged(RUN, upload.header.upload_id)
     assert site.feedback.residual(RUN)["w"].tolist() == [0.0, 1.0]
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.codec import encode
-from common.delta import Codec, DeltaHeader, DeltaKind, TensorSpec
+from common.delta import Codec, DeltaKind, TensorSpec
 from common.dtypes import DType
 from common.lora import slice_state
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
@@ -173,10 +173,8 @@ def test_flexlora_close_matches_a_direct_numpy_computation(tmp_path: Path) -> No
         writer.write(sink.getvalue())
         writer.sync()
         writer.close()
-        header = DeltaHeader(layout=layout, run_id="r", round=1, site_id=site, upload_id=site, sample_count=int(n),
-                             base_round=0, kind=DeltaKind.DIFF)  # fmt: skip
         manifest = tuple(TensorSpec(k, F32, tuple(v.shape)) for k, v in delta.items())
-        uploads.append(FlexUpload(upload_id=site, header=header, rank=rank, weight=n, manifest=manifest))
+        uploads.append(FlexUpload(upload_id=site, layout=layout, rank=rank, weight=n, manifest=manifest))
     new = next_state(reader, uploads, spool, alpha=alpha, budget_bytes=1)  # one module per group
     total = sum(n for _, _, n in sites)
     for module, d_out in (("m.q", 5), ("m.v", 3)):

@@ -93,8 +93,8 @@ def test_metrics_follow_a_round(tmp_path: Path) -> None:
                 admin.wait_round(1)
                 fetched = site.fetch(have=0)
             after = _scrape(port)
-            assert after["gdfed_received_bytes_total"] == header.layout.total_bytes
-            assert after["gdfed_sent_bytes_total"] == sum(h.layout.total_bytes for h, _ in fetched) > 0
+            assert after["gdfed_received_bytes_total"] == payload.layout.total_bytes
+            assert after["gdfed_sent_bytes_total"] == sum(site.fetched_bytes) > 0 and len(fetched) == 1
             assert after["gdfed_upload_seconds_count"] == 1
             assert after["gdfed_aggregate_seconds_count"] == 1
             assert after["gdfed_round"] == 2

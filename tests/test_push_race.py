@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from client.transfer import push
+from client.delta_stub import DeltaStub
+from client.transfer import StoredPayload, push
 from common.pb.gradualdiff.v1 import federation_pb2
 from tests.scripted import MakeHarness, harnesses, random_delta
 
@@ -62,10 +63,10 @@ def test_a_push_behind_another_stream_asks_the_offset_again(harness: MakeHarness
         itertools.islice(a.chunks(head, payload, start=quarter, chunk_bytes=CHUNK), len(chunks) // 4)
     )
     further = quarter + sum(len(c.data) for c in racing)
-    stub = RacingStub(a.stub, lambda: _swallow(lambda: a.push_messages(iter(racing))))
+    stub = RacingStub(DeltaStub(a.channel), lambda: _swallow(lambda: a.push_messages(iter(racing))))
     path = tmp_path / "payload.bin"
     path.write_bytes(payload)
-    receipt = push(stub, a.metadata, head, path, resume=True)  # type: ignore[arg-type]
+    receipt = push(stub, a.metadata, head, StoredPayload(path, payload.layout), resume=True)  # type: ignore[arg-type]
     assert receipt.accepted and not receipt.duplicate
     # It asked, was overtaken, asked again and went on from where the other stream had got to.
     assert stub.offsets == [quarter, further]

@@ -14,13 +14,13 @@ import grpc
 import pytest
 import torch
 
-from client.transfer import PUSH, RoundOver, push
+from client.delta_stub import DeltaStub
+from client.transfer import PUSH, RoundOver, StoredPayload, push
 from common.codec import encode
-from common.delta import Codec, DeltaHeader, DeltaKind
+from common.delta import Chunk, Codec, DeltaHeader, DeltaKind
 from common.errors import is_round_over
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.pb.gradualdiff.v1 import federation_pb2
 from common.retry import Retrier, RetryPolicy
-from common.serde import chunk_from_proto
 
 Code = grpc.StatusCode
 
@@ -270,8 +270,8 @@ class FakeStub:
         self.starts: list[int] = []
         self.offset_asks = 0
 
-    def PushDelta(self, messages: Iterator[delta_pb2.DeltaChunk], **kw: object) -> federation_pb2.PushReceipt:
-        chunks = [chunk_from_proto(m) for m in messages]
+    def PushDelta(self, messages: Iterator[Chunk], **kw: object) -> federation_pb2.PushReceipt:
+        chunks = list(messages)
         self.starts.append(chunks[0].offset)
         if self.push_failures:
             raise self.push_failures.pop(0)
@@ -284,30 +284,36 @@ class FakeStub:
 
 
 @pytest.fixture
-def upload(tmp_path: Path) -> tuple[DeltaHeader, Path]:
+def upload(tmp_path: Path) -> tuple[DeltaHeader, StoredPayload]:
     sink = io.BytesIO()
     layout = encode({"w": torch.randn(40_000, generator=torch.Generator().manual_seed(0))}, Codec(), sink)
     header = DeltaHeader(
-        layout=layout, run_id="run", round=1, base_round=0, site_id="a", upload_id="u", kind=DeltaKind.DIFF
+        spec=layout.spec, run_id="run", round=1, base_round=0, site_id="a", upload_id="u", kind=DeltaKind.DIFF
     )
     payload = tmp_path / "u.payload"
     payload.write_bytes(sink.getvalue())
-    return header, payload
+    return header, StoredPayload(payload, layout)
 
 
-def _push(stub: FakeStub, upload: tuple[DeltaHeader, Path], time: FakeTime) -> federation_pb2.PushReceipt:
+def _push(
+    stub: FakeStub, upload: tuple[DeltaHeader, StoredPayload], time: FakeTime
+) -> federation_pb2.PushReceipt:
     retry = Retrier(PUSH, sleep=time.sleep, clock=time.clock, rng=random.Random(0))
-    return push(cast(federation_pb2_grpc.FederationStub, stub), (), *upload, retrier=retry)
+    return push(cast(DeltaStub, stub), (), *upload, retrier=retry)
 
 
-def test_a_broken_push_resumes_from_the_offset_the_aggregator_holds(upload: tuple[DeltaHeader, Path]) -> None:
+def test_a_broken_push_resumes_from_the_offset_the_aggregator_holds(
+    upload: tuple[DeltaHeader, StoredPayload],
+) -> None:
     time = FakeTime()
     stub = FakeStub([Failure(Code.UNAVAILABLE), Failure(Code.INTERNAL)], committed=4096)
     assert _push(stub, upload, time).accepted
     assert stub.starts == [0, 4096, 4096] and stub.offset_asks == 2 and len(time.slept) == 2
 
 
-def test_a_push_the_aggregator_already_holds_whole_is_a_duplicate(upload: tuple[DeltaHeader, Path]) -> None:
+def test_a_push_the_aggregator_already_holds_whole_is_a_duplicate(
+    upload: tuple[DeltaHeader, StoredPayload],
+) -> None:
     stub = FakeStub([Failure(Code.UNAVAILABLE)], complete=True)
     receipt = _push(stub, upload, FakeTime())
     assert receipt.accepted and receipt.duplicate and stub.starts == [0]
@@ -322,7 +328,7 @@ def test_a_push_the_aggregator_already_holds_whole_is_a_duplicate(upload: tuple[
     ],
 )
 def test_a_push_into_a_round_that_is_over_gives_the_round_up_at_once(
-    upload: tuple[DeltaHeader, Path], failure: Failure
+    upload: tuple[DeltaHeader, StoredPayload], failure: Failure
 ) -> None:
     time = FakeTime()
     stub = FakeStub([failure])
@@ -332,7 +338,7 @@ def test_a_push_into_a_round_that_is_over_gives_the_round_up_at_once(
 
 
 def test_a_push_gives_up_once_the_aggregator_is_away_for_longer_than_the_bound(
-    upload: tuple[DeltaHeader, Path],
+    upload: tuple[DeltaHeader, StoredPayload],
 ) -> None:
     time = FakeTime()
     stub = FakeStub([Failure(Code.UNAVAILABLE)] * 1000)
@@ -342,14 +348,14 @@ def test_a_push_gives_up_once_the_aggregator_is_away_for_longer_than_the_bound(
     assert len(stub.starts) > 10 and max(time.slept) <= PUSH.max_delay
 
 
-def test_a_push_that_moves_on_between_failures_is_not_given_up(upload: tuple[DeltaHeader, Path]) -> None:
+def test_a_push_that_moves_on_between_failures_is_not_given_up(
+    upload: tuple[DeltaHeader, StoredPayload],
+) -> None:
     # Each resume finds more committed: the time bound starts again at each failure after it.
     time = FakeTime()
 
     class Slow(FakeStub):
-        def PushDelta(
-            self, messages: Iterator[delta_pb2.DeltaChunk], **kw: object
-        ) -> federation_pb2.PushReceipt:
+        def PushDelta(self, messages: Iterator[Chunk], **kw: object) -> federation_pb2.PushReceipt:
             time.now += PUSH.max_elapsed  # each try streams for as long as the whole bound
             return super().PushDelta(messages, **kw)
 
@@ -363,9 +369,9 @@ def test_a_push_that_moves_on_between_failures_is_not_given_up(upload: tuple[Del
 
 
 def test_a_push_started_by_an_earlier_process_asks_where_it_stands_first(
-    upload: tuple[DeltaHeader, Path],
+    upload: tuple[DeltaHeader, StoredPayload],
 ) -> None:
     stub = FakeStub([], committed=8192)
     retry = Retrier(PUSH, sleep=FakeTime().sleep, rng=random.Random(0))
-    receipt = push(cast(federation_pb2_grpc.FederationStub, stub), (), *upload, retrier=retry, resume=True)
+    receipt = push(cast(DeltaStub, stub), (), *upload, retrier=retry, resume=True)
     assert receipt.accepted and stub.offset_asks == 1 and stub.starts == [8192]

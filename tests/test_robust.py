@@ -19,7 +19,7 @@ import torch
 
 from common.codec import encode
 from common.codec.compact import compact_tensor
-from common.delta import MIB, Codec, DeltaHeader, DeltaKind, Lossy, TensorSpec, UploadMetrics
+from common.delta import MIB, Codec, Lossy, TensorSpec
 from common.dtypes import DType
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from common.spec import LoraSpec, Method, TrainingSpec, TrainMode
@@ -274,18 +274,7 @@ def test_the_aggregation_section_of_the_config_file(tmp_path: Path) -> None:
 def spooled(spool: Spool, upload_id: str, delta: State, scale: float = 1.0) -> RankedUpload:
     with spool.path(upload_id).open("wb") as f:
         layout = encode(delta, Codec(), f, shard_bytes=SHARD)
-    header = DeltaHeader(
-        layout=layout,
-        run_id="r",
-        round=1,
-        site_id=upload_id,
-        upload_id=upload_id,
-        sample_count=1,
-        base_round=0,
-        kind=DeltaKind.DIFF,
-        metrics=UploadMetrics(),
-    )
-    return RankedUpload(upload_id, header, scale)
+    return RankedUpload(upload_id, layout, scale)
 
 
 def test_each_tensor_is_ranked_over_the_uploads_that_carry_it_and_the_trim_is_capped(tmp_path: Path) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.delta import Cast, Codec, Lossy
+from common.delta import Cast, Codec, Digest, Lossy
 from common.errors import InvalidArgument
+from common.pb.gradualdiff.v1 import delta_pb2 as pb
 from common.pb.gradualdiff.v1 import federation_pb2
-from common.serde import training_spec_from_proto, training_spec_to_proto
+from common.serde import codec_to_proto, training_spec_from_proto, training_spec_to_proto
 from common.spec import (
     BaseDtype,
     LocalOptimizer,
@@ -35,6 +36,7 @@ NOTHING_DEFAULT = TrainingSpec(
         zstd_level=3,
         lossy=Lossy.TOPK,
         topk_fraction=0.01,
+        digest=Digest.SHA256,
     ),
     seed=7,
     prox_mu=0.25,
@@ -64,6 +66,10 @@ def test_what_is_unset_reads_as_the_default() -> None:
     # A LoraSpec sent empty: its dropout of 0 is taken as sent (no dropout is a setting of its own).
     lora = training_spec_from_proto(federation_pb2.TrainingSpec(lora=federation_pb2.LoraSpec())).lora
     assert lora == LoraSpec(dropout=0.0)
+    # An upload codec recorded before Codec.digest existed names none: the default digest (BLAKE3).
+    codec = federation_pb2.TrainingSpec(upload_codec=codec_to_proto(Codec(cast=Cast.BF16)))
+    codec.upload_codec.digest = pb.DIGEST_UNSPECIFIED
+    assert training_spec_from_proto(codec).upload_codec == Codec(cast=Cast.BF16, digest=Digest.BLAKE3)
 
 
 @pytest.mark.parametrize(

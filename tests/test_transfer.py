@@ -19,11 +19,12 @@ import grpc
 import pytest
 import torch
 
+from client.delta_stub import DeltaStub
 from client.transfer import Sync
 from common.codec import encode, iter_chunks
-from common.delta import Codec, DeltaHeader, DeltaKind
+from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout
 from common.errors import DataLoss
-from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
+from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2
 from common.serde import chunk_to_proto
 
 SHAPES = {"a.weight": (300, 257), "b.bias": (33,)}
@@ -38,21 +39,21 @@ def _delta(seed: int) -> dict[str, torch.Tensor]:
 @dataclass
 class Stored:
     header: DeltaHeader
+    layout: PayloadLayout
     payload: bytes
 
     def messages(self) -> list[delta_pb2.DeltaChunk]:
-        return [
-            chunk_to_proto(c) for c in iter_chunks(self.header, io.BytesIO(self.payload), chunk_bytes=CHUNK)
-        ]
+        source = io.BytesIO(self.payload)
+        return [chunk_to_proto(c) for c in iter_chunks(self.header, self.layout, source, chunk_bytes=CHUNK)]
 
 
 def _store(tensors: dict[str, torch.Tensor], round_number: int, kind: DeltaKind) -> Stored:
     sink = io.BytesIO()
     layout = encode(tensors, Codec(), sink)
     header = DeltaHeader(
-        layout=layout, run_id="run", round=round_number, base_round=round_number - 1, kind=kind
+        spec=layout.spec, run_id="run", round=round_number, base_round=round_number - 1, kind=kind
     )
-    return Stored(header, sink.getvalue())
+    return Stored(header, layout, sink.getvalue())
 
 
 @dataclass
@@ -87,7 +88,7 @@ class ScriptedAggregator:
                 yield message
 
 
-def _serve(servicer: ScriptedAggregator) -> tuple[grpc.Server, federation_pb2_grpc.FederationStub]:
+def _serve(servicer: ScriptedAggregator) -> tuple[grpc.Server, DeltaStub]:
     handler = grpc.method_handlers_generic_handler(
         "gradualdiff.v1.Federation",
         {
@@ -102,14 +103,15 @@ def _serve(servicer: ScriptedAggregator) -> tuple[grpc.Server, federation_pb2_gr
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    return server, federation_pb2_grpc.FederationStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    # The worker's framing (common.serde) against a server that serializes with protobuf.
+    return server, DeltaStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
 
 @pytest.fixture
 def serve():
     servers = []
 
-    def start(script: Script) -> federation_pb2_grpc.FederationStub:
+    def start(script: Script) -> DeltaStub:
         server, stub = _serve(ScriptedAggregator(script))
         servers.append(server)
         return stub
@@ -145,7 +147,7 @@ def test_a_chain_is_applied_in_order(serve) -> None:
     state = _base()
     synced = Sync(stub, (), "site-a", 0, state)()
     assert (synced.round, synced.deltas, synced.snapshot) == (3, 3, False)
-    assert synced.bytes == sum(s.header.layout.total_bytes for s in stored)
+    assert synced.bytes == sum(s.layout.total_bytes for s in stored)
     for name, value in _expected(_base(), deltas).items():
         assert torch.equal(state[name], value)
 
@@ -178,7 +180,7 @@ def test_a_damaged_delta_leaves_the_state_as_it_was(serve) -> None:
     deltas, stored = _chain(2)
     bad = bytearray(stored[1].payload)
     bad[len(bad) // 2] ^= 0xFF
-    # The damage is re-checksummed per chunk (a liar upstream, not the network): only sha256 catches it.
+    # The damage is re-checksummed per chunk (a liar upstream, not the network): only the shard's digest catches it.
     stored[1] = replace(stored[1], payload=bytes(bad))
     stub = serve(Script(stored))
     state = _base()

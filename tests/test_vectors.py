@@ -1,6 +1,6 @@
 """The conformance vectors hold for this implementation: each valid one decodes to its stored tensors and is
-re-encoded byte for byte, each malformed one is refused with its stated status, reason and stage, and the
-files are what the generator writes (protos/gradualdiff/v1/vectors/, docs/protocol.md)."""
+re-encoded and re-streamed byte for byte, each malformed one is refused with its stated status, reason and
+stage, and the files are what the generator writes (protos/gradualdiff/v1/vectors/, docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from common.conformance import VECTORS_DIR, Refusal, Vector, load
-from common.conformance.check import check_refused, check_reproduced, check_valid
+from common.conformance.check import check_refused, check_reproduced, check_valid, receive
 from common.conformance.malformed import malformed_vectors
 from common.conformance.valid import valid_vectors
-from common.conformance.vectors import STAGES, read_index, zstd_versions
-from common.delta import Cast, Lossy
-from common.errors import CATALOG, GdfedError
+from common.conformance.vectors import STAGES, chunk_summary, header_text, read_index, zstd_versions
+from common.delta import Cast, Digest, Lossy
+from common.errors import CATALOG
+from common.serde import chunk_from_wire
 from tests.scripted import ROOT
 
 VECTORS = load()
@@ -66,15 +67,24 @@ def test_the_checks_notice_a_wrong_statement() -> None:
     problems, why = check_reproduced(other, {"libzstd": "0.0.0"})
     assert problems == [] and "zstd" in why
     assert check_reproduced(dataclasses.replace(other, shard_bytes=1024), {"libzstd": "0.0.0"})[0] != []
+    # The streams are compared message by message: another cut of the same payload is noticed.
+    if zstd_versions() == MADE_WITH:
+        assert check_reproduced(dataclasses.replace(exact, chunk_bytes=4000), MADE_WITH)[0] != []
+    # A resumed vector whose second stream is dropped ends short.
+    resumed = next(v for v in VALID if len(v.streams) > 1)
+    assert check_valid(dataclasses.replace(resumed, streams=resumed.streams[:1])) != []
 
 
-def test_vectors_cover_every_codec_and_boundary() -> None:
-    codecs = [v.header().layout.codec for v in VALID]
+def test_vectors_cover_every_codec_digest_and_boundary() -> None:
+    received = [receive(v) for v in VALID]
+    codecs = [r.layout.codec for r in received]
     assert {c.cast for c in codecs} == set(Cast)
     assert {c.lossy for c in codecs} == set(Lossy)
     assert {c.byte_shuffle for c in codecs} == {True, False}
-    layouts = [v.header().layout for v in VALID]
+    assert {c.digest for c in codecs} == {Digest.SHA256, Digest.BLAKE3}
+    layouts = [r.layout for r in received]
     assert any(len(layout.shards) > 1 for layout in layouts)
+    assert any(not layout.shards for layout in layouts)  # a delta of no tensors: one empty chunk
     # A piece over several blocks (frames), and a tensor cut across shards.
     assert any(
         len(s.frame_bytes) > len([p for p in s.pieces if p.count]) + 1 for lay in layouts for s in lay.shards
@@ -82,6 +92,26 @@ def test_vectors_cover_every_codec_and_boundary() -> None:
     assert any(p.start > 0 for lay in layouts for s in lay.shards for p in s.pieces)
     shapes = [t.shape for lay in layouts for t in lay.manifest]
     assert () in shapes and any(0 in shape for shape in shapes)
+    # A shard over several chunks, and an upload resumed inside a shard (not at a chunk ending one).
+    summaries = [[chunk_summary(m) for m in v.messages] for v in VALID]
+    assert any(sum(not c["shard"] for c in chunks) > 1 for chunks in summaries)
+    resumed = [r for r, v in zip(received, VALID, strict=True) if len(v.streams) > 1]
+    assert resumed and all(
+        at not in set(r.layout.shard_offsets()) | {r.layout.total_bytes}
+        for r in resumed
+        for at in r.resume_at
+    )
+
+
+def test_every_chunk_of_a_valid_stream_follows_the_rule() -> None:
+    """Each chunk lies within one shard; the one ending a shard, and only it, carries that shard's spec."""
+    for v, r in ((v, receive(v)) for v in VALID):
+        ends = dict(zip(r.layout.shard_offsets()[1:], r.layout.shards, strict=True))
+        for raw in v.messages:
+            chunk = chunk_from_wire(raw)
+            end = chunk.offset + len(chunk.data)
+            assert chunk.shard == ends.get(end), (v.name, chunk.offset)
+            assert all(not chunk.offset < e < end for e in ends), (v.name, chunk.offset)
 
 
 def test_malformed_vectors_state_real_statuses_and_every_defect_the_spec_names() -> None:
@@ -97,6 +127,16 @@ def test_malformed_vectors_state_real_statuses_and_every_defect_the_spec_names()
         "bad-frame0-shuffled",
         "bad-frame-no-content-size",
         "bad-manifest-mismatch",
+        # Wire revision 2: shard specs travel with the data.
+        "bad-spec-early",
+        "bad-chunk-crosses-shards",
+        "bad-last-uncovered",
+        "bad-last-no-spec",
+        "bad-digest-unspecified",
+        "bad-digest-unknown",
+        "bad-pieces-discontinue",
+        "bad-shard-over-bound",
+        "bad-resume-spec-not-resent",
     ):
         assert wanted in names
     for v in MALFORMED:
@@ -112,12 +152,25 @@ def test_the_directory_holds_the_index_and_its_files_only_and_stays_small() -> N
     index = read_index()
     named = {"index.json"}
     for entry in index["valid"] + index["malformed"]:
-        named |= {entry[k] for k in ("header", "payload", "tensors", "dense") if k in entry}
+        named |= {entry[k] for k in ("header", "chunks", "tensors", "dense") if k in entry}
     present = {p.name for p in VECTORS_DIR.iterdir()}
     assert present == named
     for path in VECTORS_DIR.iterdir():  # text only: the repository tracks no binary files
         path.read_bytes().decode("utf-8")
     assert sum(p.stat().st_size for p in VECTORS_DIR.iterdir()) < 640 * 1024
+
+
+def test_the_readable_parts_say_what_the_messages_say() -> None:
+    """header.json and the index's stream summary are derived from the messages, and agree with them."""
+    index = read_index()
+    for entry, v in zip(index["valid"] + index["malformed"], VECTORS, strict=True):
+        assert entry["name"] == v.name
+        assert entry["stream"] == [chunk_summary(m) for m in v.messages], v.name
+        header = v.header_message()
+        if header is None:
+            assert "header" not in entry, v.name
+        else:
+            assert (VECTORS_DIR / entry["header"]).read_text(encoding="utf-8") == header_text(header), v.name
     assert not list(VECTORS_DIR.rglob("*.proto"))  # protoc and the contract checks glob the parent
 
 
@@ -140,27 +193,19 @@ def test_the_stored_vectors_are_what_the_generator_writes() -> None:
     same_zstd = zstd_versions() == MADE_WITH
     for stored in VECTORS:
         new = fresh[stored.name]
-        assert (new.refusal, new.round_manifest, new.chunks) == (
+        assert (new.refusal, new.round_manifest, new.exercises) == (
             stored.refusal,
             stored.round_manifest,
-            stored.chunks,
+            stored.exercises,
         )
         assert new.chunk_bytes == stored.chunk_bytes and new.shard_bytes == stored.shard_bytes
+        assert [len(s) for s in new.streams] == [len(s) for s in stored.streams], stored.name
         if same_zstd:
-            # Parsed, not as text: a field added to the header's messages later changes the JSON only.
-            assert _parsed(new) == _parsed(stored), stored.name
-            assert new.payload == stored.payload, stored.name
+            assert new.streams == stored.streams, stored.name
         for name, tensor in stored.tensors.items():
             assert torch.equal(
                 new.tensors[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
             )
-
-
-def _parsed(vector: Vector) -> object:
-    try:
-        return vector.header()
-    except GdfedError as exc:  # a vector whose header itself is refused (an unknown enum value)
-        return exc.reason
 
 
 @pytest.mark.slow

@@ -216,13 +216,13 @@ def wide_model(demo: Path, out: Path) -> Path:
 # every 2 s (a slow link), so the daemon can be killed with the upload partly committed.
 SLOW_LINK = """
 import time, client.transfer as t
-real = t.iter_chunks
-def slow(header, source, *, start=0, **kwargs):
-    for i, chunk in enumerate(real(header, source, start=start, **kwargs)):
+real = t.payload_chunks
+def slow(payload, header, start):
+    for i, chunk in enumerate(real(payload, header, start)):
         if start == 0 and i >= 10:
             time.sleep(2.0)
         yield chunk
-t.iter_chunks = slow
+t.payload_chunks = slow
 """
 
 
@@ -261,7 +261,7 @@ def test_a_worker_rides_out_an_aggregator_killed_mid_upload_and_its_upload_count
     assert "Traceback" not in log
     assert f"[upload] resuming {upload_id} at offset {committed} of " in log
     assert "[upload] UNAVAILABLE" in log or "[upload offset] UNAVAILABLE" in log  # a line per wait
-    total = int(log.split(f"[upload] resuming {upload_id} at offset {committed} of ")[1].split()[0])
+    total = int(log.split("; sent ")[1].split()[0])  # the payload's size, once the worker is done
     with AdminClient(target) as admin:
         r = admin.round(1)
         assert r.state == federation_pb2.ROUND_STATE_PUBLISHED, (r.close_reason, r.failure_reason)

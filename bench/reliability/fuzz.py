@@ -3,7 +3,8 @@
 Each case calls one method (chosen uniformly from both services' descriptors) with a random
 message or a mutated valid one (``bench.reliability.messages``), under the right token, none, a
 foreign one or the other role's. Streams get streams: PushDelta a real upload's chunks mutated,
-dropped, duplicated, reordered or cut short, or random chunks; FetchDiff and Watch are read a
+dropped, duplicated, reordered or cut short, their shard specs altered or moved to a chunk that
+ends no shard, or random chunks; FetchDiff and Watch are read a
 little and cancelled. A *crash* is a case answered INTERNAL or UNKNOWN (an unhandled error in a
 handler), the daemon exiting, a traceback in its log, or the health check failing afterwards.
 
@@ -147,7 +148,9 @@ def _chunk_stream(rng: random.Random, seeds: Seeds, case: int) -> list[delta_pb2
     for _ in range(rng.randint(1, 3)):
         if not chunks:
             break
-        op = rng.choice(["mutate", "mutate", "drop", "duplicate", "swap", "truncate", "header", "flip"])
+        op = rng.choice(
+            ["mutate", "mutate", "drop", "duplicate", "swap", "truncate", "header", "flip", "shard"]
+        )
         i = rng.randrange(len(chunks))
         if op == "mutate":
             chunks[i] = mutate(rng, chunks[i])
@@ -162,11 +165,39 @@ def _chunk_stream(rng: random.Random, seeds: Seeds, case: int) -> list[delta_pb2
             del chunks[i:]
         elif op == "header" and chunks[0].HasField("header"):
             chunks[0].header.CopyFrom(mutate(rng, chunks[0].header))
+        elif op == "shard":
+            _break_shard(rng, chunks)
         elif op == "flip" and chunks[i].data:
             data = bytearray(chunks[i].data)
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             chunks[i].data = bytes(data)
     return chunks
+
+
+def _break_shard(rng: random.Random, chunks: list[delta_pb2.DeltaChunk]) -> None:
+    """Wire revision 2's spec-with-the-data: a shard spec altered, or moved to a chunk that ends no shard."""
+    ending = [i for i, c in enumerate(chunks) if c.HasField("shard")]
+    if not ending:
+        return
+    i = rng.choice(ending)
+    if rng.random() < 0.5:
+        chunks[i] = _copy(chunks[i])
+        chunks[i].shard.CopyFrom(mutate(rng, chunks[i].shard))
+        return
+    j = rng.randrange(len(chunks))
+    if j == i:
+        return
+    # Copies: "duplicate" may have put one message object at two places in the list.
+    chunks[j] = _copy(chunks[j])
+    chunks[j].shard.CopyFrom(chunks[i].shard)
+    chunks[i] = _copy(chunks[i])
+    chunks[i].ClearField("shard")
+
+
+def _copy(chunk: delta_pb2.DeltaChunk) -> delta_pb2.DeltaChunk:
+    out = delta_pb2.DeltaChunk()
+    out.CopyFrom(chunk)
+    return out
 
 
 def _metadata(rng: random.Random, method: Method) -> Any:

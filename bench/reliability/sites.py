@@ -25,7 +25,7 @@ import torch
 from bench.reliability.daemon import FAST_RECONNECT, token_of
 from common.channel import auth_metadata
 from common.codec import decode_chunks, encode, iter_chunks
-from common.delta import Chunk, Codec, DeltaHeader, DeltaKind, UploadMetrics
+from common.delta import Chunk, Codec, DeltaHeader, DeltaKind, PayloadLayout, UploadMetrics
 from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2, federation_pb2_grpc
 from common.serde import chunk_from_proto, chunk_to_proto
 
@@ -59,10 +59,11 @@ class GaveUp(RuntimeError):
 
 @dataclass
 class Upload:
-    """One encoded upload: its header and payload."""
+    """One encoded upload: its header, payload and layout (the shard specs its chunks carry)."""
 
     header: DeltaHeader
     payload: bytes
+    layout: PayloadLayout
 
 
 @dataclass
@@ -187,7 +188,7 @@ class ResilientSite:
         sink = io.BytesIO()
         layout = encode(tensors, codec or Codec(), sink, shard_bytes=shard_bytes)
         header = DeltaHeader(
-            layout=layout,
+            spec=layout.spec,
             run_id=self.run_id,
             round=round,
             site_id=self.site_id,
@@ -197,11 +198,12 @@ class ResilientSite:
             kind=DeltaKind.DIFF,
             metrics=UploadMetrics(train_loss=1.0, eval_loss=1.0, steps=1),
         )
-        return Upload(header, sink.getvalue())
+        return Upload(header, sink.getvalue(), layout)
 
     def messages(self, upload: Upload, start: int) -> Iterator[delta_pb2.DeltaChunk]:
         source = io.BytesIO(upload.payload)
-        for chunk in iter_chunks(upload.header, source, start=start, chunk_bytes=self.chunk_bytes):
+        chunks = iter_chunks(upload.header, upload.layout, source, start=start, chunk_bytes=self.chunk_bytes)
+        for chunk in chunks:
             yield chunk_to_proto(chunk)
 
     def push(self, upload: Upload, on_message: Callable[[int], None] | None = None) -> Ack:

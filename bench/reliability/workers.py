@@ -26,16 +26,24 @@ from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 SITES = ["site-a", "site-b"]
 ROUNDS = 3
 TRAINING = {"local_steps": 12, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 32}
+# A first try of every upload crawls (0.3 s per 256 KiB), so the campaign can kill a worker
+# mid-upload; its resumed tries run at full speed. The chunks are re-cut, still within one shard
+# each, the shard's spec and `last` on the piece that ends it (a valid wire revision 2 stream).
 SLOW_LINK = """
 import time, client.transfer as t
-real = t.iter_chunks
-def slow(header, source, *, start=0, **kwargs):
-    kwargs.setdefault("chunk_bytes", 256 * 1024)
-    for chunk in real(header, source, start=start, **kwargs):
-        if start == 0:
-            time.sleep(0.3)
-        yield chunk
-t.iter_chunks = slow
+from common.codec.chunks import make_chunk
+real = t.payload_chunks
+def slow(payload, header, start):
+    step = 256 * 1024
+    for chunk in real(payload, header, start):
+        data, size = chunk.data, len(chunk.data)
+        for lo in range(0, max(size, 1), step):
+            end = lo + step >= size
+            if start == 0:
+                time.sleep(0.3)
+            yield make_chunk(chunk.offset + lo, data[lo : lo + step], chunk.last and end,
+                             chunk.header if lo == 0 else None, chunk.shard if end else None)
+t.payload_chunks = slow
 """
 
 

@@ -6,19 +6,21 @@ worker does around a round with the worker's own functions, against a
 scripted aggregator in another process on 127.0.0.1 (real gRPC: ``push`` and
 ``Sync`` of client.transfer):
 
-    hold     the round's start: trainable_state (the one fp32 copy a worker keeps)
-    (train)  a stand-in, not measured: every parameter moves by a small random step
-    encode   the difference trained − start, encoded to a payload file
-    upload   client.transfer.push of that payload
-    reset    the model back to the start (load_trainable)
-    fetch    client.transfer.Sync: the global difference of the round, applied to the start
+    hold           the round's start: trainable_state (the one fp32 copy a worker keeps)
+    (train)        a stand-in, not measured: every parameter moves by a small random step
+    encode+upload  the difference trained − start, encoded to a payload file and pushed
+                   (client.transfer.push)
+    reset          the model back to the start (load_trainable)
+    fetch          client.transfer.Sync: the global difference of the round, applied to the start
 
 ``--mode old`` is the worker before issue 17: the trained state copied out of
 the model (what train_round hands back), the difference taken in place
 (client.train.difference), a dict encoded, its tensors kept as the fetch's
-decode buffers. ``--mode lean`` is the worker now: client.delta_source.Difference
-encoded a piece at a time from the model's parameters, the fetch spooled to
-disk and applied a few MiB at a time. Each phase starts by resetting the
+decode buffers, the payload encoded whole before its push. ``--mode lean`` is
+the worker now: client.delta_source.Difference encoded a piece at a time from
+the model's parameters on client.outgoing's thread while the push streams each
+shard once written (issue 19), the fetch spooled to disk and applied a few MiB
+at a time. Each phase starts by resetting the
 process's VmHWM (``echo 5 > /proc/self/clear_refs``); its peak is VmHWM then
 minus the baseline: the process with the model loaded and touched (one
 forward pass), malloc tuned as ``gdfed work`` tunes it.
@@ -32,10 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -69,21 +71,23 @@ def gpt2_small() -> Any:
 
 # ----------------------------------------------------------------------------- the scripted aggregator
 def serve(directory: Path, port: int) -> None:
-    """FetchDiff serves ``directory/global.payload`` (header in ``global.header``); PushDelta takes and drops."""
+    """FetchDiff serves ``directory/global.payload`` (its layout in ``global.layout``); PushDelta takes and drops.
+
+    Framed as the daemon frames (common.serde's zero-copy functions as gRPC's (de)serializers).
+    """
     from common.codec import iter_chunks
-    from common.pb.gradualdiff.v1 import delta_pb2, federation_pb2
-    from common.serde import chunk_to_proto, header_from_proto
+    from common.delta import Chunk, DeltaHeader, DeltaKind
+    from common.pb.gradualdiff.v1 import federation_pb2
+    from common.serde import chunk_from_wire, chunk_to_wire, layout_from_bytes
 
-    msg = delta_pb2.DeltaHeader()
-    msg.ParseFromString((directory / "global.header").read_bytes())
-    header = header_from_proto(msg)
+    layout = layout_from_bytes((directory / "global.layout").read_bytes())
+    header = DeltaHeader(spec=layout.spec, run_id="bench", round=2, base_round=1, kind=DeltaKind.DIFF)
 
-    def fetch(request: Any, context: grpc.ServicerContext) -> Iterator[delta_pb2.DeltaChunk]:
+    def fetch(request: Any, context: grpc.ServicerContext) -> Iterator[Chunk]:
         with (directory / "global.payload").open("rb") as source:
-            for chunk in iter_chunks(header, source):
-                yield chunk_to_proto(chunk)
+            yield from iter_chunks(header, layout, source)
 
-    def push(requests: Iterator[delta_pb2.DeltaChunk], context: grpc.ServicerContext) -> Any:
+    def push(requests: Iterator[Chunk], context: grpc.ServicerContext) -> Any:
         received, first = 0, None
         for request in requests:
             first = first or request.header
@@ -98,11 +102,11 @@ def serve(directory: Path, port: int) -> None:
             "FetchDiff": grpc.unary_stream_rpc_method_handler(
                 fetch,
                 request_deserializer=federation_pb2.FetchDiffRequest.FromString,
-                response_serializer=delta_pb2.DeltaChunk.SerializeToString,
+                response_serializer=chunk_to_wire,
             ),
             "PushDelta": grpc.stream_unary_rpc_method_handler(
                 push,
-                request_deserializer=delta_pb2.DeltaChunk.FromString,
+                request_deserializer=chunk_from_wire,
                 response_serializer=federation_pb2.PushReceipt.SerializeToString,
             ),
         },
@@ -119,14 +123,14 @@ def write_global(directory: Path) -> None:
     """The round's global difference (GPT-2 small's shapes, a realistic small step), encoded as the aggregator does."""
     from bench.workload import realistic_delta
     from common.codec import BROADCAST_SHARD_BYTES, encode
-    from common.delta import Codec, DeltaHeader, DeltaKind
-    from common.serde import header_to_proto
+    from common.delta import Codec
+    from common.serde import layout_to_bytes
 
     delta = realistic_delta({n: tuple(p.shape) for n, p in gpt2_small().named_parameters()}, seed=7)
     with (directory / "global.payload").open("wb") as sink:
         layout = encode(delta, Codec(), sink, shard_bytes=BROADCAST_SHARD_BYTES)
-    header = DeltaHeader(layout=layout, run_id="bench", round=2, base_round=1, kind=DeltaKind.DIFF)
-    (directory / "global.header").write_bytes(header_to_proto(header).SerializeToString())
+    # Kept beside the payload, as the aggregator keeps its stored differences' layouts.
+    (directory / "global.layout").write_bytes(layout_to_bytes(layout))
 
 
 # ----------------------------------------------------------------------------- the measured worker
@@ -135,13 +139,14 @@ def measure(mode: str, target: str, directory: Path) -> dict[str, Any]:
     import torch
 
     from client.delta_source import Difference, trained_values
+    from client.delta_stub import DeltaStub
     from client.model import LoadedModel, load_trainable, trainable_state
+    from client.outgoing import Outgoing
     from client.train import difference
-    from client.transfer import Sync, push
+    from client.transfer import StoredPayload, Sync, push
     from common.codec import encode
-    from common.delta import Codec, DeltaHeader, DeltaKind
+    from common.delta import Codec, DeltaHeader, DeltaKind, PayloadLayout, PayloadSpec, ShardSpec
     from common.malloc import tune_malloc
-    from common.pb.gradualdiff.v1 import federation_pb2_grpc
 
     tune_malloc()
     model = gpt2_small()
@@ -153,7 +158,7 @@ def measure(mode: str, target: str, directory: Path) -> dict[str, Any]:
         model(input_ids=torch.zeros(1, 16, dtype=torch.long))
     baseline = _status_kib("VmRSS")
     peaks: dict[str, float] = {}
-    stub = federation_pb2_grpc.FederationStub(grpc.insecure_channel(target))
+    stub = DeltaStub(grpc.insecure_channel(target))
 
     def phase(name: str) -> None:
         peaks[name] = (_status_kib("VmHWM") - baseline) * 1024 / 1e6
@@ -167,26 +172,36 @@ def measure(mode: str, target: str, directory: Path) -> dict[str, Any]:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen), alpha=TRAIN_STEP)
 
+    # One phase, encode and upload: the worker now pushes each shard as it is encoded (issue 19);
+    # before, the payload was encoded whole to its file, then pushed.
     _reset_peak()
     spare: dict[str, torch.Tensor] = {}
     payload = directory / f"{mode}.payload"
-    with payload.open("wb") as sink:
-        if mode == "old":
+    if mode == "old":
+        with payload.open("wb") as sink:
             trained = trainable_state(loaded)
             spare = difference(trained, state, names, own=set(names))
             load_trainable(loaded, state)
             layout = encode(spare, Codec(), sink)
             del trained
-        else:
-            delta = Difference(trained_values(model, names, {}), state, names)
-            layout = encode(delta, Codec(), sink, manifest=delta.manifest)
-            del delta
-    phase("encode")
+        header = DeltaHeader(spec=layout.spec, run_id="bench", round=1, site_id=SITE, upload_id="u-old")
+        push(stub, (), header, StoredPayload(payload, layout))
+    else:
+        delta = Difference(trained_values(model, names, {}), state, names)
+        spec = PayloadSpec(Codec(), delta.manifest)
+        header = DeltaHeader(spec=spec, run_id="bench", round=1, site_id=SITE, upload_id="u-lean")
 
-    _reset_peak()
-    header = DeltaHeader(layout=layout, run_id="bench", round=1, site_id=SITE, upload_id=f"u-{mode}")
-    push(stub, (), header, payload)
-    phase("upload")
+        def run(sink: BinaryIO, on_shard: Callable[[ShardSpec], None]) -> PayloadLayout:
+            return encode(delta, spec.codec, sink, manifest=spec.manifest, on_shard=on_shard)
+
+        outgoing = Outgoing(header, payload, run, on_encoded=lambda layout: None)
+        try:
+            push(stub, (), header, outgoing)
+        finally:
+            outgoing.wait()
+        layout = outgoing.result()
+        del delta, outgoing
+    phase("encode+upload")
 
     _reset_peak()
     load_trainable(loaded, state)
@@ -203,7 +218,7 @@ def measure(mode: str, target: str, directory: Path) -> dict[str, Any]:
         "copy_mb": copy_mb,
         "baseline_mb": baseline * 1024 / 1e6,
         "peaks_mb": peaks,
-        "upload_sha256": layout.sha256.hex(),
+        "upload_digest": layout.digest.hex(),
         "state_after_fetch_sha256": digest,
         "kind": DeltaKind.DIFF.name,
     }

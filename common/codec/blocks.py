@@ -7,7 +7,6 @@ so two cores work on two blocks at once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,23 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import zstandard
 
+from common.codec.digests import frame_digest
 from common.codec.shuffle import U8Array, unshuffle_bf16_into_f32, unshuffle_into
+from common.delta import Digest
 from common.dtypes import DType, is_float, itemsize, numpy_storage
 from common.errors import LimitExceeded, MalformedShard
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-_SHA256 = hashlib.sha256()
-
-
-def sha256(data: bytes | memoryview) -> bytes:
-    """SHA-256 of ``data``; copies a ready context, as naming the digest each call costs OpenSSL a lookup."""
-    h = _SHA256.copy()
-    h.update(data)
-    return h.digest()
 
 
 def codec_threads() -> int:
@@ -157,10 +148,12 @@ def thread_scratch(slot: str, nbytes: int) -> U8Array:
     return buf[:nbytes]
 
 
-def compress_frame(data: U8Array, shuffled: bool, level: int) -> tuple[bytes, bytes]:
-    """Bytes ready for zstd (byte planes when ``shuffled``) as one frame; with the frame's SHA-256."""
+def compress_frame(
+    data: U8Array, shuffled: bool, level: int, algo: Digest = Digest.BLAKE3
+) -> tuple[bytes, bytes]:
+    """Bytes ready for zstd (byte planes when ``shuffled``) as one frame; with the frame's ``algo`` digest."""
     frame = _compressor(level, shuffled).compress(data.data)
-    return frame, sha256(frame)
+    return frame, frame_digest(algo, frame)
 
 
 def compressed_size_hint(frame: bytes | memoryview) -> int:
@@ -202,6 +195,7 @@ def decode_block(
     target: DType,
     shuffled: bool,
     where: str,
+    algo: Digest = Digest.BLAKE3,
 ) -> tuple[bool, bytes]:
     """Decompress one block into ``out`` (unshuffling, and upcasting a lossy cast, on the way).
 
@@ -209,10 +203,10 @@ def decode_block(
     them in the ``wire`` dtype. Converting here, block by block on the pool,
     keeps a cast payload from needing a second full pass and buffer.
 
-    Returns whether the block is all finite, and the frame's SHA-256 (taken
-    here so that hashing, too, spreads over the pool's threads).
+    Returns whether the block is all finite, and the frame's ``algo`` digest
+    (taken here so that hashing, too, spreads over the pool's threads).
     """
-    digest = sha256(frame)
+    digest = frame_digest(algo, frame)
     count = out.size // itemsize(target)
     raw = decompress_exact(frame, count * itemsize(wire), where)
     planes = np.frombuffer(raw, dtype=np.uint8)

@@ -61,7 +61,7 @@ import torch
 
 from common.codec.decoder import DecodedPiece, ShardDecoder
 from common.codec.layout import DEFAULT_LIMITS, DecodeLimits, validate_layout
-from common.delta import Codec, Lossy, PayloadLayout, TensorSpec
+from common.delta import Codec, Lossy, PayloadLayout, PayloadSpec, TensorSpec
 from common.dtypes import DType, is_float, itemsize, to_torch
 from common.errors import InvalidArgument, ManifestMismatch
 from common.lossy import MAX_NUMEL, Quantized, dequantize, quantize_int8, top_k, topk_count
@@ -258,15 +258,16 @@ class _Partial:
 class CompactAssembler:
     """Gathers one upload's decoded pieces into compact tensors; returns each source once complete.
 
-    ``layout`` should already be validated against ``wire_manifest(manifest,
-    codec)`` (so k, rows and cols are right); ``manifest`` is the round's fp32
+    ``layout`` (the header's spec, or a stored layout) should already be
+    validated against ``wire_manifest(manifest, codec)`` (so k, rows and cols
+    are right); ``manifest`` is the round's fp32
     manifest, of which the upload may carry a subset of whole tensors. Pieces
     of tensors that travel as themselves pass through as ranges without a
     copy (fold them before the decoder reuses its buffers); compact parts are
     copied, since they wait for the rest of their tensor.
     """
 
-    def __init__(self, layout: PayloadLayout, manifest: Sequence[TensorSpec]) -> None:
+    def __init__(self, layout: PayloadSpec | PayloadLayout, manifest: Sequence[TensorSpec]) -> None:
         self.layout = layout
         self._where: dict[int, tuple[Source, int]] = {}  # wire tensor index -> (source, part)
         index = {spec.name: i for i, spec in enumerate(layout.manifest)}
@@ -382,11 +383,11 @@ def decode_dense(
     specs = {spec.name: spec for spec in manifest}
     out: dict[str, torch.Tensor] = {}
     assembler = CompactAssembler(layout, manifest)
-    decoder = ShardDecoder(layout)
+    decoder = ShardDecoder(layout.spec)
     source.seek(0)
     for index, shard in enumerate(layout.shards):
         data = source.read(shard.compressed_bytes)
-        for exp in assembler.add(decoder.decode(index, data)):
+        for exp in assembler.add(decoder.decode(index, shard, data)):
             if keep is not None and exp.name not in keep:
                 continue
             spec = specs[exp.name]

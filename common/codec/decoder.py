@@ -2,12 +2,12 @@
 
 Three levels, one module each:
 - common.codec.shard_decoder: :class:`ShardDecoder` turns one complete,
-  compressed shard into tensor pieces (sha256 first, then frame sizes against
-  the layout, then zstd, unshuffle and a finiteness check per block, several
+  compressed shard into tensor pieces (digest first, then frame sizes against
+  its spec, then zstd, unshuffle and a finiteness check per block, several
   blocks at once on the codec pool);
 - common.codec.assembler: :class:`ShardAssembler` checks chunks (order, crc,
-  bounds) and gathers them into whole shards, in buffers from the pool of
-  common.codec.shard_buffers;
+  bounds, the shard specs they carry) and gathers them into whole shards, in
+  buffers from the pool of common.codec.shard_buffers;
 - this module: :class:`DeltaStreamDecoder` takes chunks as they arrive and
   hands each shard to a ShardDecoder as soon as it is complete. It never holds
   more than one shard's compressed bytes and never a decompressed shard: blocks
@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from common.codec.assembler import CompleteShard, ShardAssembler
-from common.codec.layout import DEFAULT_LIMITS, DecodeLimits, validate_layout
+from common.codec.layout import DEFAULT_LIMITS, DecodeLimits, validate_layout, validate_spec
 from common.codec.shard_buffers import SHARD_BUFFERS, BufferPool
 from common.codec.shard_decoder import DecodedPiece, PendingShard, ShardDecoder
 from common.delta import Chunk, DeltaHeader, PayloadLayout, TensorSpec
@@ -102,17 +103,20 @@ class DeltaStreamDecoder:
         """Payload bytes received so far."""
         return self._assembler.offset if self._assembler else 0
 
+    @property
+    def layout(self) -> PayloadLayout | None:
+        """The payload's whole layout, once its last chunk has been received."""
+        return self._assembler.layout if self._assembler else None
+
     def feed(self, chunk: Chunk) -> list[DecodedPiece]:
         """Check one chunk; return the pieces of the shards finished since the last call."""
         if self.header is None:
             if chunk.header is None:
                 raise ChunkOrderError("the first chunk of a stream must carry the header", field="header")
-            validate_layout(chunk.header.layout, self._limits, self._expected)
+            validate_spec(chunk.header.spec, self._limits, self._expected)
             self.header = chunk.header
-            self._assembler = ShardAssembler(
-                chunk.header.layout, max_chunk_bytes=self._limits.max_chunk_bytes
-            )
-            self._shards = ShardDecoder(chunk.header.layout, executor=self._executor)
+            self._assembler = ShardAssembler(chunk.header.spec, limits=self._limits)
+            self._shards = ShardDecoder(chunk.header.spec, executor=self._executor)
         elif chunk.header is not None and chunk.header != self.header:
             raise ChunkOrderError(
                 f"chunk at offset {chunk.offset} carries a header different from the stream's",
@@ -123,7 +127,11 @@ class DeltaStreamDecoder:
         for shard in self._assembler.add(chunk):
             while self._pending and len(self._pending) >= self._max_pending:
                 ready += self._take_oldest()
-            self._pending.append(self._shards.start(shard.index, shard.data, self._into))
+            try:
+                self._pending.append(self._shards.start(shard.index, shard.spec, shard.data, self._into))
+            except BaseException:
+                self._assembler.release(shard.data)
+                raise
         while self._pending and (self._pending[0].done() or len(self._pending) > self._max_pending):
             ready += self._take_oldest()
         return ready
@@ -137,8 +145,8 @@ class DeltaStreamDecoder:
             pieces += self._take_oldest()
         if not self._assembler.done:
             raise TruncatedStream(
-                f"the stream ended at offset {self._assembler.offset} of "
-                f"{self.header.layout.total_bytes}; resume from there",
+                f"the stream ended at offset {self._assembler.offset}, before its last chunk; "
+                "resume from there",
                 field="offset",
             )
         return pieces
@@ -149,6 +157,8 @@ class DeltaStreamDecoder:
             pending = self._pending.popleft()
             with contextlib.suppress(Exception):
                 pending.result()
+        if self._assembler is not None:
+            self._assembler.close()
 
     def _take_oldest(self) -> list[DecodedPiece]:
         pending = self._pending.popleft()
@@ -177,21 +187,49 @@ def decode_chunks(
         raise TruncatedStream("the stream ended before its first chunk", field="header")
     if first.header is None:
         raise ChunkOrderError("the first chunk of a stream must carry the header", field="header")
-    validate_layout(first.header.layout, limits, expected)
+    validate_spec(first.header.spec, limits, expected)
+    manifest = first.header.spec.manifest
+    tensors: Mapping[str, torch.Tensor]
     if into is not None:
-        missing = [t.name for t in first.header.layout.manifest if t.name not in into]
+        missing = [t.name for t in manifest if t.name not in into]
         if missing:
             raise ValueError(f"no destination tensor for {missing[0]!r} (and {len(missing) - 1} more)")
-        tensors = {t.name: into[t.name] for t in first.header.layout.manifest}
+        tensors = {t.name: into[t.name] for t in manifest}
     else:
-        tensors = allocate(first.header.layout.manifest)
+        tensors = _OnFirstUse(manifest)
     with DeltaStreamDecoder(limits=limits, expected=expected, executor=executor, into=tensors) as decoder:
         for chunk in _chain(first, it):
             for piece in decoder.feed(chunk):
                 place_piece(tensors[piece.name], piece)
         for piece in decoder.finish():
             place_piece(tensors[piece.name], piece)
-    return first.header, tensors
+    return first.header, {t.name: tensors[t.name] for t in manifest}
+
+
+class _OnFirstUse(Mapping[str, torch.Tensor]):
+    """The manifest's tensors, each allocated when a shard that holds a piece of it is accepted.
+
+    The header's manifest is bounded by the limits, but it is only a claim: a
+    tensor is allocated once a shard spec covering it passed its checks, not
+    on the header's word alone.
+    """
+
+    def __init__(self, manifest: Sequence[TensorSpec]) -> None:
+        self._specs = {t.name: t for t in manifest}
+        self._made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._made.get(name)
+        if tensor is None:
+            spec = self._specs[name]
+            tensor = self._made[name] = torch.empty(spec.shape, dtype=to_torch(spec.dtype))
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
 
 
 def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
@@ -200,21 +238,25 @@ def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
 
 
 def decode_file(
+    source: str | Path | BinaryIO,
     layout: PayloadLayout,
-    source: BinaryIO,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
     expected: Sequence[TensorSpec] | None = None,
     executor: Executor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Decode a payload stored in a file (a spool or a stored global difference) into full tensors."""
+    """Decode a payload stored in a file (a spool or a stored global difference), given its stored layout,
+    into full tensors."""
+    if isinstance(source, str | Path):
+        with open(source, "rb") as f:
+            return decode_file(f, layout, limits=limits, expected=expected, executor=executor)
     validate_layout(layout, limits, expected)
     tensors = allocate(layout.manifest)
-    decoder = ShardDecoder(layout, executor=executor)
+    decoder = ShardDecoder(layout.spec, executor=executor)
     source.seek(0)
     for index, shard in enumerate(layout.shards):
         data = source.read(shard.compressed_bytes)
-        for piece in decoder.decode(index, data, tensors):
+        for piece in decoder.decode(index, shard, data, tensors):
             place_piece(tensors[piece.name], piece)
     return tensors
 

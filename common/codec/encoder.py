@@ -1,15 +1,17 @@
 """Encode a dict of tensors into a payload: safetensors shards, shuffled, zstd-framed.
 
 The payload goes to a file-like sink as it is produced (a spool file on a
-worker, so an interrupted upload can resume from disk); what comes back is the
-layout that the header of the upload carries. The tensors may also come a
+worker, so an interrupted upload can resume from disk); each shard's spec is
+reported as soon as its bytes are in the sink (``on_shard``: a pipelined
+sender streams it meanwhile, common.codec.chunks.GrowingPayload), and what
+comes back at the end is the whole layout. The tensors may also come a
 piece at a time from a :class:`PieceSource` (a worker's difference, computed
 as the shards reach it), so no tensor need ever exist whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -17,13 +19,8 @@ import numpy as np
 import torch
 
 from common.codec.blocks import all_finite, compress_frame, default_executor, thread_scratch, top_plane_finite
-from common.codec.layout import (
-    DEFAULT_SHARD_BYTES,
-    digest_of_digests,
-    plan_shards,
-    validate_codec,
-    wire_dtypes,
-)
+from common.codec.digests import digest_of_digests
+from common.codec.layout import DEFAULT_SHARD_BYTES, plan_shards, validate_codec, wire_dtypes
 from common.codec.shuffle import U8Array, shuffle
 from common.codec.stheader import build_header
 from common.delta import Codec, PayloadLayout, Piece, ShardSpec, TensorSpec
@@ -53,6 +50,7 @@ def encode(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     executor: Executor | None = None,
     manifest: Sequence[TensorSpec] | None = None,
+    on_shard: Callable[[ShardSpec], None] | None = None,
 ) -> PayloadLayout:
     """Write the payload of ``tensors`` to ``sink`` and return its layout.
 
@@ -71,6 +69,8 @@ def encode(
         shard_bytes: upper bound of tensor bytes per shard.
         executor: pool for per-block work; the process-wide codec pool by default.
         manifest: the tensors' specs, when known without touching the mapping.
+        on_shard: called with each shard's spec, in order, once its last frame
+            has been written to ``sink`` and ``sink.flush()`` returned.
 
     Raises:
         NonFiniteValues: a float tensor holds NaN/inf (after the cast: fp32 values
@@ -93,7 +93,7 @@ def encode(
     shards: list[ShardSpec] = []
     for pieces in plan_shards(specs, codec, shard_bytes):
         header = build_header(pieces, specs, wire)
-        first = compress_frame(np.frombuffer(header, dtype=np.uint8), False, codec.zstd_level)
+        first = compress_frame(np.frombuffer(header, dtype=np.uint8), False, codec.zstd_level, codec.digest)
         jobs = list(_blocks(pieces, flats, wire, codec.block_bytes))
         sizes, digests = [], []
         # Each frame goes to the sink as soon as it is next in order, and this shard's values go
@@ -106,21 +106,23 @@ def encode(
             digests.append(digest)
         del jobs
         raw = len(header) + sum(p.count * itemsize(wire[p.tensor]) for p in pieces)
-        shards.append(
-            ShardSpec(
-                compressed_bytes=sum(sizes),
-                raw_bytes=raw,
-                sha256=digest_of_digests(digests),
-                pieces=pieces,
-                frame_bytes=tuple(sizes),
-            )
+        spec = ShardSpec(
+            compressed_bytes=sum(sizes),
+            raw_bytes=raw,
+            digest=digest_of_digests(codec.digest, digests),
+            pieces=pieces,
+            frame_bytes=tuple(sizes),
         )
+        shards.append(spec)
+        if on_shard is not None:
+            sink.flush()
+            on_shard(spec)
     return PayloadLayout(
         codec=codec,
         manifest=specs,
         shards=tuple(shards),
         total_bytes=sum(s.compressed_bytes for s in shards),
-        sha256=digest_of_digests([s.sha256 for s in shards]),
+        digest=digest_of_digests(codec.digest, [s.digest for s in shards]),
     )
 
 
@@ -148,7 +150,7 @@ def _encode_block(job: _Job, codec: Codec, manifest: tuple[TensorSpec, ...]) -> 
             "a delta must be finite (with an fp16 cast, values beyond 65504 overflow)",
             field=manifest[tensor].name,
         )
-    return compress_frame(data, codec.byte_shuffle, codec.zstd_level)
+    return compress_frame(data, codec.byte_shuffle, codec.zstd_level, codec.digest)
 
 
 class _FlatCache:

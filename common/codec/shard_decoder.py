@@ -1,7 +1,9 @@
 """Decode one complete, compressed shard into tensor pieces, with every check before every allocation.
 
-:class:`ShardDecoder` checks the shard's sha256 first (taken frame by frame on
-the codec pool), then its frame sizes against the layout, then decompresses,
+:class:`ShardDecoder` takes the shard's spec (validated by
+common.codec.layout.LayoutBuilder) with its bytes; it checks the shard's
+digest (taken frame by frame on the codec pool, with the codec's algorithm),
+then its frame sizes against the spec, then decompresses,
 unshuffles and checks finiteness block by block, several blocks at once on the
 pool; :class:`PendingShard` is a shard in flight there. Gathering the shards of
 a chunk stream, and decoding a whole payload, live in common.codec.assembler
@@ -10,7 +12,6 @@ and common.codec.decoder.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 
 from common.codec.blocks import decode_block, decompress_exact, default_executor
-from common.codec.layout import digest_of_digests, expected_frame_sizes, wire_dtypes
+from common.codec.digests import digest_of_digests, frame_digest
+from common.codec.layout import expected_frame_sizes, wire_dtypes
 from common.codec.shuffle import U8Array
 from common.codec.stheader import check_header
-from common.delta import PayloadLayout
+from common.delta import PayloadLayout, PayloadSpec, ShardSpec
 from common.dtypes import itemsize, to_torch
 from common.errors import DataLoss, GdfedError, LimitExceeded, MalformedShard, NonFiniteValues
 
@@ -44,6 +46,7 @@ class PendingShard:
         self,
         decoder: ShardDecoder,
         index: int,
+        shard: ShardSpec,
         frames: list[memoryview],
         outputs: list[U8Array],
         futures: list[tuple[int, Future[tuple[bool, bytes]]]],
@@ -51,6 +54,7 @@ class PendingShard:
         buffer: memoryview,
     ) -> None:
         self.index = index
+        self.shard = shard
         self.buffer = buffer
         self._decoder = decoder
         self._frames = frames
@@ -62,13 +66,13 @@ class PendingShard:
         return all(future.done() for _, future in self._futures)
 
     def result(self) -> list[DecodedPiece]:
-        """The shard's pieces, once every frame decoded and the shard's sha256 matched.
+        """The shard's pieces, once every frame decoded and the shard's digest matched.
 
         Raises DataLoss when the bytes were damaged (even if the damage first
         showed up as a corrupt frame), else the frame's own error.
         """
-        layout = self._decoder.layout
-        spec = layout.shards[self.index]
+        layout = self._decoder.spec
+        spec = self.shard
         digests = [self._header_digest]
         finite = [True] * len(spec.pieces)
         failure: GdfedError | None = None
@@ -81,9 +85,9 @@ class PendingShard:
             digests.append(digest)
             finite[p] = finite[p] and ok
         if failure is not None:
-            self._decoder.check_digest(self.index, [hashlib.sha256(f).digest() for f in self._frames])
+            self._decoder.check_digest(self.index, spec, self._decoder.frame_digests(self._frames))
             raise failure
-        self._decoder.check_digest(self.index, digests)
+        self._decoder.check_digest(self.index, spec, digests)
         for piece, ok in zip(spec.pieces, finite, strict=True):
             if not ok:
                 name = layout.manifest[piece.tensor].name
@@ -98,30 +102,32 @@ class PendingShard:
 
 
 class ShardDecoder:
-    """Decodes the shards of one payload whose layout has been validated.
+    """Decodes the shards of one payload, given its validated spec (codec, manifest) and each shard's.
 
-    Each frame's SHA-256 is taken by the pool task that decompresses it, so
-    hashing runs on every core; a shard's digest (over its frame digests) is
-    compared before any of its pieces is returned.
+    Each frame's digest (the codec's algorithm) is taken by the pool task that
+    decompresses it, so hashing runs on every core; a shard's digest (over its
+    frame digests) is compared before any of its pieces is returned.
     """
 
-    def __init__(self, layout: PayloadLayout, *, executor: Executor | None = None) -> None:
-        self.layout = layout
-        self._wire = wire_dtypes(layout.manifest, layout.codec)
+    def __init__(self, spec: PayloadSpec | PayloadLayout, *, executor: Executor | None = None) -> None:
+        self.spec = spec if isinstance(spec, PayloadSpec) else spec.spec
+        self._wire = wire_dtypes(self.spec.manifest, self.spec.codec)
         self._pool = executor or default_executor()
 
     def decode(
         self,
         index: int,
+        shard: ShardSpec,
         data: bytes | bytearray | memoryview,
         into: Mapping[str, torch.Tensor] | None = None,
     ) -> list[DecodedPiece]:
         """Decode shard ``index`` from its compressed bytes (see :meth:`start`)."""
-        return self.start(index, data, into).result()
+        return self.start(index, shard, data, into).result()
 
     def start(
         self,
         index: int,
+        shard: ShardSpec,
         data: bytes | bytearray | memoryview,
         into: Mapping[str, torch.Tensor] | None = None,
         *,
@@ -130,17 +136,18 @@ class ShardDecoder:
         """Check shard ``index``'s header frame, then queue its blocks on the pool.
 
         Args:
-            index: which shard of the layout.
+            index: which shard of the payload (it names the shard in errors).
+            shard: its spec, accepted by a LayoutBuilder (or validate_layout).
             data: exactly that shard's compressed bytes; must stay unchanged until
                 the result is taken.
-            scratch: optional reusable byte buffer of at least ``scratch_bytes(index)``;
+            scratch: optional reusable byte buffer of at least ``scratch_bytes(shard)``;
                 pieces are decoded into it back to back (saves page faults on every
                 shard) and stay valid until it is reused.
             into: optional destination tensors (contiguous, CPU, manifest shapes and
                 dtypes); pieces are written straight into them, so decoding a whole
                 payload needs no second copy. On error they may hold partial data.
         """
-        spec = self.layout.shards[index]
+        spec = shard
         where = f"shards[{index}]"
         view = memoryview(data)
         if len(view) != spec.compressed_bytes:
@@ -152,61 +159,60 @@ class ShardDecoder:
         for size in spec.frame_bytes:
             frames.append(view[offset : offset + size])
             offset += size
-        sizes = expected_frame_sizes(spec, self.layout)
+        sizes = expected_frame_sizes(spec, self.spec)
         try:
             header = decompress_exact(frames[0], sizes[0], f"{where}.frame[0]")
-            check_header(header, spec.pieces, self.layout.manifest, self._wire)
+            check_header(header, spec.pieces, self.spec.manifest, self._wire)
         except (MalformedShard, LimitExceeded):
-            self.check_digest(index, [hashlib.sha256(f).digest() for f in frames])
+            self.check_digest(index, spec, self.frame_digests(frames))
             raise
         outputs: list[U8Array] = []
         futures: list[tuple[int, Future[tuple[bool, bytes]]]] = []
-        block = self.layout.codec.block_bytes
-        shuffled = self.layout.codec.byte_shuffle
+        block = self.spec.codec.block_bytes
+        shuffled = self.spec.codec.byte_shuffle
+        algo = self.spec.codec.digest
         used = 0
         for p, piece in enumerate(spec.pieces):
             if scratch is not None and into is None:
-                size = piece.count * itemsize(self.layout.manifest[piece.tensor].dtype)
+                size = piece.count * itemsize(self.spec.manifest[piece.tensor].dtype)
                 dest = scratch[used : used + size]
                 used += size
             else:
                 dest = self._destination(piece.tensor, piece.start, piece.count, into)
             outputs.append(dest)
             wire = self._wire[piece.tensor]
-            target = self.layout.manifest[piece.tensor].dtype
+            target = self.spec.manifest[piece.tensor].dtype
             # A block holds block_bytes of wire data; in the destination it spans more after an upcast.
             span = block * itemsize(target) // itemsize(wire)
             for start in range(0, dest.size, span):
                 f = len(futures) + 1
                 out = dest[start : start + span]
                 name = f"{where}.frame[{f}]"
-                future = self._pool.submit(decode_block, frames[f], out, wire, target, shuffled, name)
+                future = self._pool.submit(decode_block, frames[f], out, wire, target, shuffled, name, algo)
                 futures.append((p, future))
-        return PendingShard(self, index, frames, outputs, futures, hashlib.sha256(frames[0]).digest(), view)
+        head = frame_digest(algo, frames[0])
+        return PendingShard(self, index, spec, frames, outputs, futures, head, view)
 
-    def scratch_bytes(self, index: int | None = None) -> int:
-        """Bytes a scratch buffer needs for shard ``index`` (for every shard when None)."""
-        indices = range(len(self.layout.shards)) if index is None else [index]
-        return max(
-            (
-                sum(
-                    p.count * itemsize(self.layout.manifest[p.tensor].dtype)
-                    for p in self.layout.shards[i].pieces
-                )
-                for i in indices
-            ),
-            default=0,
-        )
+    def scratch_bytes(self, shard: ShardSpec) -> int:
+        """Bytes a scratch buffer needs for ``shard``'s decoded pieces."""
+        return sum(p.count * itemsize(self.spec.manifest[p.tensor].dtype) for p in shard.pieces)
 
-    def check_digest(self, index: int, frame_digests: list[bytes]) -> None:
-        """Raise DataLoss unless the frame digests add up to shard ``index``'s sha256."""
-        if digest_of_digests(frame_digests) != self.layout.shards[index].sha256:
-            raise DataLoss(f"shards[{index}] fails its sha256", field=f"shards[{index}].sha256")
+    def frame_digests(self, frames: list[memoryview]) -> list[bytes]:
+        """The codec's digest of each frame (on this thread: the path of a shard already found bad)."""
+        return [frame_digest(self.spec.codec.digest, f) for f in frames]
+
+    def check_digest(self, index: int, shard: ShardSpec, frame_digests: list[bytes]) -> None:
+        """Raise DataLoss unless the frame digests add up to ``shard``'s digest."""
+        if digest_of_digests(self.spec.codec.digest, frame_digests) != shard.digest:
+            raise DataLoss(
+                f"shards[{index}] fails its digest ({self.spec.codec.digest.name.lower()})",
+                field=f"shards[{index}].digest",
+            )
 
     def _destination(
         self, tensor: int, start: int, count: int, into: Mapping[str, torch.Tensor] | None
     ) -> U8Array:
-        spec = self.layout.manifest[tensor]
+        spec = self.spec.manifest[tensor]
         if into is not None:
             flat = into[spec.name].view(-1)[start : start + count]
             array: U8Array = flat.view(torch.uint8).numpy()
@@ -215,7 +221,7 @@ class ShardDecoder:
 
     def piece(self, tensor: int, start: int, buf: U8Array) -> DecodedPiece:
         """Wrap decoded bytes (already in the manifest dtype) as a piece."""
-        spec = self.layout.manifest[tensor]
+        spec = self.spec.manifest[tensor]
         if buf.size == 0:
             return DecodedPiece(tensor, spec.name, start, torch.empty(0, dtype=to_torch(spec.dtype)))
         return DecodedPiece(tensor, spec.name, start, torch.from_numpy(buf).view(to_torch(spec.dtype)))

@@ -1,8 +1,9 @@
 """``python -m common.conformance --write`` regenerates the vectors; ``--check`` verifies them.
 
 ``--check`` decodes every valid vector to its stored tensors, refuses every
-malformed one with its stated status and reason, and re-encodes the valid ones
-(byte for byte when the installed zstd is the one that made them).
+malformed one with its stated status, reason and stage, and re-encodes and
+re-streams the valid ones (byte for byte when the installed zstd is the one
+that made them).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The malformed vectors: each has one defect, everything else consistent, and the refusal it must get.
 
 Most start from one small delta (``w`` fp32 [8, 8], ``b`` fp32 [8], ``flag``
-bool [4]; one shard, frames 0 = header, 1 = w, 2 = b, 3 = flag). What a
-receiver can only learn from the payload is tampered with sizes and digests
-recomputed (:mod:`common.conformance.tamper`), so each vector reaches the one
-check it is aimed at; damage to bytes is left for the digests to find.
+bool [4]; one shard, frames 0 = header, 1 = w, 2 = b, 3 = flag), sent by the
+rule; defects of the stream itself (order, CRC, where specs sit, resume) are
+in :mod:`.malformed_stream`. What a receiver can only learn from the payload
+is tampered with sizes and digests recomputed (:mod:`.tamper`), so each
+vector reaches the one check it is aimed at; damage to bytes is left for the
+digests to find.
 """
 
 from __future__ import annotations
@@ -18,23 +20,28 @@ import numpy as np
 import torch
 
 from common.codec.compact import compact_tensor, wire_manifest
-from common.codec.layout import digest_of_digests
 from common.codec.shuffle import shuffle
 from common.conformance import tamper
+from common.conformance.malformed_stream import (
+    CHECKSUM,
+    INVALID,
+    LIMIT,
+    MALFORMED,
+    one_stream,
+    refused,
+    stream_vectors,
+)
+from common.conformance.streams import ChunkPlan, build, cut
 from common.conformance.valid import BLOCK_BYTES, ZSTD_LEVEL, encode_bytes, normal, upload_header
-from common.conformance.vectors import ChunkPlan, Refusal, Vector, header_text
-from common.delta import Cast, Codec, Lossy, PayloadLayout, Piece, TensorSpec
+from common.conformance.vectors import Vector, serialize
+from common.delta import Cast, Codec, Digest, Lossy, PayloadLayout, Piece, TensorSpec
 from common.dtypes import DType
+from common.serde import chunk_to_proto
 
 SHUFFLED = Codec(zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES)
 
-CHECKSUM = ("DATA_LOSS", "CHECKSUM_MISMATCH")
-MALFORMED = ("INVALID_ARGUMENT", "MALFORMED_SHARD")
-ORDER = ("INVALID_ARGUMENT", "CHUNK_ORDER")
-INVALID = ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
 MISMATCH = ("INVALID_ARGUMENT", "MANIFEST_MISMATCH")
 NON_FINITE = ("INVALID_ARGUMENT", "NON_FINITE_VALUES")
-LIMIT = ("RESOURCE_EXHAUSTED", "LIMIT_EXCEEDED")
 RESUME = ("ABORTED", "RESUME_AT_OFFSET")
 
 
@@ -49,17 +56,10 @@ def bad(
     payload: bytes,
     refusal: tuple[str, str],
     stage: str,
-    **extra: Any,
+    round_manifest: tuple[TensorSpec, ...] | None = None,
 ) -> Vector:
-    header_json = extra.pop("header_json", None) or header_text(upload_header(layout, name))
-    return Vector(
-        name=name,
-        exercises=exercises,
-        header_json=header_json,
-        payload=payload,
-        refusal=Refusal(refusal[0], refusal[1], stage),
-        **extra,
-    )
+    """``payload`` sent by the rule with ``layout``'s shard specs: the defect is in the payload or a spec."""
+    return refused(name, exercises, refusal, stage, one_stream(name, layout, payload), round_manifest)
 
 
 def _shard(layout: PayloadLayout, index: int, **changes: Any) -> PayloadLayout:
@@ -72,71 +72,38 @@ def _flipped(digest: bytes) -> bytes:
     return bytes([digest[0] ^ 0x01]) + digest[1:]
 
 
+def _edited_header(name: str, layout: PayloadLayout, payload: bytes, edit: Callable[[Any], None]) -> Vector:
+    """A stream whose first message's header is changed at the protobuf level (values no domain type holds)."""
+    chunks = build(upload_header(layout.spec, name), layout, payload, cut(layout, chunk_bytes=4096))
+    first = chunk_to_proto(chunks[0])
+    edit(first.header)
+    return Vector(name=name, exercises="", streams=((first.SerializeToString(), *serialize(chunks[1:])),))
+
+
 def header_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
-    """Refused from the header alone."""
-    resigned = _shard(layout, 0, sha256=_flipped(layout.shards[0].sha256))
-    resigned = dataclasses.replace(resigned, sha256=digest_of_digests([s.sha256 for s in resigned.shards]))
-    frames = layout.shards[0].frame_bytes
+    """Refused from the first chunk's header alone."""
     w, b = layout.manifest[0], layout.manifest[1]
     nine = TensorSpec("nine", DType.F32, (1,) * 9)
     nine_layout, nine_payload = encode_bytes({"nine": torch.ones((1,) * 9)}, SHUFFLED)
-    unknown = header_text(upload_header(layout, "bad-unknown-dtype")).replace('"DTYPE_BOOL"', "99")
+
+    def edited(name: str, exercises: str, edit: Callable[[Any], None]) -> Vector:
+        v = _edited_header(name, layout, payload, edit)
+        return refused(name, exercises, INVALID, "header", v.streams)
+
+    def set_dtype(h: Any) -> None:
+        h.manifest[2].dtype = 99
+
+    def set_digest(value: int) -> Callable[[Any], None]:
+        def edit(h: Any) -> None:
+            h.codec.digest = value
+
+        return edit
+
     return [
         bad(
-            "bad-payload-digest",
-            "DeltaHeader.sha256 is not SHA-256 over the shards' sha256 values",
-            dataclasses.replace(layout, sha256=_flipped(layout.sha256)),
-            payload,
-            CHECKSUM,
-            "header",
-        ),
-        bad(
-            "bad-total-bytes",
-            "total_bytes is not the sum of the shards' compressed_bytes",
-            dataclasses.replace(layout, total_bytes=layout.total_bytes + 1),
-            payload,
-            INVALID,
-            "header",
-        ),
-        bad(
-            "bad-piece-beyond-tensor",
-            "a piece runs past the end of its tensor: 64 elements of a tensor the manifest says is [7, 8]",
-            dataclasses.replace(
-                layout, manifest=(dataclasses.replace(w, shape=(7, 8)), *layout.manifest[1:])
-            ),
-            payload,
-            MALFORMED,
-            "header",
-        ),
-        bad(
-            "bad-piece-gap",
-            "a piece starts one element past the first element not yet covered (a gap)",
-            _shard(
-                layout, 0, pieces=(layout.shards[0].pieces[0], Piece(1, 1, 7), *layout.shards[0].pieces[2:])
-            ),
-            payload,
-            MALFORMED,
-            "header",
-        ),
-        bad(
-            "bad-frame-count",
-            "frame_bytes lists one frame fewer than the pieces need (the last two merged; sizes still add up)",
-            _shard(layout, 0, frame_bytes=(*frames[:-2], frames[-2] + frames[-1])),
-            payload,
-            MALFORMED,
-            "header",
-        ),
-        bad(
-            "bad-raw-bytes",
-            "raw_bytes leaves no room for the safetensors header (it equals the pieces' data bytes)",
-            _shard(layout, 0, raw_bytes=64 * 4 + 8 * 4 + 4),
-            payload,
-            MALFORMED,
-            "header",
-        ),
-        bad(
             "bad-manifest-mismatch",
-            "the manifest is consistent, but the round expects w as [64] (round_manifest): names, dtypes and shapes must match",
+            "the manifest is consistent, but the round expects w as [64] (round_manifest): names, dtypes and "
+            "shapes must match",
             layout,
             payload,
             MISMATCH,
@@ -160,64 +127,106 @@ def header_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
             INVALID,
             "header",
         ),
+        edited("bad-unknown-dtype", "a manifest entry's dtype is 99, a value DType does not have", set_dtype),
+        edited(
+            "bad-digest-unspecified",
+            "codec.digest is DIGEST_UNSPECIFIED (0): a sender names its digest algorithm",
+            set_digest(0),
+        ),
+        edited(
+            "bad-digest-unknown",
+            "codec.digest is 7, a value Digest does not have (the frames are hashed with BLAKE3)",
+            set_digest(7),
+        ),
+    ]
+
+
+def spec_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
+    """Refused when the chunk carrying a shard's spec arrives: the spec does not fit the manifest or itself."""
+    frames = layout.shards[0].frame_bytes
+    w = layout.manifest[0]
+    short = _shard(layout, 0, digest=layout.shards[0].digest[:31])
+    return [
         bad(
-            "bad-unknown-dtype",
-            "a manifest entry's dtype is 99, a value DType does not have",
-            layout,
+            "bad-piece-beyond-tensor",
+            "a piece runs past the end of its tensor: 64 elements of a tensor the manifest says is [7, 8]",
+            dataclasses.replace(
+                layout, manifest=(dataclasses.replace(w, shape=(7, 8)), *layout.manifest[1:])
+            ),
             payload,
-            INVALID,
-            "header",
-            header_json=unknown,
+            MALFORMED,
+            "chunk",
         ),
         bad(
+            "bad-piece-gap",
+            "a piece starts one element past the first element not yet covered (a gap)",
+            _shard(
+                layout, 0, pieces=(layout.shards[0].pieces[0], Piece(1, 1, 7), *layout.shards[0].pieces[2:])
+            ),
+            payload,
+            MALFORMED,
+            "chunk",
+        ),
+        bad(
+            "bad-frame-count",
+            "frame_bytes lists one frame fewer than the pieces need (the last two merged; sizes still add up)",
+            _shard(layout, 0, frame_bytes=(*frames[:-2], frames[-2] + frames[-1])),
+            payload,
+            MALFORMED,
+            "chunk",
+        ),
+        bad(
+            "bad-raw-bytes",
+            "raw_bytes leaves no room for the safetensors header (it equals the pieces' data bytes)",
+            _shard(layout, 0, raw_bytes=64 * 4 + 8 * 4 + 4),
+            payload,
+            MALFORMED,
+            "chunk",
+        ),
+        bad(
+            "bad-spec-digest-length",
+            "the shard spec's digest is 31 bytes (every digest is 32)",
+            short,
+            payload,
+            INVALID,
+            "chunk",
+        ),
+    ]
+
+
+def digest_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
+    """Refused once the shard is complete: its digest does not match its frames."""
+    sha = dataclasses.replace(layout, codec=dataclasses.replace(layout.codec, digest=Digest.SHA256))
+    sha_layout, _ = tamper.rebuild(sha, tamper.split_frames(layout, payload))
+    as_blake3 = dataclasses.replace(sha_layout, codec=layout.codec)
+    damaged_at = tamper.frame_offset(sha_layout, 0, 1) + layout.shards[0].frame_bytes[1] // 2
+    return [
+        bad(
             "bad-shard-digest",
-            "a shard's sha256 is not SHA-256 over its frames' digests (the payload digest is consistent with it)",
-            resigned,
+            "the shard spec's digest is not BLAKE3 over its frames' BLAKE3 digests (one bit flipped)",
+            _shard(layout, 0, digest=_flipped(layout.shards[0].digest)),
             payload,
             CHECKSUM,
             "shard",
         ),
-    ]
-
-
-def chunk_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
-    """Refused at a chunk: the payload is the good one; the stream carrying it is wrong."""
-    n = len(payload)
-    half = n // 2
-
-    def plan(*chunks: tuple[int, int, bool, bool, bool]) -> tuple[ChunkPlan, ...]:
-        return tuple(ChunkPlan(o, length, last, header, ok) for o, length, last, header, ok in chunks)
-
-    cases: list[tuple[str, str, tuple[str, str], tuple[ChunkPlan, ...]]] = [
-        ("bad-chunk-crc", "the second chunk's crc32 is not the CRC-32C of its data", CHECKSUM,
-         plan((0, half, False, True, True), (half, n - half, True, False, False))),
-        ("bad-chunk-gap", "the second chunk starts one byte after the end of the first", ORDER,
-         plan((0, half, False, True, True), (half + 1, n - half - 1, True, False, True))),
-        ("bad-chunk-repeat", "the second chunk starts one byte before the end of the first", ORDER,
-         plan((0, half, False, True, True), (half - 1, n - half + 1, True, False, True))),
-        ("bad-chunk-no-header", "the first chunk carries no header", ORDER,
-         plan((0, half, False, False, True), (half, n - half, True, False, True))),
-        ("bad-chunk-early-last", "the first chunk is marked last but ends before total_bytes", ORDER,
-         plan((0, half, True, True, True), (half, n - half, True, False, True))),
-        ("bad-chunk-after-last", "an empty chunk follows the chunk marked last", ORDER,
-         plan((0, n, True, True, True), (n, 0, True, False, True))),
-    ]  # fmt: skip
-    out = [
-        bad(name, text, layout, payload, refusal, "chunk", chunks=chunks)
-        for name, text, refusal, chunks in cases
-    ]
-    out.append(
         bad(
-            "bad-chunk-past-total",
-            "the payload has 16 bytes more than total_bytes: the chunk carrying them runs past the end",
-            layout,
-            payload + bytes(16),
-            INVALID,
-            "chunk",
-            chunk_bytes=1 << 20,
-        )
-    )
-    return out
+            "bad-digest-algorithm",
+            "codec.digest says BLAKE3, but the shard spec's digest is the SHA-256 tree of the same frames",
+            as_blake3,
+            payload,
+            CHECKSUM,
+            "shard",
+        ),
+        bad(
+            "bad-frame-damaged-sha256",
+            "codec.digest SHA-256 (the shard spec's digest the SHA-256 tree), and one byte of frame 1 changed in "
+            "transit",
+            sha_layout,
+            tamper.flip(payload, damaged_at),
+            CHECKSUM,
+            "shard",
+        ),
+    ]
 
 
 def _set(index: int, value: Any) -> Callable[[np.ndarray[Any, Any]], None]:
@@ -256,7 +265,7 @@ def shard_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
     bf16_layout, bf16_payload = encode_bytes(small(), bf16)
     shuffled0 = shuffle(np.frombuffer(raw0, dtype=np.uint8), 4).tobytes()
     cases: list[tuple[str, str, tuple[str, str], tuple[PayloadLayout, bytes]]] = [
-        ("bad-frame-damaged", "one byte of frame 1 (w's block) changed in transit: the shard's sha256 fails",
+        ("bad-frame-damaged", "one byte of frame 1 (w's block) changed in transit: the shard's digest fails",
          CHECKSUM, (layout, tamper.flip(payload, tamper.frame_offset(layout, 0, 1) + len(frames[0][1]) // 2))),
         ("bad-header-frame-damaged", "one byte of frame 0 (the safetensors header) changed in transit",
          CHECKSUM, (layout, tamper.flip(payload, tamper.frame_offset(layout, 0, 0) + len(frames[0][0]) // 2))),
@@ -287,14 +296,17 @@ def shard_vectors(layout: PayloadLayout, payload: bytes) -> list[Vector]:
          NON_FINITE, tamper.edit_block(layout, payload, 0, 2, _bool_two)),
     ]  # fmt: skip
     out = [bad(name, text, lay, data, refusal, "shard") for name, text, refusal, (lay, data) in cases]
+    n = len(payload)
+    name = "bad-truncated"
+    cut_short = [ChunkPlan(0, n - 7, header=True)]
     out.append(
-        bad(
-            "bad-truncated",
-            "the stream ends 7 bytes before total_bytes, without a chunk marked last: resume, not an error in the data",
-            layout,
-            payload[:-7],
+        refused(
+            name,
+            "the stream ends 7 bytes before the end of the only shard, without its spec or a chunk marked last: "
+            "resume, not an error in the data",
             RESUME,
             "end",
+            one_stream(name, layout, payload, cut_short),
         )
     )
     return out
@@ -343,7 +355,9 @@ def malformed_vectors() -> list[Vector]:
     layout, payload = encode_bytes(small(), SHUFFLED)
     return [
         *header_vectors(layout, payload),
-        *chunk_vectors(layout, payload),
+        *stream_vectors(SHUFFLED, small()),
+        *spec_vectors(layout, payload),
+        *digest_vectors(layout, payload),
         *shard_vectors(layout, payload),
         *lossy_vectors(),
     ]

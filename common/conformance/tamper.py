@@ -9,7 +9,6 @@ content size, the safetensors header, the values), not by a digest.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,8 @@ import numpy.typing as npt
 import zstandard
 
 from common.codec.blocks import new_compressor
-from common.codec.layout import block_sizes, digest_of_digests, wire_dtypes
+from common.codec.digests import digest_of_digests, frame_digest
+from common.codec.layout import block_sizes, wire_dtypes
 from common.codec.shuffle import shuffle, unshuffle_into
 from common.delta import PayloadLayout
 from common.dtypes import itemsize, numpy_storage
@@ -44,10 +44,12 @@ def split_frames(layout: PayloadLayout, payload: bytes) -> list[Frames]:
 def rebuild(
     layout: PayloadLayout, shards: Sequence[Frames], raw_bytes: Mapping[int, int] | None = None
 ) -> tuple[PayloadLayout, bytes]:
-    """The layout made consistent with ``shards``' frames (sizes, shard and payload sha256), and the payload.
+    """The layout made consistent with ``shards``' frames (sizes, shard and payload digests), and the payload.
 
     Pieces and manifest stay; ``raw_bytes`` overrides a shard's decompressed size.
+    Digests are taken with the codec's algorithm.
     """
+    algo = layout.codec.digest
     specs = []
     for i, (spec, frames) in enumerate(zip(layout.shards, shards, strict=True)):
         specs.append(
@@ -55,7 +57,7 @@ def rebuild(
                 spec,
                 compressed_bytes=sum(len(f) for f in frames),
                 raw_bytes=(raw_bytes or {}).get(i, spec.raw_bytes),
-                sha256=digest_of_digests([hashlib.sha256(f).digest() for f in frames]),
+                digest=digest_of_digests(algo, [frame_digest(algo, f) for f in frames]),
                 frame_bytes=tuple(len(f) for f in frames),
             )
         )
@@ -63,7 +65,7 @@ def rebuild(
         layout,
         shards=tuple(specs),
         total_bytes=sum(s.compressed_bytes for s in specs),
-        sha256=digest_of_digests([s.sha256 for s in specs]),
+        digest=digest_of_digests(algo, [s.digest for s in specs]),
     )
     return rebuilt, b"".join(b"".join(frames) for frames in shards)
 
@@ -152,8 +154,8 @@ def with_shard_header(
     return replace_frame(layout, payload, shard, 0, frame, raw_bytes=raw)
 
 
-def flip(payload: bytes, offset: int, mask: int = 0x10) -> bytes:
-    """``payload`` with the byte at ``offset`` XORed with ``mask`` (the header keeps its digests: damage)."""
+def flip(payload: bytes | memoryview, offset: int, mask: int = 0x10) -> bytes:
+    """``payload`` with the byte at ``offset`` XORed with ``mask`` (the shard specs keep their digests: damage)."""
     out = bytearray(payload)
     out[offset] ^= mask
     return bytes(out)

@@ -1,16 +1,17 @@
-"""The valid vectors: small deltas encoded with every codec, deterministic (fixed data, fixed zstd level).
+"""The valid vectors: small deltas encoded with every codec and digest, deterministic (fixed data, zstd level).
 
 Data comes from numpy's PCG64 with fixed seeds, and every vector is encoded
-by ``common.codec.encode`` itself, so the stored payload is what this
-implementation sends; ``common.conformance.check`` re-encodes the stored
-tensors and compares.
+by ``common.codec.encode`` itself and cut into chunks by the rule
+(:mod:`.streams`), so the stored stream is what this implementation sends;
+``common.conformance.check`` re-encodes the stored tensors, streams them with
+``iter_chunks`` and compares.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +19,9 @@ import torch
 from common.codec import encode
 from common.codec.compact import compact_tensor, wire_manifest
 from common.codec.layout import DEFAULT_SHARD_BYTES
+from common.conformance.streams import build, cut
 from common.conformance.tamper import shard_header, with_shard_header
-from common.conformance.vectors import Vector, header_text
+from common.conformance.vectors import CHUNK_BYTES, Vector, serialize
 from common.delta import (
     KIB,
     MIN_BLOCK_BYTES,
@@ -27,8 +29,10 @@ from common.delta import (
     Codec,
     DeltaHeader,
     DeltaKind,
+    Digest,
     Lossy,
     PayloadLayout,
+    PayloadSpec,
     TensorSpec,
     UploadMetrics,
 )
@@ -39,6 +43,8 @@ ROUND = 7
 ZSTD_LEVEL = 1  # the encoder's default; fixed here so the vectors do not follow a change of default
 # The smallest block allowed (the sender's choice; 1 MiB by default): a tensor of a few ten KiB spans blocks.
 BLOCK_BYTES = MIN_BLOCK_BYTES
+# The resumed vector's chunks: small, so its shards span several and the break falls inside one.
+RESUME_CHUNK_BYTES = 256
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -95,10 +101,10 @@ def floats(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def upload_header(layout: PayloadLayout, name: str) -> DeltaHeader:
+def upload_header(spec: PayloadSpec, name: str) -> DeltaHeader:
     """The header of an upload (PushDelta) of round ``ROUND``, taken against round ``ROUND - 1``."""
     return DeltaHeader(
-        layout=layout,
+        spec=spec,
         run_id=RUN_ID,
         round=ROUND,
         site_id="site-a",
@@ -110,9 +116,9 @@ def upload_header(layout: PayloadLayout, name: str) -> DeltaHeader:
     )
 
 
-def download_header(layout: PayloadLayout) -> DeltaHeader:
+def download_header(spec: PayloadSpec) -> DeltaHeader:
     """The header of one delta of a FetchDiff stream: no site, no upload id, no sample count, no metrics."""
-    return DeltaHeader(layout=layout, run_id=RUN_ID, round=ROUND, base_round=ROUND - 1, kind=DeltaKind.DIFF)
+    return DeltaHeader(spec=spec, run_id=RUN_ID, round=ROUND, base_round=ROUND - 1, kind=DeltaKind.DIFF)
 
 
 def encode_bytes(
@@ -124,6 +130,29 @@ def encode_bytes(
     sink = io.BytesIO()
     layout = encode(tensors, codec, sink, shard_bytes=shard_bytes, manifest=manifest)
     return layout, sink.getvalue()
+
+
+def sent(
+    header: DeltaHeader,
+    layout: PayloadLayout,
+    payload: bytes,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    resume_at: int | None = None,
+) -> tuple[tuple[bytes, ...], ...]:
+    """The streams a sender sends: one, or (``resume_at``) one broken off there and its resumption.
+
+    ``resume_at`` must be where a chunk of the whole stream begins: the first
+    stream ends just before it, unfinished; the second starts there with the
+    header again, and re-sends the spec of every shard ending after it.
+    """
+    whole = cut(layout, chunk_bytes=chunk_bytes)
+    if resume_at is None:
+        return (serialize(build(header, layout, payload, whole)),)
+    before = [p for p in whole if p.offset < resume_at]
+    assert before and before[-1].offset + before[-1].length == resume_at, "resume_at is not a chunk boundary"
+    after = cut(layout, chunk_bytes=chunk_bytes, start=resume_at)
+    return serialize(build(header, layout, payload, before)), serialize(build(header, layout, payload, after))
 
 
 def decoded(tensors: Mapping[str, torch.Tensor], codec: Codec) -> dict[str, torch.Tensor]:
@@ -143,17 +172,20 @@ def plain(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     download: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    resume_at: Callable[[PayloadLayout], int] | None = None,
 ) -> Vector:
     """A vector of tensors that travel as themselves (exact, or per a cast)."""
     layout, payload = encode_bytes(tensors, codec, shard_bytes)
-    header = download_header(layout) if download else upload_header(layout, name)
+    header = download_header(layout.spec) if download else upload_header(layout.spec, name)
+    at = None if resume_at is None else resume_at(layout)
     return Vector(
         name=name,
         exercises=exercises,
-        header_json=header_text(header),
-        payload=payload,
+        streams=sent(header, layout, payload, chunk_bytes=chunk_bytes, resume_at=at),
         tensors=decoded(tensors, codec),
         shard_bytes=shard_bytes,
+        chunk_bytes=chunk_bytes,
     )
 
 
@@ -167,62 +199,74 @@ def lossy(
     """A lossy upload: each fp32 tensor as its compact parts; ``dense`` is what the worker compensated."""
     round_manifest = tuple(TensorSpec(n, DType.F32, tuple(t.shape)) for n, t in dense.items())
     parts: dict[str, torch.Tensor] = {}
-    sent: dict[str, torch.Tensor] = {}
+    sent_dense: dict[str, torch.Tensor] = {}
     for n, t in dense.items():
-        wire_parts, sent[n] = compact_tensor(n, t, codec)
+        wire_parts, sent_dense[n] = compact_tensor(n, t, codec)
         parts.update(wire_parts)
     manifest = wire_manifest(round_manifest, codec)
     layout, payload = encode_bytes(parts, codec, shard_bytes, manifest)
     return Vector(
         name=name,
         exercises=exercises,
-        header_json=header_text(upload_header(layout, name)),
-        payload=payload,
+        streams=sent(upload_header(layout.spec, name), layout, payload),
         round_manifest=round_manifest,
         tensors=decoded(parts, codec),
-        dense=sent,
+        dense=sent_dense,
         shard_bytes=shard_bytes,
     )
 
 
-def tolerated_header(base: Vector) -> Vector:
-    """``base`` with each shard's safetensors header in a form receivers accept but encoders never write."""
-    header = base.header()
-    layout, payload = header.layout, base.payload
+def tolerated_header(tensors: Mapping[str, torch.Tensor], codec: Codec) -> Vector:
+    """Tensors whose shards' safetensors headers are in a form receivers accept but encoders never write."""
+    layout, payload = encode_bytes(tensors, codec, shard_bytes=64)
     for s in range(len(layout.shards)):
         entries = shard_header(layout, payload, s)
         reordered = {"__metadata__": {"format": "pt"}, **dict(reversed(list(entries.items())))}
         text = json.dumps(reordered, indent=1, ensure_ascii=True).encode()
         layout, payload = with_shard_header(layout, payload, s, text)
+    name = "exact-tolerated-header"
     return Vector(
-        name="exact-tolerated-header",
+        name=name,
         exercises=(
             "safetensors shard headers in a non-canonical but valid form: __metadata__ present, entries in "
             "reverse storage order, whitespace and \\u escapes in the JSON; a receiver compares entries, not "
             "bytes, so it must decode this (an encoder never writes it, so it is not reproducible)"
         ),
-        header_json=header_text(upload_header(layout, "exact-tolerated-header")),
-        payload=payload,
-        tensors=base.tensors,
-        shard_bytes=base.shard_bytes,
+        streams=sent(upload_header(layout.spec, name), layout, payload),
+        tensors=decoded(tensors, codec),
+        shard_bytes=64,
         reproducible=False,
     )
 
 
+def mid_shard(shard: int, chunks: int) -> Callable[[PayloadLayout], int]:
+    """Where to break a stream off: after ``chunks`` chunks of shard ``shard`` (chunks of ``RESUME_CHUNK_BYTES``)."""
+
+    def at(layout: PayloadLayout) -> int:
+        offset = layout.shard_offsets()[shard] + chunks * RESUME_CHUNK_BYTES
+        assert offset < layout.shard_offsets()[shard] + layout.shards[shard].compressed_bytes
+        return offset
+
+    return at
+
+
 def valid_vectors() -> list[Vector]:
     shuffled = Codec(zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES)
-    unshuffled = Codec(byte_shuffle=False, zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES)
+    unshuffled_sha = Codec(
+        byte_shuffle=False, zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES, digest=Digest.SHA256
+    )
     bf16 = Codec(cast=Cast.BF16, zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES)
-    f16 = Codec(cast=Cast.F16, zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES)
+    f16_sha = Codec(cast=Cast.F16, zstd_level=ZSTD_LEVEL, block_bytes=BLOCK_BYTES, digest=Digest.SHA256)
     small = {k: v for k, v in mixed().items() if k in ("model.layers.0.mlp.bias", "i8", "emb.größe")}
     f16_values = floats(40) | {
         "edges": torch.tensor([65504.0, -65504.0, 6e-8, -0.0, 1e-3], dtype=torch.float32)
     }
-    vectors = [
+    return [
         plain(
             "exact",
             "every wire dtype, a 0-d and an empty tensor, a UTF-8 name; a 20,000-element fp32 tensor cut "
-            "across two shards (shard_bytes 72 KiB), its first piece in two blocks (frames) of 64 KiB and rest",
+            "across two shards (shard_bytes 72 KiB), its first piece in two blocks (frames) of 64 KiB and "
+            "rest; BLAKE3; shards of several chunks, the last chunk of each shorter and carrying its spec",
             mixed(big=20_000),
             shuffled,
             shard_bytes=72 * KIB,
@@ -230,10 +274,31 @@ def valid_vectors() -> list[Vector]:
         plain(
             "exact-noshuffle",
             "the same dtypes without the byte shuffle, in shards of at most 256 bytes of tensor data, so "
-            "tensors are cut into pieces across many shards; the header of a FetchDiff delta (no site)",
+            "tensors are cut into pieces across many shards, one chunk each; SHA-256; the header of a "
+            "FetchDiff delta (no site)",
             mixed(),
-            unshuffled,
+            unshuffled_sha,
             shard_bytes=256,
+            download=True,
+        ),
+        plain(
+            "resumed-mid-shard",
+            "an upload broken off in the middle of its second shard (stream 1: shards of 512 bytes of tensor "
+            "data in chunks of 256 bytes, up to there, no chunk marked last) and resumed there (stream 2: the "
+            "header again, then the rest of the shards; the interrupted shard's spec rides on the chunk that "
+            "ends it); the receiver keeps the offset and the specs of the shards it completed in stream 1",
+            floats(70),
+            shuffled,
+            shard_bytes=512,
+            chunk_bytes=RESUME_CHUNK_BYTES,
+            resume_at=mid_shard(1, 1),
+        ),
+        plain(
+            "empty",
+            "a delta of no tensors (a FetchDiff delta that changes nothing): no shards, so the stream is one "
+            "chunk with the header, no data, marked last and carrying no shard spec",
+            {},
+            shuffled,
             download=True,
         ),
         plain(
@@ -245,10 +310,11 @@ def valid_vectors() -> list[Vector]:
         ),
         plain(
             "f16",
-            "cast to f16: f32 and f64 travel as F16; 65504, subnormals and -0.0 survive; shard_bytes 512",
+            "cast to f16: f32 and f64 travel as F16; 65504, subnormals and -0.0 survive; shard_bytes 512; "
+            "SHA-256",
             f16_values
             | {"f64": normal(41, (3, 5), dtype=torch.float64), "i32": integers(42, (3,), -9, 9, torch.int32)},
-            f16,
+            f16_sha,
             shard_bytes=512,
         ),
         lossy(
@@ -289,6 +355,5 @@ def valid_vectors() -> list[Vector]:
                 block_bytes=BLOCK_BYTES,
             ),
         ),
+        tolerated_header(small, shuffled),
     ]
-    vectors.append(tolerated_header(plain("tolerated-base", "", small, shuffled, shard_bytes=64)))
-    return vectors
