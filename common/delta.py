@@ -223,6 +223,7 @@ class DeltaHeader:
     base_round: int = 0
     kind: DeltaKind = DeltaKind.DIFF
     metrics: UploadMetrics = field(default_factory=UploadMetrics)
+    sites: int = 0  # PARTIAL_SUM: the sites' uploads the sum holds (>= 1); 0 otherwise
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,6 +160,7 @@ def header_to_proto(header: DeltaHeader) -> pb.DeltaHeader:
         base_round=header.base_round,
         kind=pb.DeltaKind.ValueType(int(header.kind)),
         metrics=metrics_to_proto(header.metrics),
+        sites=header.sites,
     )
 
 
@@ -182,6 +183,7 @@ def header_from_proto(msg: pb.DeltaHeader) -> DeltaHeader:
         base_round=msg.base_round,
         kind=_enum(DeltaKind, msg.kind, "kind"),
         metrics=metrics_from_proto(msg.metrics),
+        sites=msg.sites,
     )
 
 

@@ -457,6 +457,7 @@ class DeltaHeader(_message.Message):
     BASE_ROUND_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """the run this delta belongs to (from JoinReply)"""
     round: _builtins.int
@@ -472,6 +473,10 @@ class DeltaHeader(_message.Message):
     kind: Global___DeltaKind.ValueType
     """upload: RoundSpec.base_round, the latest published round
     upload: DELTA_KIND_DIFF; download: DIFF or SNAPSHOT
+    """
+    sites: _builtins.int
+    """PARTIAL_SUM (an intermediate aggregator's upload): how many sites' uploads the sum holds, >= 1;
+    sample_count is then the sum of their sample counts. 0 otherwise.
     """
     @_builtins.property
     def codec(self) -> Global___Codec: ...
@@ -496,10 +501,11 @@ class DeltaHeader(_message.Message):
         base_round: _builtins.int = ...,
         kind: Global___DeltaKind.ValueType = ...,
         metrics: Global___UploadMetrics | None = ...,
+        sites: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "codec", b"codec", "kind", b"kind", "manifest", b"manifest", "metrics", b"metrics", "round", b"round", "run_id", b"run_id", "sample_count", b"sample_count", "site_id", b"site_id", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "codec", b"codec", "kind", b"kind", "manifest", b"manifest", "metrics", b"metrics", "round", b"round", "run_id", b"run_id", "sample_count", b"sample_count", "site_id", b"site_id", "sites", b"sites", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
