@@ -31,7 +31,14 @@ from common.codec.chunks import ChunkVerifier
 from common.codec.decoder import ShardDecoder
 from common.codec.layout import DecodeLimits
 from common.delta import MIB, Chunk, DeltaHeader, PayloadLayout, ShardSpec
-from common.errors import GdfedError, LimitExceeded, MalformedShard, ManifestMismatch, RoundClosed, TruncatedStream
+from common.errors import (
+    GdfedError,
+    LimitExceeded,
+    MalformedShard,
+    ManifestMismatch,
+    RoundClosed,
+    TruncatedStream,
+)
 from server.accumulation import Accumulation
 from server.folding import FoldJob, FoldWorker
 from server.records import UploadRecord
