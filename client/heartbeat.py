@@ -147,6 +147,7 @@ class Heartbeat:
         self._site_id = site_id
         self._status = status
         self._interval = interval_s
+        self._notice = ""  # the last CONTINUE message logged
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -200,6 +201,12 @@ class Heartbeat:
             s.stop.set()
         elif directive == Directive.ABORT_ROUND:
             s.abort_round = s.round
+        elif reply.message and reply.message != self._notice:
+            # An intermediate aggregator says here why a round was lost upstream (the root closed it
+            # before the partial sum arrived): logged once per new message, not on every beat.
+            logger.info("[heartbeat] the aggregator says: %s", reply.message)
+        if directive != Directive.STOP:
+            self._notice = reply.message
         return reply
 
     def _loop(self) -> None:
