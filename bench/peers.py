@@ -304,6 +304,17 @@ def run_nvflare(k: int, rounds: int, quick: bool, work: Path, timeout: float = 3
                     "NVFlare job failed:\n" + procs.log_tail("submit") + procs.log_tail("server")
                 )
             listeners = _listeners()
+            # The job's runner may log its "Finished FedAvg." after the admin API reported the job
+            # done (twice in four K = 4 runs the processes were stopped first): let it, while they run.
+            settle = time.monotonic() + 15
+            while (
+                time.monotonic() < settle
+                and _nvflare_round_times(
+                    [work / "logs" / "server.log", *sorted((prod / "server").rglob("log.txt"))]
+                )[1]
+                is None
+            ):
+                time.sleep(0.5)
         finally:
             sampler.stop()
     starts, finished = _nvflare_round_times(
