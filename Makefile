@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck proto proto-check bench bench-wan bench-worker compare plots reliability clean
+.PHONY: setup demo test lint typecheck proto proto-check bench bench-wan bench-worker bench-tree compare plots reliability clean
 
 setup: $(STAMP)
 
@@ -48,12 +48,18 @@ bench: plots
 	$(PY) -m bench.limits
 	$(PY) -m bench.compare_peers
 	$(PY) -m bench.worker
+	$(MAKE) bench-tree
 	$(MAKE) bench-wan
 
 # What a worker holds (docs/worker.md): LoRA site accounting, CPU modes, the full fine-tune's host
 # side. On a CUDA machine, `$(PY) -m bench.worker --gpu` adds the GPU section.
 bench-worker: setup
 	$(PY) -m bench.worker
+
+# One round of 64 sites, flat against a root with 4 intermediates (docs/scaling.md): the root's RSS,
+# ingest and round time (about a minute on 2 cores).
+bench-tree: setup
+	$(PY) -m bench.tree
 
 # The round on shaped links (bench/wan): sites and aggregator in network namespaces, tbf rates, a
 # userspace delay line for the RTT. Needs root (ip netns, tc); ours, Flower and NVIDIA FLARE, K = 4.

@@ -267,6 +267,11 @@ CATALOG: Mapping[str, Reason] = {
     "CERT_MISMATCH": Reason(_C.PERMISSION_DENIED, "the client certificate does not name the token's site "
                             "(metadata.expected, metadata.presented)",
                             "connect with the site's own certificate and token"),
+    "NOT_AN_INTERMEDIATE": Reason(_C.PERMISSION_DENIED, "a PARTIAL_SUM from a site that is not one of the "
+                                  "root's [tree] intermediates", "upload DIFF; or the operator lists the "
+                                  "site in [tree] intermediates"),
+    "PARTIAL_SUMS_ONLY": Reason(_C.PERMISSION_DENIED, "a DIFF from one of the root's [tree] intermediates, "
+                                "which holds no data of its own", "upload the subtree's PARTIAL_SUM"),
     # UNAUTHENTICATED
     "UNAUTHENTICATED": Reason(_C.UNAUTHENTICATED, "the call carries no valid credential", "check the token"),
     "NO_TOKEN": Reason(_C.UNAUTHENTICATED, "no `authorization: Bearer <token>` metadata",

@@ -24,6 +24,13 @@ decodes the accepted spools once more. An upload over ``max_norm`` is refused,
 and one whose ``n_i·‖Δ_i‖`` would take the sum near the accumulator's range
 too: ``Σ n_i·‖Δ_i‖`` bounds every element of the sum, so it cannot overflow.
 
+Partial sums (``mark_partial``; docs/operator.md "A tree of aggregators: the root"): an
+intermediate aggregator's upload already holds ``Σ n_i·Δ_i`` of its sites, so it folds with
+weight 1 while ``accept`` still adds its ``Σ n_i`` to the round's weight; the mean is
+``Σ_all n_i·Δ_i / Σ_all n_i``, as in a flat federation. Its norm is that of a sum, so neither
+the clipping bound nor ``max_norm`` applies to it (its intermediate bounds its own sites); the
+accumulator's range check (the mass) does, and keeps the sum finite.
+
 A round whose rule is not the mean (``server.robust``: trimmed mean, median) keeps no sum
 (``summing=False``) but still ``checks`` every upload as it streams in: decoded, lossy ones
 assembled against this manifest, and its norm measured and bounded by ``max_norm``; the close
@@ -97,6 +104,7 @@ class Accumulation:
         self.bounds = bounds or RoundBounds()
         self._squares: dict[str, float] = {}  # Σ Δ² of each upload so far (fp64)
         self._held: set[str] = set()  # over the clipping bound while streaming: its folds stopped
+        self._partial: set[str] = set()  # intermediates' partial sums: weight 1, not bounded per site
         self._mass = 0.0  # Σ n·scale·‖Δ‖ (so far) of everything added
         self._mass_of: dict[str, float] = {}
         self._mass_limit = torch.finfo(ACCUMULATORS[precision]).max * _MASS_HEADROOM
@@ -137,24 +145,27 @@ class Accumulation:
                 _check_same(upload_id, shard, done[shard], digest)
                 return True
             done[shard] = digest
-            weight = 1 if self.uniform else weight
+            partial = upload_id in self._partial
+            weight = 1 if self.uniform or partial else weight
             if not self.checked:
                 # Lossy ones too: their tensors may differ in shape from this manifest (FlexLoRA's
                 # ranks); the close reads the spools back through common.codec.compact.decode_dense,
                 # which checks the compact data against the upload's own manifest. A dense upload's
                 # norm is still bounded by max_norm here.
                 if payload is None or not is_lossy(payload.codec):
-                    self._measure(upload_id, [p.values for p in pieces])
+                    self._measure(upload_id, [p.values for p in pieces], bounded=not partial)
                 return True
             ranges = (
                 self._compact_ranges(upload_id, pieces, payload)
                 if payload is not None and is_lossy(payload.codec)
                 else [(p.name, p.start, p.values) for p in pieces]
             )
-            norm = self._measure(upload_id, [values for _, _, values in ranges])
+            norm = self._measure(upload_id, [values for _, _, values in ranges], bounded=not partial)
             if not self.summing:
                 return True  # a robust rule reads the spools at the close (server.robust)
-            if scale is None:
+            if partial:
+                scale = 1.0  # its sites were clipped by their intermediate
+            elif scale is None:
                 if upload_id in self._held or norm > self.bounds.clip:
                     self._held.add(upload_id)  # folded again, scaled, when the round closes
                     return True
@@ -183,12 +194,13 @@ class Accumulation:
             del self._assemblers[upload_id]
         return ranges
 
-    def _measure(self, upload_id: str, values: Sequence[torch.Tensor]) -> float:
-        """Add these values to the upload's squared norm; its norm so far (refused over max_norm)."""
+    def _measure(self, upload_id: str, values: Sequence[torch.Tensor], *, bounded: bool = True) -> float:
+        """Add these values to the upload's squared norm; its norm so far (refused over max_norm if ``bounded``)."""
         squares = self._squares.get(upload_id, 0.0) + sum(squared_norm(v) for v in values)
         self._squares[upload_id] = squares
         norm = math.sqrt(squares)
-        self.bounds.check(upload_id, norm)
+        if bounded:
+            self.bounds.check(upload_id, norm)
         return norm
 
     def _add_mass(self, upload_id: str, mass: float) -> None:
@@ -208,8 +220,17 @@ class Accumulation:
             part = values[lo : lo + _SCALED_CHUNK].to(torch.float64).mul_(alpha)
             self.sum.fold(name, start + lo, part, 1.0)
 
+    def mark_partial(self, upload_id: str) -> None:
+        """Take ``upload_id`` as an intermediate's partial sum Σ n_i·Δ_i (before any of it folds).
+
+        Its shards fold with weight 1, unclipped and without ``max_norm``; ``accept`` is still
+        given its sample_count Σ n_i, the weight it adds to the round.
+        """
+        with self.lock:
+            self._partial.add(upload_id)
+
     def accept(self, upload_id: str, weight: int) -> bool:
-        """Count a fully folded upload's weight; False once the round has closed."""
+        """Count a fully folded upload's weight (a partial sum's: its Σ n_i); False once the round has closed."""
         with self.lock:
             if self.detached:
                 return False

@@ -245,7 +245,9 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
                     f"tok/s={_num(measured(p.training.tokens_per_second), ',.0f')} "
                     f"step={_num(measured(p.training.step_seconds), '.3f')}s peak={memory_note(p.training)}"
                     + (" OUTLIER" if p.outlier else "")
+                    + (f" partial sum of {p.sites} site(s)" if p.sites else "")
                 )
+    lines += render_tree(status)
     lines += [
         "",
         f"{'site':<20} {'state':<8} {'last beat':>9} {'rounds':>6} {'held':>5} {'phase':<10} {'step':>11} "
@@ -259,6 +261,26 @@ def render(status: Any, rounds: list[Any], sites: list[Any], now_ms: int | None 
             f"{memory_note(s.training):>20}  {_short(s.last_problem, 60)}"
         )
     return "\n".join(lines)
+
+
+def render_tree(status: Any) -> list[str]:
+    """The root of a tree: each intermediate and its last accepted partial sum (none: no lines)."""
+    from server.status_json import SITE_STATES, word
+
+    if not status.intermediates:
+        return []
+    lines = [
+        "",
+        f"{'intermediate':<20} {'state':<10} {'last beat':>9} {'round':>5} {'sites':>5} {'samples':>8} {'accepted':>8}",
+    ]
+    for i in status.intermediates:
+        state = word(SITE_STATES, i.state) or ("-" if i.joined else "not joined")
+        sent = [str(i.round), str(i.sites), str(i.samples)] if i.round else ["-", "-", "-"]
+        lines.append(
+            f"{i.site_id:<20} {state:<10} {_ms(i.last_beat_unix_ms):>9} {sent[0]:>5} {sent[1]:>5} "
+            f"{sent[2]:>8} {_ms(i.accepted_unix_ms):>8}"
+        )
+    return lines
 
 
 def _steps(site: Any) -> str:

@@ -206,6 +206,18 @@ class WeightedSum:
         self._scratch = None
         return self._drain(self._total_weight)
 
+    def totals(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, Σ n_k Δ_k)`` as fp32, tensor by tensor, in manifest order: the sum itself,
+        not divided (an intermediate aggregator's partial sum, server.upstream.forward).
+
+        As ``mean()``: each accumulator is released as it is yielded (with a ``memory`` lease,
+        the fp32 results are views of it until ``release``), and the object is spent afterwards.
+        """
+        self._check_live("totals")
+        self._spent = True
+        self._scratch = None
+        return self._drain(1.0)  # x / 1.0 is exact: the fp32 sum, or the fp64 one rounded once
+
     def _drain(self, total_weight: float) -> Iterator[tuple[str, torch.Tensor]]:
         while self._acc:
             name = next(iter(self._acc))

@@ -38,6 +38,7 @@ from server.metrics import Metrics
 from server.servicers import AdminServicer, FederationServicer
 from server.state_lock import StateDirLock
 from server.tokens import SiteTokens
+from server.upstream.bootstrap import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,9 @@ class _Built:
 def _build(config: ServerConfig) -> _Built:
     # Checked before the coordinator is built: a bad tokens file fails the start with its line.
     tokens = SiteTokens(config.site_tokens, config.site_tokens_files, config.admin_token)
+    if config.upstream.enabled:
+        # An intermediate: the parent's run id and spec; on the first start, the parent's state too.
+        config = prepare(config)
     coordinator = Coordinator(config)
     auth = Authenticator(tokens, config.admin_token, bind_site_to_cert=config.tls.bind_site_to_cert)
     if not tokens.sites():

@@ -53,6 +53,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="tls.bind_site_to_cert",
         help="take a site's token only with a client certificate whose CN or SAN is the site id",
     )
+    tree = parser.add_argument_group(
+        "intermediate of a tree", "serve as an aggregator to its sites and a site to a parent aggregator"
+    )
+    tree.add_argument(
+        "--upstream", dest="upstream.address", metavar="HOST:PORT", help="the parent aggregator"
+    )
+    tree.add_argument(
+        "--upstream-site-id", dest="upstream.site_id", help="this aggregator's site id at the parent"
+    )
+    tree.add_argument(
+        "--upstream-token-file", type=Path, dest="upstream.token_file", help="its site token at the parent"
+    )
+    tree.add_argument(
+        "--upstream-ca", type=Path, dest="upstream.ca", help="TLS to the parent, trusting this CA"
+    )
+    tree.add_argument(
+        "--upstream-cert", type=Path, dest="upstream.cert", help="mutual TLS: this client certificate"
+    )
+    tree.add_argument("--upstream-key", type=Path, dest="upstream.key", help="mutual TLS: its key")
+    tree.add_argument(
+        "--forward-margin",
+        type=float,
+        dest="upstream.forward_margin_s",
+        help="seconds before the parent's deadline at which this aggregator closes and forwards "
+        "(default: 10%% of the parent's round)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

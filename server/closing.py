@@ -472,8 +472,10 @@ class Closing:
     def _note_influence(self, upload: UploadRecord, bounds: RoundBounds, norm: float) -> None:
         """Store an accepted upload's norm, clip factor and outlier flag (inside the transaction)."""
         upload.norm = norm
-        upload.clip_scale = bounds.scale(norm) if self._state.plan.streaming_fold and norm > 0 else 1.0
-        upload.outlier = bounds.is_outlier(norm)
+        per_site = upload.sites == 0  # a partial sum's norm is of Σ n_i·Δ_i: never clipped, no outlier
+        scaled = self._state.plan.streaming_fold and norm > 0 and per_site
+        upload.clip_scale = bounds.scale(norm) if scaled else 1.0
+        upload.outlier = per_site and bounds.is_outlier(norm)
         self._state.store.put(upload)
 
     def _load_optimizer(self) -> ServerOptimizer:

@@ -36,10 +36,12 @@ from typing import TypeVar
 
 from common.codec.layout import DecodeLimits
 from common.delta import GIB, MIB, Codec
-from common.errors import FailedPrecondition
 from common.spec import LocalOptimizer, LrSchedule, Method, TrainingSpec
+from server.config_error import ConfigError
 from server.cybgd import CyBgdMode
 from server.optimizers import OptimizerName, make_optimizer, optimizer_params
+from server.tree_config import TreeConfig, check_tree
+from server.upstream.settings import UpstreamConfig, check_upstream
 
 __all__ = [
     "MAX_STREAM_WINDOW",
@@ -64,14 +66,6 @@ __all__ = [
 # Bounds of stream_window_bytes, the HTTP/2 window of each received stream (server.app.server_options).
 MIN_STREAM_WINDOW = 64 * 1024
 MAX_STREAM_WINDOW = 1 << 30
-
-
-class ConfigError(FailedPrecondition, ValueError):
-    """A setting the daemon cannot run with; ``field`` names it (``section.name``).
-
-    A ValueError, as the loader's errors always were, and a FailedPrecondition, as the
-    Coordinator's checks of the same settings were, so callers of either keep working.
-    """
 
 
 class CyBgdOptimizerState(StrEnum):
@@ -309,6 +303,8 @@ class ServerConfig:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)  # the root of a tree: its intermediates
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)  # an intermediate: its parent
     publish: PublishPolicy = field(default_factory=PublishPolicy)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     broadcast_codec: Codec = field(default_factory=Codec)
@@ -356,6 +352,16 @@ class ServerConfig:
             )
         _bounded("rounds", self.rounds, low=0)
         self._check_rule_and_privacy()
+        check_tree(self.tree, method=method, rule=self.aggregation.rule, privacy=self.privacy.enabled)
+        check_upstream(
+            self.upstream,
+            method=method,
+            server_optimizer=(self.optimizer.name.value, self.optimizer.lr),
+            rule=self.aggregation.rule.value,
+            privacy=self.privacy.enabled,
+            rounds=self.rounds,
+            init_state=self.init_state,
+        )
         self._check_training_schedule()
         _bounded("heartbeat_interval_s", self.heartbeat_interval_s, low=0, above=True)
         _bounded("missed_beats", self.missed_beats, low=1)

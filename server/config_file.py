@@ -42,6 +42,8 @@ from server.config import (
     _pick,
 )
 from server.tokens import TokenEntry, check_entries, inline_entries, parse_token_lines, read_token_file
+from server.tree_config import TreeConfig
+from server.upstream.settings import UpstreamConfig
 
 __all__ = ["load_config", "parse_tokens", "read_secret"]
 
@@ -198,6 +200,8 @@ _STRUCTURED = (
     "influence",
     "aggregation",
     "privacy",
+    "tree",
+    "upstream",
     "publish",
     "training",
     "broadcast_codec",
@@ -206,6 +210,25 @@ _STRUCTURED = (
     "site_tokens_files",
     "admin_token",
 )
+
+
+_UPSTREAM_FILES = ("token_file", "ca", "cert", "key")
+
+
+def _upstream(raw: object, settings: Mapping[str, Any]) -> UpstreamConfig:
+    """``[upstream]`` (flags merged in), its token read from ``token_file``; an intermediate's
+    ``[training]`` is refused: the parent's spec is the one its sites train with."""
+    values = _values(UpstreamConfig, raw, "upstream")
+    token_file = values.get("token_file")
+    if token_file is not None:
+        values["token"] = read_secret(token_file, "upstream.token_file")
+    if values.get("address") and "training" in settings:
+        raise ConfigError(
+            f"[training] in an intermediate (upstream.address = {values['address']!r}): the parent "
+            "decides the training spec and its sites train with the parent's; remove [training]",
+            field="training",
+        )
+    return UpstreamConfig(**values)
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig:
@@ -236,6 +259,11 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
             raw[key] = rel(raw[key])
     if "tls" in raw:
         raw["tls"] = {k: rel(v) if isinstance(v, str) else v for k, v in _table(raw["tls"], "tls").items()}
+    if "upstream" in raw:  # its files, as tls's: relative to the config file
+        raw["upstream"] = {
+            k: rel(v) if k in _UPSTREAM_FILES and isinstance(v, str) else v
+            for k, v in _table(raw["upstream"], "upstream").items()
+        }
     flags: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
@@ -280,6 +308,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> ServerConfig
             **_values(AggregationConfig, raw.pop("aggregation", {}), "aggregation")
         ),
         privacy=PrivacyConfig(**_values(PrivacyConfig, raw.pop("privacy", {}), "privacy")),
+        tree=TreeConfig(**_values(TreeConfig, raw.pop("tree", {}), "tree")),
+        upstream=_upstream(raw.pop("upstream", {}), raw),
         publish=PublishPolicy(**_values(PublishPolicy, raw.pop("publish", {}), "publish")),
         tls=tls,
         training=_training(raw.pop("training", {})),

@@ -6,6 +6,7 @@
       ├── Fetching (fetching)        FetchDiff
       ├── Closing (closing)          close, aggregate and publish, or fail a round
       ├── RoundLoop (round_loop)     tick -> rounds.decide -> close or fail -> open the next
+      │     or RelayLoop (upstream)  an intermediate's: the parent's rounds, forward, adopt
       └── RunAdmin (run_admin)       the Admin service's reads and controls
 
 Each part receives the state and the narrow collaborators it calls; none of
@@ -36,6 +37,7 @@ from server.run_admin import RunAdmin
 from server.run_state import RunState
 from server.spool import Spool
 from server.store import Store
+from server.upstream.relay_loop import relay_loop
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,20 @@ class Coordinator:
             manifest=manifest,
             snapshot_estimate=self.fetching.snapshot_estimate,
         )
-        self.loop = RoundLoop(state=state, membership=self.membership, closing=self.closing, config=config)
+        if config.upstream.enabled:  # an intermediate of a tree: its rounds are its parent's
+            self.loop: RoundLoop = relay_loop(
+                state=state,
+                membership=self.membership,
+                closing=self.closing,
+                config=config,
+                blobs=self.blobs,
+                spool=self.spool,
+                snapshot_estimate=self.fetching.snapshot_estimate,
+            )
+        else:
+            self.loop = RoundLoop(
+                state=state, membership=self.membership, closing=self.closing, config=config
+            )
         self.intake = Intake(state=state, spool=self.spool, folder=self.folder, config=config)
         self.admin = RunAdmin(
             state=state,
@@ -84,6 +99,7 @@ class Coordinator:
             full_model_bytes=sum(t.numel * 4 for t in manifest),
             total_rounds=config.rounds,
             configured_sites=len(config.site_tokens),
+            intermediates=config.tree.intermediates,
         )
         self._recover()
 

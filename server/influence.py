@@ -72,10 +72,11 @@ def round_bounds(config: InfluenceConfig, history: Sequence[float]) -> RoundBoun
 
 
 def recent_norms(store: Store, before_round: int, count: int) -> list[float]:
-    """The norms of the last ``count`` uploads accepted in rounds before ``before_round``."""
+    """The norms of the last ``count`` sites' uploads accepted in rounds before ``before_round``
+    (not intermediates' partial sums, ``sites`` > 0: theirs are norms of sums)."""
     uploads = store.select(
         UploadRecord,
-        "state = ? AND round < ? AND round >= ? AND norm > 0",
+        "state = ? AND round < ? AND round >= ? AND norm > 0 AND sites = 0",
         (int(UploadState.ACCEPTED), before_round, before_round - count),
         order="round DESC, seq DESC",
     )

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from common.codec.compact import wire_manifest
 from common.codec.layout import validate_codec, validate_spec
-from common.delta import Cast, Chunk, Codec, DeltaHeader, DeltaKind, Lossy, ShardSpec
+from common.delta import Cast, Chunk, Codec, DeltaHeader, Lossy, ShardSpec
 from common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -33,6 +33,7 @@ from common.serde import (
 )
 from server.config import ServerConfig
 from server.folding import FoldWorker
+from server.partial_sums import check_kind, check_partial_codec, is_partial
 from server.reasons import refusal_reason
 from server.records import RoundState, SiteState, UploadRecord, UploadState, check_id, training_fields
 from server.run_state import RunState
@@ -182,6 +183,8 @@ class Intake:
                 started_ms=self._state.now_ms(),
                 train_loss=header.metrics.train_loss,
                 eval_loss=header.metrics.eval_loss,
+                kind=int(header.kind),
+                sites=header.sites,
                 **training_fields(header.metrics.training),
             )
             # A resume at the committed offset continues after the shards recorded with it; one
@@ -194,6 +197,8 @@ class Intake:
             current = self._state.current_round()
             acc = self._state.acc
             assert current is not None and acc is not None
+            if is_partial(header):
+                acc.mark_partial(header.upload_id)  # weight 1 in the fold, its Σ n_i at acceptance
             self._state.progress(current, RoundState.COLLECTING)
             session = UploadSession(
                 intake=self,
@@ -247,14 +252,13 @@ class Intake:
             )
         if state.run.finished:
             raise FailedPrecondition("the run is finished", field="round", reason="RUN_FINISHED")
-        if header.kind is not DeltaKind.DIFF:
-            raise InvalidArgument(f"header.kind is {header.kind.name}; uploads are DIFF", field="kind")
         if not 1 <= header.sample_count <= MAX_SAMPLES:
             raise InvalidArgument(
                 f"header.sample_count is {header.sample_count}; must be 1..{MAX_SAMPLES}",
                 field="sample_count",
                 limit=MAX_SAMPLES,
             )
+        check_kind(site_id, header, self._config.tree.intermediates)  # DIFF, or an intermediate's PARTIAL_SUM
         latest = state.latest_published()
         if header.base_round != latest.round:
             raise FailedPrecondition(
@@ -276,7 +280,10 @@ class Intake:
         # its chunks arrive (UploadSession.receive), the manifest bounding every shard.
         codec = header.spec.codec
         validate_codec(codec)  # before the manifest: it derives from the codec (top-k); names codec.digest
-        _check_round_codec(codec, self._config.training.upload_codec)
+        if is_partial(header):
+            check_partial_codec(codec)
+        else:
+            _check_round_codec(codec, self._config.training.upload_codec)
         expected = wire_manifest(state.plan.upload_manifest(assignment), codec)  # lossy: compact names
         validate_spec(header.spec, self._config.limits, expected=expected)
         for upload in self._store.select(

@@ -108,6 +108,9 @@ class Membership:
         self._state = state
         self._config = config
         self._live_since_ms = state.now_ms()
+        # What every CONTINUE beat reply says besides ("" = nothing). An intermediate aggregator
+        # (server.upstream.relay_loop) tells its sites here why a round's uploads were lost upstream.
+        self.notice: Callable[[], str] = lambda: ""
 
     @property
     def _interval_ms(self) -> int:
@@ -228,7 +231,7 @@ class Membership:
                 return BeatReply(
                     Directive.ABORT_ROUND, current.round, self._interval_ms, f"round {round_number} is over"
                 )
-            return BeatReply(Directive.CONTINUE, run.current_round, self._interval_ms)
+            return BeatReply(Directive.CONTINUE, run.current_round, self._interval_ms, self.notice())
 
     def await_round(
         self, site_id: str, after_round: int, wait_s: float, gone: Callable[[], bool] | None = None

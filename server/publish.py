@@ -268,12 +268,15 @@ def rebuild(
 
     Each folds scaled by the round's clipping bound (``acc.bounds``); with clipping on, an
     upload whose norm is not in ``norms`` is read twice: once to measure it, once to fold it.
+    An intermediate's partial sum folds with weight 1, never clipped (``Accumulation.mark_partial``).
     """
     for upload in uploads:
         upload_id, layout = upload.upload_id, upload.layout
         validate_layout(layout)
         scale = 1.0
-        if acc.summing and math.isfinite(acc.bounds.clip):
+        if upload.partial:
+            acc.mark_partial(upload_id)
+        elif acc.summing and math.isfinite(acc.bounds.clip):
             known = (norms or {}).get(upload_id)
             norm = known if known is not None else measure(upload_id, layout, spool, acc.manifest)
             scale = acc.bounds.scale(norm)

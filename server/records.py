@@ -184,6 +184,10 @@ class UploadRecord:
     peak_is_accelerator: bool = False
     ranks: int = 0
     tokens: int = 0
+    # What the upload is (common.delta.DeltaKind's value: 1 DIFF, a site's own delta; 3 PARTIAL_SUM,
+    # an intermediate aggregator's Σ n_i·Δ_i) and, for a partial sum, how many sites' uploads it holds.
+    kind: int = 1
+    sites: int = 0
 
 
 def training_fields(stats: TrainingStats) -> dict[str, Any]:

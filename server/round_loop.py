@@ -138,10 +138,19 @@ class RoundLoop:
         alive = state.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),))
         if len(alive) < run.min_sites_to_open:
             return
-        number = run.current_round + 1
         now = state.now_ms()
-        deadline = now + run.round_deadline_s * 1000 if run.round_deadline_s else 0
-        record = RoundRecord(round=number, state=RoundState.OPEN, opened_ms=now, deadline_ms=deadline)
+        self.open_round(
+            run.current_round + 1, now + run.round_deadline_s * 1000 if run.round_deadline_s else 0
+        )
+
+    def open_round(self, number: int, deadline_ms: int) -> None:
+        """Open round ``number`` for the alive sites, due by ``deadline_ms`` (0: none; caller holds
+        the lock). An intermediate's loop (server.upstream.relay_loop) opens its parent's rounds here."""
+        state = self._state
+        run = state.run
+        alive = state.store.select(SiteRecord, "state = ?", (int(SiteState.ALIVE),))
+        now = state.now_ms()
+        record = RoundRecord(round=number, state=RoundState.OPEN, opened_ms=now, deadline_ms=deadline_ms)
         with state.store.transaction():
             run.current_round = number
             state.store.put(run)

@@ -32,6 +32,7 @@ from server.records import (
     training_of,
 )
 from server.run_state import RunState
+from server.tree_view import IntermediateView, intermediates_view
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class StatusView:
     total_rounds: int
     full_model_bytes: int
     waiting_reason: str = ""  # why the run does not move now ("" = it does)
+    intermediates: tuple[IntermediateView, ...] = ()  # the root of a tree: its [tree] intermediates
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class SiteInRound:
     clip_scale: float = 0.0
     outlier: bool = False
     training: TrainingStats = dataclasses.field(default_factory=TrainingStats)  # as its upload said (0: none)
+    sites: int = 0  # its upload is an intermediate's partial sum of this many sites' uploads (0: its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,7 @@ class RunAdmin:
     ``intake``, to stop an evicted site's uploads; the ``full_model_bytes`` of the fp32
     trainable state (compression ratios are against it), the ``total_rounds`` the run is
     configured for (0: until stopped) and ``configured_sites``, how many site tokens the config
-    holds (no more sites can ever join).
+    holds (no more sites can ever join); ``intermediates``, the sites a root's ``[tree]`` names.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class RunAdmin:
         full_model_bytes: int,
         total_rounds: int,
         configured_sites: int,
+        intermediates: tuple[str, ...] = (),
     ) -> None:
         self._state = state
         self._rounds = rounds
@@ -123,6 +127,7 @@ class RunAdmin:
         self._full_model_bytes = full_model_bytes
         self._total_rounds = total_rounds
         self._configured_sites = configured_sites
+        self._intermediates = intermediates
 
     def status(self) -> StatusView:
         with self._lock:
@@ -136,6 +141,7 @@ class RunAdmin:
                 total_rounds=self._total_rounds,
                 full_model_bytes=self._full_model_bytes,
                 waiting_reason=self._rounds.waiting().line(self._state.now_ms()),
+                intermediates=intermediates_view(self._store, self._intermediates),
             )
 
     def rounds_page(self, limit: int, before: int) -> list[RoundReport]:
@@ -395,6 +401,7 @@ def _sites_in_round(
                 clip_scale=upload.clip_scale if upload and accepted and upload.norm > 0 else 0.0,
                 outlier=bool(upload and accepted and upload.outlier),
                 training=training_of(upload) if upload else TrainingStats(),
+                sites=upload.sites if upload else 0,
             )
         )
     return tuple(rows)

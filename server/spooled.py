@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.delta import PayloadLayout
+from common.delta import DeltaKind, PayloadLayout
 from common.errors import FailedPrecondition
 from common.serde import layout_from_bytes
 from server.records import UploadRecord
@@ -23,6 +23,7 @@ class SpooledUpload:
     upload_id: str
     sample_count: int
     layout: PayloadLayout
+    partial: bool = False  # an intermediate's PARTIAL_SUM: folds with weight 1 (Accumulation.mark_partial)
 
 
 def spooled_upload(record: UploadRecord) -> SpooledUpload:
@@ -33,4 +34,9 @@ def spooled_upload(record: UploadRecord) -> SpooledUpload:
             "gradualdiff.v1); its spool cannot be read back by this aggregator (wire revision 2)",
             field="upload_id",
         )
-    return SpooledUpload(record.upload_id, record.sample_count, layout_from_bytes(record.layout))
+    return SpooledUpload(
+        record.upload_id,
+        record.sample_count,
+        layout_from_bytes(record.layout),
+        partial=record.kind == DeltaKind.PARTIAL_SUM,
+    )

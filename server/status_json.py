@@ -153,6 +153,7 @@ def round_json(r: Any, now_ms: int) -> dict[str, Any]:
                 "clip_scale": measured(p.clip_scale),
                 "outlier": p.outlier,
                 "training": training_json(p.training),  # the round's figures, from the upload
+                "sites": p.sites or None,  # an intermediate's partial sum: the sites' uploads it held
             }
             for p in r.participants
         ],
@@ -223,6 +224,22 @@ def status_document(
         "run": run_json(status),
         "rounds": [round_json(r, now) for r in rounds],
         "sites": [site_json(s) for s in sites],
+        "intermediates": [intermediate_json(i) for i in status.intermediates],
+    }
+
+
+def intermediate_json(i: Any) -> dict[str, Any]:
+    """One intermediate of a root's tree (wire IntermediateStatus): null where it has sent nothing yet."""
+    sent = bool(i.round)
+    return {
+        "site_id": i.site_id,
+        "joined": i.joined,
+        "state": word(SITE_STATES, i.state),
+        "last_beat_unix_ms": ms(i.last_beat_unix_ms),
+        "round": i.round if sent else None,  # of its last accepted partial sum
+        "sites": i.sites if sent else None,
+        "samples": i.samples if sent else None,
+        "accepted_unix_ms": ms(i.accepted_unix_ms),
     }
 
 

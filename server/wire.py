@@ -13,6 +13,7 @@ from server.membership import RoundView
 from server.records import RoundState, SiteRecord, training_of
 from server.run_admin import RoundReport, StatusView
 from server.run_state import Event
+from server.tree_view import IntermediateView
 from server.uploads import Receipt
 
 
@@ -77,6 +78,22 @@ def run_status(status: StatusView, server_version: str) -> admin_pb2.RunStatus:
         dp_delta=run.dp_delta,
         dp_noise_multiplier=run.dp_noise_multiplier,
         dp_rounds=run.dp_rounds,
+        intermediates=[intermediate_status(view) for view in status.intermediates],
+    )
+
+
+def intermediate_status(view: IntermediateView) -> admin_pb2.IntermediateStatus:
+    """One intermediate of a root's tree: its liveness and its last accepted partial sum."""
+    site, last = view.site, view.last
+    return admin_pb2.IntermediateStatus(
+        site_id=view.site_id,
+        joined=site is not None,
+        state=admin_pb2.SiteState.ValueType(int(site.state) if site else 0),
+        last_beat_unix_ms=site.last_beat_ms if site else 0,
+        round=last.round if last else 0,
+        sites=last.sites if last else 0,
+        samples=last.sample_count if last else 0,
+        accepted_unix_ms=last.accepted_ms if last else 0,
     )
 
 
@@ -120,6 +137,7 @@ def round_status(report: RoundReport) -> admin_pb2.RoundStatus:
                 clip_scale=site.clip_scale,
                 outlier=site.outlier,
                 training=training_stats_to_proto(site.training),
+                sites=site.sites,
             )
         )
     return msg

@@ -29,7 +29,7 @@ import yaml  # type: ignore[import-untyped]  # the dev extra names it; no stubs 
 
 from common.cli import build_parser
 from server.config_file import load_config
-from tests.scripted import Daemon, free_port, small_state, write_state
+from tests.scripted import AdminClient, Daemon, free_port, small_state, wait_for, write_state
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -67,8 +67,9 @@ def _port(address: str) -> int:
 
 
 def _manifests() -> list[dict[str, Any]]:
+    """Every Kubernetes object under deploy/k8s/, the tree's (deploy/k8s/tree/) included."""
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / "k8s").rglob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -214,10 +215,10 @@ def _mount_of(
     raise AssertionError(f"nothing is mounted at {path} in container {container['name']}")
 
 
-def _created(resource: str) -> dict[str, set[str]]:
+def _created(resource: str, manifest: Path = DEPLOY / "k8s" / "aggregator.yaml") -> dict[str, set[str]]:
     """name -> keys of the configmaps or secrets the manifest's header comment creates."""
     created: dict[str, set[str]] = {}
-    for line in _header(DEPLOY / "k8s" / "aggregator.yaml").splitlines():
+    for line in _header(manifest).splitlines():
         if m := re.search(rf"kubectl create {resource} (\S+)(.*)", line):
             files = re.findall(r"--from-file=(\S+)", m[2])
             created[m[1]] = {f.partition("=")[0] if "=" in f else Path(f).name for f in files}
@@ -453,3 +454,317 @@ def test_systemd_analyze_accepts_the_unit_and_rates_it_ok(tmp_path: Path) -> Non
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout + security.stderr)
     assert m, security.stdout + security.stderr
     assert float(m[1]) <= 3.0, security.stdout
+
+
+# ---------------------------------------------------------------- a tree of aggregators
+
+TREE = DEPLOY / "k8s" / "tree"
+TREE_COMPOSE = DEPLOY / "compose.tree.yaml"
+EXAMPLES = {"root": DEPLOY / "root.example.toml", "intermediate": DEPLOY / "intermediate.example.toml"}
+# The serve flags that are not settings (server/cli.py's run() leaves them out of the overrides).
+_NOT_SETTINGS = ("config", "command", "verbose", "debug", "_module")
+
+
+def _tree_text(kind: str, tls: bool, keys: tuple[str, ...] = ("ca", "cert", "key")) -> str:
+    """An example config of the tree; ``tls``: its commented [tls] table and [upstream]'s ``keys`` on."""
+    text = EXAMPLES[kind].read_text()
+    if not tls:
+        return text
+    head, marker, tail = text.partition("# [tls]\n")
+    assert marker, f"{EXAMPLES[kind].name} has no commented [tls] table"
+    head = re.sub(rf"^# ((?:{'|'.join(keys)}) = )", r"\1", head, flags=re.MULTILINE)
+    return head + "[tls]\n" + re.sub(r"^# (\w+ = )", r"\1", tail, flags=re.MULTILINE)
+
+
+def _tree_reads(settings: dict[str, Any]) -> list[P]:
+    """Every file a tree aggregator reads by its config: the flat ones and [upstream]'s."""
+    upstream = settings.get("upstream", {})
+    return _reads(settings) + [P(upstream[k]) for k in ("token_file", "ca", "cert", "key") if k in upstream]
+
+
+def _serve(args: list[str]) -> tuple[P, dict[str, Any]]:
+    """The --config file and the setting overrides of ``gdfed`` arguments, as `gdfed serve` takes them."""
+    parsed = build_parser("serve").parse_args(args)
+    assert parsed.command == "serve"
+    return P(parsed.config), {k: v for k, v in vars(parsed).items() if k not in _NOT_SETTINGS}
+
+
+def _flag_files(overrides: dict[str, Any]) -> list[P]:
+    """The files the flags name (absolute paths)."""
+    return [P(str(v)) for v in overrides.values() if isinstance(v, str | Path) and str(v).startswith("/")]
+
+
+def _load_tree_config(
+    tmp: Path, kind: str, args: list[str], tls: bool, keys: tuple[str, ...] = ("ca", "cert", "key")
+) -> Any:
+    """Load ``kind``'s example config as ``args`` run it, every path moved under ``tmp`` and every
+    file it reads (the flags' too) made there."""
+    text = _rerooted(_tree_text(kind, tls, keys), tmp)
+    config_file, overrides = _serve(args)
+    moved = {P(str(v)) for v in _flag_files(overrides)}
+    overrides = {k: Path(f"{tmp}{v}") if P(str(v)) in moved else v for k, v in overrides.items()}
+    settings = tomllib.loads(text)
+    intermediates = settings.get("tree", {}).get("intermediates", ["site-a"])
+    for path in [Path(p) for p in _tree_reads(settings)] + [Path(str(p)) for p in _flag_files(overrides)]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.endswith("sites.tokens"):
+            path.write_text("".join(f"{site} = token-{site}\n" for site in intermediates))
+        else:
+            path.write_text(f"token-of-{path.name}\n")
+        path.chmod(0o600)  # as an operator keeps tokens (the daemon warns otherwise)
+    target = Path(f"{tmp}{config_file}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return load_config(target, overrides)
+
+
+def _statefulset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(StatefulSet, its one container)."""
+    sts = _object("StatefulSet", name)
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    return sts, container
+
+
+def _pods(name: str) -> list[str]:
+    return [f"{name}-{i}" for i in range(_statefulset(name)[0]["spec"]["replicas"])]
+
+
+def _pod_args(container: dict[str, Any], pod: str) -> list[str]:
+    """The container's args as the kubelet expands them for ``pod`` ($(POD_NAME) from the env)."""
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container.get("env", [])}
+    assert set(env.values()) <= {"metadata.name"}
+    out = []
+    for arg in container["args"]:
+        for name in env:
+            arg = arg.replace(f"$({name})", pod)
+        out.append(arg)
+    return out
+
+
+def test_the_tree_configs_load_as_kubernetes_and_compose_run_them(tmp_path: Path) -> None:
+    root_args = _statefulset("gdfed-root")[1]["args"]
+    _, inter = _statefulset("gdfed-intermediate")
+    pods = _pods("gdfed-intermediate")
+    services = yaml.safe_load(TREE_COMPOSE.read_text())["services"]
+    for tls in (False, True):
+        base = tmp_path / ("tls" if tls else "plain")
+        root = _load_tree_config(base / "root", "root", root_args, tls)
+        assert list(root.tree.intermediates) == pods  # the root takes partial sums from those pods
+        assert not root.upstream.enabled and (root.tls.cert is not None) is tls
+        for pod in pods:
+            # In Kubernetes [upstream] cert and key differ per pod: flags, as intermediates.yaml's header says.
+            args = _pod_args(inter, pod)
+            if tls:
+                args += _header_flags(
+                    TREE / "intermediates.yaml", "--upstream-cert", "--upstream-key", pod=pod
+                )
+            config = _load_tree_config(base / pod, "intermediate", args, tls, keys=("ca",))
+            assert config.upstream.site_id == pod and config.upstream.token == "token-of-upstream.token"
+            assert (config.upstream.ca is not None, config.upstream.cert is not None) == (tls, tls)
+            assert config.init_state is None and not config.tree.enabled
+        for name, service in services.items():
+            if service["command"][0] == "serve":
+                kind = "root" if name == "gdfed-root" else "intermediate"
+                config = _load_tree_config(base / "compose" / name, kind, service["command"], tls)
+                if kind == "intermediate":
+                    assert config.upstream.site_id == name  # compose's name is the id the root knows
+                else:
+                    assert list(config.tree.intermediates) == [
+                        s for s in services if s.startswith("gdfed-intermediate")
+                    ]
+
+
+def _header_flags(path: Path, *flags: str, pod: str) -> list[str]:
+    """``flag value`` pairs the header of ``path`` tells the operator to add, for ``pod``."""
+    header = _header(path)
+    out = []
+    for flag in flags:
+        m = re.search(rf"{flag} (\S+)", header)
+        assert m, f"{path.name}'s header does not say {flag}"
+        out += [flag, m[1].replace("$(POD_NAME)", pod)]
+    return out
+
+
+def _tree_mount(
+    container: dict[str, Any], volumes: dict[str, dict[str, Any]], path: P, pod: str
+) -> tuple[dict[str, Any], P]:
+    """(volume, path inside it) of the mount that holds ``path`` in ``pod`` (subPathExpr expanded)."""
+    for mount in container["volumeMounts"]:
+        at = P(mount["mountPath"])
+        if path == at or at in path.parents:
+            sub = mount.get("subPath") or mount.get("subPathExpr", "").replace("$(POD_NAME)", pod)
+            return {**volumes.get(mount["name"], {}), "readOnly": mount.get("readOnly", False)}, P(
+                sub
+            ) / path.relative_to(at)
+    raise AssertionError(f"nothing is mounted at {path} in {pod}")
+
+
+def test_kubernetes_mounts_every_file_each_tier_of_the_tree_reads() -> None:
+    for name, manifest, kind in (
+        ("gdfed-root", TREE / "root.yaml", "root"),
+        ("gdfed-intermediate", TREE / "intermediates.yaml", "intermediate"),
+    ):
+        sts, container = _statefulset(name)
+        spec = sts["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        created = _created("secret generic", manifest) | _created("configmap", manifest)
+        for pod in _pods(name):
+            args = _pod_args(container, pod)
+            extra = (
+                _header_flags(manifest, "--upstream-cert", "--upstream-key", pod=pod)
+                if kind == "intermediate"
+                else []
+            )
+            config_file, overrides = _serve(args + extra)
+            flag_files = _flag_files(overrides)
+            for settings in (tomllib.loads(_tree_text(kind, False)), tomllib.loads(_tree_text(kind, True))):
+                for path in [config_file, *_tree_reads(settings), *flag_files]:
+                    if kind == "intermediate" and path.name in ("client.crt", "client.key"):
+                        continue  # compose's; Kubernetes gives cert and key per pod by flags
+                    volume, inside = _tree_mount(container, volumes, path, pod)
+                    assert volume["readOnly"], path
+                    source = volume.get("secret") or volume.get("configMap")
+                    if source is None:
+                        assert _object("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+                        continue
+                    source_name = source.get("secretName") or source["name"]
+                    if "items" in source:
+                        assert str(inside) in {i["path"] for i in source["items"]}, path
+                        assert {i["key"] for i in source["items"]} <= created[source_name], source_name
+                    else:  # the whole secret: the key is the file's name in it
+                        assert str(inside) in created[source_name], (pod, path, source_name)
+        state_dir = P(tomllib.loads(_tree_text(kind, False))["state_dir"])
+        [mount] = [m for m in container["volumeMounts"] if P(m["mountPath"]) == state_dir]
+        assert mount["name"] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+        assert sts["spec"]["replicas"] >= 1 and _object("Service", sts["spec"]["serviceName"])
+
+
+def test_the_trees_services_reach_each_aggregator_and_the_intermediates_reach_the_root() -> None:
+    root_sts, root = _statefulset("gdfed-root")
+    inter_sts, inter = _statefulset("gdfed-intermediate")
+    for kind, sts, container in (("root", root_sts, root), ("intermediate", inter_sts, inter)):
+        settings = tomllib.loads(_tree_text(kind, False))
+        grpc_port, metrics_port = _port(settings["listen"]), _port(settings["metrics_listen"])
+        assert settings["listen"].startswith("0.0.0.0:") and settings["metrics_listen"].startswith("0.0.0.0:")
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert named == {"grpc": grpc_port, "metrics": metrics_port}
+        for probe in (container["readinessProbe"], container["livenessProbe"]):
+            assert (probe.get("grpc") or probe["tcpSocket"])["port"] in (grpc_port, "grpc")
+        annotations = sts["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(metrics_port)
+    labels = inter_sts["spec"]["template"]["metadata"]["labels"]
+    # A Service per intermediate pod, for its sites; the headless one names the pods.
+    for pod in _pods("gdfed-intermediate"):
+        selector = _object("Service", pod)["spec"]["selector"]
+        assert selector == {
+            **{k: labels[k] for k in selector if k in labels},
+            "statefulset.kubernetes.io/pod-name": pod,
+        }
+    assert _object("Service", inter_sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    # The intermediates' upstream is the root's Service, on its gRPC port.
+    root_service = _object("Service", "gdfed-root")
+    assert (
+        root_service["spec"]["selector"].items() <= root_sts["spec"]["template"]["metadata"]["labels"].items()
+    )
+    host, _, port = tomllib.loads(_tree_text("intermediate", False))["upstream"]["address"].rpartition(":")
+    [grpc] = [p for p in root_service["spec"]["ports"] if p["name"] == "grpc"]
+    assert host == root_service["metadata"]["name"] and int(port) == grpc["port"]
+    assert _port(tomllib.loads(_tree_text("root", False))["listen"]) == grpc["port"]
+
+
+def test_compose_runs_a_root_two_intermediates_and_their_sites() -> None:
+    compose = yaml.safe_load(TREE_COMPOSE.read_text())
+    services, header = compose["services"], _header(TREE_COMPOSE)
+    aggregators = {n: s for n, s in services.items() if s["command"][0] == "serve"}
+    sites = {n: s for n, s in services.items() if s["command"][0] == "work"}
+    assert set(services) == set(aggregators) | set(sites) and len(aggregators) == 3 and sites
+    published: list[str] = []
+    for name, service in aggregators.items():
+        kind = "root" if name == "gdfed-root" else "intermediate"
+        config_file, overrides = _serve(service["command"])
+        settings = tomllib.loads(_tree_text(kind, True))
+        binds = _compose_binds(service, compose)
+        for path in [config_file, *_tree_reads(settings)]:
+            [(target, source)] = [(t, s) for t, s in binds.items() if t == path or t in path.parents]
+            on_host = (source / path.relative_to(target)).relative_to(ROOT)
+            assert (
+                f"{on_host}" in header
+                or f"{on_host.parent}/" in header
+                or f"{on_host.parent.parent}/" in header
+            ), on_host
+        if kind == "intermediate":
+            host, _, port = settings["upstream"]["address"].rpartition(":")
+            assert host == "gdfed-root" and int(port) == _port(
+                tomllib.loads(_tree_text("root", False))["listen"]
+            )
+            assert overrides["upstream.site_id"] == name and "gdfed-root" in service["depends_on"]
+        assert service["build"]["context"] == ".." and (ROOT / service["build"]["dockerfile"]).is_file()
+        published += service["ports"]
+    host_ports = [p.rsplit(":", 1)[0] for p in published]
+    assert len(set(host_ports)) == len(host_ports) and all(p.startswith("127.0.0.1:") for p in published)
+    # Each site: a worker command the CLI takes, at an intermediate whose token list the header gives it.
+    for name, service in sites.items():
+        parsed = build_parser("work").parse_args(service["command"])
+        host, _, port = parsed.aggregator.rpartition(":")
+        assert host in aggregators and host != "gdfed-root" and int(port) == 50051
+        assert host in service["depends_on"]
+        lines = [line for line in header.splitlines() if f"conf/tree/{host}/secrets/sites.tokens" in line]
+        assert any(parsed.site in line for line in lines), (name, host)
+        binds = _compose_binds(service, compose)
+        for path in (P(parsed.token_file), P(str(parsed.model)), P(str(parsed.data))):
+            [(target, source)] = [(t, s) for t, s in binds.items() if t == path or t in path.parents]
+            assert (source / path.relative_to(target)).relative_to(ROOT).parts[0] in ("conf", "demo")
+        assert "gdfed demo init demo" in header
+
+
+def _compose_binds(service: dict[str, Any], compose: dict[str, Any]) -> dict[P, Path]:
+    """container path -> host path of a service's bind mounts; named volumes must be declared."""
+    binds = {}
+    for volume in service["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            binds[P(target)] = (DEPLOY / source).resolve()
+        else:
+            assert source in compose["volumes"] and not volume.endswith(":ro"), volume
+    return binds
+
+
+@pytest.mark.slow
+def test_an_intermediate_on_the_example_config_joins_a_root_on_its_example_config(tmp_path: Path) -> None:
+    root_port, inter_port = free_port(), free_port()
+    daemons = []
+    try:
+        for kind, port in (("root", root_port), ("intermediate", inter_port)):
+            text = _rerooted(_tree_text(kind, False), tmp_path / kind)
+            text = re.sub(r'^listen = "[^"]*"', f'listen = "127.0.0.1:{port}"', text, flags=re.MULTILINE)
+            text = re.sub(r'^metrics_listen = "[^"]*"', 'metrics_listen = ""', text, flags=re.MULTILINE)
+            text = text.replace('address = "gdfed-root:50051"', f'address = "127.0.0.1:{root_port}"')
+            settings = tomllib.loads(text)
+            for path in _tree_reads(settings):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(settings["admin_token_file"]).write_text("a-token\n")
+            if kind == "root":
+                write_state(Path(settings["init_state"]), small_state())
+                tokens = "".join(f"{i} = token-{i}\n" for i in settings["tree"]["intermediates"])
+                Path(settings["site_tokens_file"]).write_text(tokens)
+            else:
+                site_id = settings["upstream"]["site_id"]
+                Path(settings["upstream"]["token_file"]).write_text(f"token-{site_id}\n")
+                Path(settings["site_tokens_file"]).write_text("site-a = token-a\n")
+            (tmp_path / f"{kind}.toml").write_text(text)
+            daemon = Daemon(tmp_path / f"{kind}.toml", tmp_path / f"{kind}.log")
+            daemons.append(daemon)
+            daemon.start(f"127.0.0.1:{port}")
+        with AdminClient(f"127.0.0.1:{root_port}", "a-token") as admin:
+            joined = wait_for(
+                lambda: [i.site_id for i in admin.status().intermediates if i.joined],
+                60,
+                0.2,
+                "the intermediate to join",
+            )
+        assert joined == [site_id]
+        for daemon in reversed(daemons):
+            assert daemon.terminate(timeout=30) == 0, daemon.log()
+    finally:
+        for daemon in daemons:
+            daemon.cleanup()

@@ -26,49 +26,51 @@ from common.pb.gradualdiff.v1 import delta_pb2 as gradualdiff_dot_v1_dot_delta__
 from common.pb.gradualdiff.v1 import federation_pb2 as gradualdiff_dot_v1_dot_federation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradualdiff/v1/admin.proto\x12\x0egradualdiff.v1\x1a\x1agradualdiff/v1/delta.proto\x1a\x1fgradualdiff/v1/federation.proto\"\x0f\n\rStatusRequest\"\xf3\x03\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\x31\n\rcurrent_state\x18\x06 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x13\n\x0bsites_alive\x18\x07 \x01(\r\x12\x13\n\x0bsites_known\x18\x08 \x01(\r\x12\x18\n\x10\x66ull_model_bytes\x18\t \x01(\x04\x12&\n\x06quorum\x18\n \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x18\n\x10round_deadline_s\x18\x0b \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x0c \x01(\x03\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x16\n\x0ewaiting_reason\x18\x0e \x01(\t\x12\x14\n\x0cpause_reason\x18\x0f \x01(\t\x12\x19\n\x11min_sites_to_open\x18\x10 \x01(\r\x12\x12\n\ndp_epsilon\x18\x11 \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x12 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\x13 \x01(\x01\x12\x11\n\tdp_rounds\x18\x14 \x01(\x04\"\x90\x02\n\x0fSiteRoundStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x14\n\x0csample_count\x18\x02 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x11\n\teval_loss\x18\x07 \x01(\x01\x12\x16\n\x0eupload_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04norm\x18\t \x01(\x01\x12\x12\n\nclip_scale\x18\n \x01(\x01\x12\x0f\n\x07outlier\x18\x0b \x01(\x08\x12/\n\x08training\x18\x0c \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\"\xbd\x04\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x35\n\x0cparticipants\x18\x03 \x03(\x0b\x32\x1f.gradualdiff.v1.SiteRoundStatus\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x12\n\ndiff_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13ratio_to_full_model\x18\x08 \x01(\x01\x12\x16\n\x0eopened_unix_ms\x18\t \x01(\x03\x12\x16\n\x0e\x63losed_unix_ms\x18\n \x01(\x03\x12\x19\n\x11published_unix_ms\x18\x0b \x01(\x03\x12\x19\n\x11\x61ggregate_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fmean_train_loss\x18\r \x01(\x01\x12\x16\n\x0emean_eval_loss\x18\x0e \x01(\x01\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0f \x01(\t\x12\x14\n\x0c\x63lose_reason\x18\x10 \x01(\t\x12\x18\n\x10\x61ggregation_rule\x18\x11 \x01(\t\x12\x18\n\x10trimmed_per_side\x18\x12 \x01(\r\x12\x1b\n\x13\x64p_noise_multiplier\x18\x13 \x01(\x01\x12\x14\n\x0c\x64p_noise_std\x18\x14 \x01(\x01\x12\x16\n\x0e\x64p_sample_rate\x18\x15 \x01(\x01\x12\x12\n\ndp_epsilon\x18\x16 \x01(\x01\"2\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\x04\">\n\x0fListRoundsReply\x12+\n\x06rounds\x18\x01 \x03(\x0b\x32\x1b.gradualdiff.v1.RoundStatus\" \n\x0fGetRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\x8e\x03\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.gradualdiff.v1.SiteState\x12\x19\n\x11last_beat_unix_ms\x18\x03 \x01(\x03\x12\x15\n\rrounds_joined\x18\x04 \x01(\x04\x12\x12\n\nheld_round\x18\x05 \x01(\x04\x12$\n\x05phase\x18\x06 \x01(\x0e\x32\x15.gradualdiff.v1.Phase\x12\x0c\n\x04step\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x32\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x1c.gradualdiff.v1.Capabilities\x12\x13\n\x0btotal_steps\x18\n \x01(\x04\x12\x14\n\x0clast_problem\x18\x0b \x01(\t\x12-\n\x07timings\x18\x0c \x01(\x0b\x32\x1c.gradualdiff.v1.PhaseTimings\x12/\n\x08training\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\"\x12\n\x10ListSitesRequest\";\n\x0eListSitesReply\x12)\n\x05sites\x18\x01 \x03(\x0b\x32\x1a.gradualdiff.v1.SiteStatus\"\x0e\n\x0cWatchRequest\"\x84\x01\n\x08RunEvent\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\" \n\x0e\x43ontrolRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x0c\x43ontrolReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.gradualdiff.v1.RunStatus\"3\n\x10\x45victSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11RetryRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa9\x01\n\x15SetRoundPolicyRequest\x12&\n\x06quorum\x18\x01 \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x1d\n\x10round_deadline_s\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11min_sites_to_open\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x13\n\x11_round_deadline_sB\x14\n\x12_min_sites_to_open*l\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10SITE_STATE_ALIVE\x10\x01\x12\x15\n\x11SITE_STATE_SILENT\x10\x02\x12\x16\n\x12SITE_STATE_EVICTED\x10\x03\x32\x98\x07\n\x05\x41\x64min\x12\x45\n\tGetStatus\x12\x1d.gradualdiff.v1.StatusRequest\x1a\x19.gradualdiff.v1.RunStatus\x12P\n\nListRounds\x12!.gradualdiff.v1.ListRoundsRequest\x1a\x1f.gradualdiff.v1.ListRoundsReply\x12H\n\x08GetRound\x12\x1f.gradualdiff.v1.GetRoundRequest\x1a\x1b.gradualdiff.v1.RoundStatus\x12M\n\tListSites\x12 .gradualdiff.v1.ListSitesRequest\x1a\x1e.gradualdiff.v1.ListSitesReply\x12\x41\n\x05Watch\x12\x1c.gradualdiff.v1.WatchRequest\x1a\x18.gradualdiff.v1.RunEvent0\x01\x12\x45\n\x05Pause\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12\x46\n\x06Resume\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12J\n\nCloseRound\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12K\n\tEvictSite\x12 .gradualdiff.v1.EvictSiteRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12U\n\x0eSetRoundPolicy\x12%.gradualdiff.v1.SetRoundPolicyRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12L\n\x0cReloadTokens\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12M\n\nRetryRound\x12!.gradualdiff.v1.RetryRoundRequest\x1a\x1c.gradualdiff.v1.ControlReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradualdiff/v1/admin.proto\x12\x0egradualdiff.v1\x1a\x1agradualdiff/v1/delta.proto\x1a\x1fgradualdiff/v1/federation.proto\"\x0f\n\rStatusRequest\"\xae\x04\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\x31\n\rcurrent_state\x18\x06 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x13\n\x0bsites_alive\x18\x07 \x01(\r\x12\x13\n\x0bsites_known\x18\x08 \x01(\r\x12\x18\n\x10\x66ull_model_bytes\x18\t \x01(\x04\x12&\n\x06quorum\x18\n \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x18\n\x10round_deadline_s\x18\x0b \x01(\r\x12\x17\n\x0fstarted_unix_ms\x18\x0c \x01(\x03\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x16\n\x0ewaiting_reason\x18\x0e \x01(\t\x12\x14\n\x0cpause_reason\x18\x0f \x01(\t\x12\x19\n\x11min_sites_to_open\x18\x10 \x01(\r\x12\x12\n\ndp_epsilon\x18\x11 \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x12 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\x13 \x01(\x01\x12\x11\n\tdp_rounds\x18\x14 \x01(\x04\x12\x39\n\rintermediates\x18\x15 \x03(\x0b\x32\".gradualdiff.v1.IntermediateStatus\"\xc3\x01\n\x12IntermediateStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06joined\x18\x02 \x01(\x08\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.gradualdiff.v1.SiteState\x12\x19\n\x11last_beat_unix_ms\x18\x04 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x04\x12\r\n\x05sites\x18\x06 \x01(\r\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\x08 \x01(\x03\"\x9f\x02\n\x0fSiteRoundStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x14\n\x0csample_count\x18\x02 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x08\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x11\n\teval_loss\x18\x07 \x01(\x01\x12\x16\n\x0eupload_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04norm\x18\t \x01(\x01\x12\x12\n\nclip_scale\x18\n \x01(\x01\x12\x0f\n\x07outlier\x18\x0b \x01(\x08\x12/\n\x08training\x18\x0c \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\x12\r\n\x05sites\x18\r \x01(\r\"\xbd\x04\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x35\n\x0cparticipants\x18\x03 \x03(\x0b\x32\x1f.gradualdiff.v1.SiteRoundStatus\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x12\n\ndiff_bytes\x18\x07 \x01(\x04\x12\x1b\n\x13ratio_to_full_model\x18\x08 \x01(\x01\x12\x16\n\x0eopened_unix_ms\x18\t \x01(\x03\x12\x16\n\x0e\x63losed_unix_ms\x18\n \x01(\x03\x12\x19\n\x11published_unix_ms\x18\x0b \x01(\x03\x12\x19\n\x11\x61ggregate_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fmean_train_loss\x18\r \x01(\x01\x12\x16\n\x0emean_eval_loss\x18\x0e \x01(\x01\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0f \x01(\t\x12\x14\n\x0c\x63lose_reason\x18\x10 \x01(\t\x12\x18\n\x10\x61ggregation_rule\x18\x11 \x01(\t\x12\x18\n\x10trimmed_per_side\x18\x12 \x01(\r\x12\x1b\n\x13\x64p_noise_multiplier\x18\x13 \x01(\x01\x12\x14\n\x0c\x64p_noise_std\x18\x14 \x01(\x01\x12\x16\n\x0e\x64p_sample_rate\x18\x15 \x01(\x01\x12\x12\n\ndp_epsilon\x18\x16 \x01(\x01\"2\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\x04\">\n\x0fListRoundsReply\x12+\n\x06rounds\x18\x01 \x03(\x0b\x32\x1b.gradualdiff.v1.RoundStatus\" \n\x0fGetRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"\x8e\x03\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.gradualdiff.v1.SiteState\x12\x19\n\x11last_beat_unix_ms\x18\x03 \x01(\x03\x12\x15\n\rrounds_joined\x18\x04 \x01(\x04\x12\x12\n\nheld_round\x18\x05 \x01(\x04\x12$\n\x05phase\x18\x06 \x01(\x0e\x32\x15.gradualdiff.v1.Phase\x12\x0c\n\x04step\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x32\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x1c.gradualdiff.v1.Capabilities\x12\x13\n\x0btotal_steps\x18\n \x01(\x04\x12\x14\n\x0clast_problem\x18\x0b \x01(\t\x12-\n\x07timings\x18\x0c \x01(\x0b\x32\x1c.gradualdiff.v1.PhaseTimings\x12/\n\x08training\x18\r \x01(\x0b\x32\x1d.gradualdiff.v1.TrainingStats\"\x12\n\x10ListSitesRequest\";\n\x0eListSitesReply\x12)\n\x05sites\x18\x01 \x03(\x0b\x32\x1a.gradualdiff.v1.SiteStatus\"\x0e\n\x0cWatchRequest\"\x84\x01\n\x08RunEvent\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.gradualdiff.v1.RoundState\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\" \n\x0e\x43ontrolRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x0c\x43ontrolReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.gradualdiff.v1.RunStatus\"3\n\x10\x45victSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11RetryRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa9\x01\n\x15SetRoundPolicyRequest\x12&\n\x06quorum\x18\x01 \x01(\x0b\x32\x16.gradualdiff.v1.Quorum\x12\x1d\n\x10round_deadline_s\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11min_sites_to_open\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x13\n\x11_round_deadline_sB\x14\n\x12_min_sites_to_open*l\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10SITE_STATE_ALIVE\x10\x01\x12\x15\n\x11SITE_STATE_SILENT\x10\x02\x12\x16\n\x12SITE_STATE_EVICTED\x10\x03\x32\x98\x07\n\x05\x41\x64min\x12\x45\n\tGetStatus\x12\x1d.gradualdiff.v1.StatusRequest\x1a\x19.gradualdiff.v1.RunStatus\x12P\n\nListRounds\x12!.gradualdiff.v1.ListRoundsRequest\x1a\x1f.gradualdiff.v1.ListRoundsReply\x12H\n\x08GetRound\x12\x1f.gradualdiff.v1.GetRoundRequest\x1a\x1b.gradualdiff.v1.RoundStatus\x12M\n\tListSites\x12 .gradualdiff.v1.ListSitesRequest\x1a\x1e.gradualdiff.v1.ListSitesReply\x12\x41\n\x05Watch\x12\x1c.gradualdiff.v1.WatchRequest\x1a\x18.gradualdiff.v1.RunEvent0\x01\x12\x45\n\x05Pause\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12\x46\n\x06Resume\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12J\n\nCloseRound\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12K\n\tEvictSite\x12 .gradualdiff.v1.EvictSiteRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12U\n\x0eSetRoundPolicy\x12%.gradualdiff.v1.SetRoundPolicyRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12L\n\x0cReloadTokens\x12\x1e.gradualdiff.v1.ControlRequest\x1a\x1c.gradualdiff.v1.ControlReply\x12M\n\nRetryRound\x12!.gradualdiff.v1.RetryRoundRequest\x1a\x1c.gradualdiff.v1.ControlReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.gradualdiff.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SITESTATE']._serialized_start=2659
-  _globals['_SITESTATE']._serialized_end=2767
+  _globals['_SITESTATE']._serialized_start=2931
+  _globals['_SITESTATE']._serialized_end=3039
   _globals['_STATUSREQUEST']._serialized_start=107
   _globals['_STATUSREQUEST']._serialized_end=122
   _globals['_RUNSTATUS']._serialized_start=125
-  _globals['_RUNSTATUS']._serialized_end=624
-  _globals['_SITEROUNDSTATUS']._serialized_start=627
-  _globals['_SITEROUNDSTATUS']._serialized_end=899
-  _globals['_ROUNDSTATUS']._serialized_start=902
-  _globals['_ROUNDSTATUS']._serialized_end=1475
-  _globals['_LISTROUNDSREQUEST']._serialized_start=1477
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1527
-  _globals['_LISTROUNDSREPLY']._serialized_start=1529
-  _globals['_LISTROUNDSREPLY']._serialized_end=1591
-  _globals['_GETROUNDREQUEST']._serialized_start=1593
-  _globals['_GETROUNDREQUEST']._serialized_end=1625
-  _globals['_SITESTATUS']._serialized_start=1628
-  _globals['_SITESTATUS']._serialized_end=2026
-  _globals['_LISTSITESREQUEST']._serialized_start=2028
-  _globals['_LISTSITESREQUEST']._serialized_end=2046
-  _globals['_LISTSITESREPLY']._serialized_start=2048
-  _globals['_LISTSITESREPLY']._serialized_end=2107
-  _globals['_WATCHREQUEST']._serialized_start=2109
-  _globals['_WATCHREQUEST']._serialized_end=2123
-  _globals['_RUNEVENT']._serialized_start=2126
-  _globals['_RUNEVENT']._serialized_end=2258
-  _globals['_CONTROLREQUEST']._serialized_start=2260
-  _globals['_CONTROLREQUEST']._serialized_end=2292
-  _globals['_CONTROLREPLY']._serialized_start=2294
-  _globals['_CONTROLREPLY']._serialized_end=2380
-  _globals['_EVICTSITEREQUEST']._serialized_start=2382
-  _globals['_EVICTSITEREQUEST']._serialized_end=2433
-  _globals['_RETRYROUNDREQUEST']._serialized_start=2435
-  _globals['_RETRYROUNDREQUEST']._serialized_end=2485
-  _globals['_SETROUNDPOLICYREQUEST']._serialized_start=2488
-  _globals['_SETROUNDPOLICYREQUEST']._serialized_end=2657
-  _globals['_ADMIN']._serialized_start=2770
-  _globals['_ADMIN']._serialized_end=3690
+  _globals['_RUNSTATUS']._serialized_end=683
+  _globals['_INTERMEDIATESTATUS']._serialized_start=686
+  _globals['_INTERMEDIATESTATUS']._serialized_end=881
+  _globals['_SITEROUNDSTATUS']._serialized_start=884
+  _globals['_SITEROUNDSTATUS']._serialized_end=1171
+  _globals['_ROUNDSTATUS']._serialized_start=1174
+  _globals['_ROUNDSTATUS']._serialized_end=1747
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1749
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1799
+  _globals['_LISTROUNDSREPLY']._serialized_start=1801
+  _globals['_LISTROUNDSREPLY']._serialized_end=1863
+  _globals['_GETROUNDREQUEST']._serialized_start=1865
+  _globals['_GETROUNDREQUEST']._serialized_end=1897
+  _globals['_SITESTATUS']._serialized_start=1900
+  _globals['_SITESTATUS']._serialized_end=2298
+  _globals['_LISTSITESREQUEST']._serialized_start=2300
+  _globals['_LISTSITESREQUEST']._serialized_end=2318
+  _globals['_LISTSITESREPLY']._serialized_start=2320
+  _globals['_LISTSITESREPLY']._serialized_end=2379
+  _globals['_WATCHREQUEST']._serialized_start=2381
+  _globals['_WATCHREQUEST']._serialized_end=2395
+  _globals['_RUNEVENT']._serialized_start=2398
+  _globals['_RUNEVENT']._serialized_end=2530
+  _globals['_CONTROLREQUEST']._serialized_start=2532
+  _globals['_CONTROLREQUEST']._serialized_end=2564
+  _globals['_CONTROLREPLY']._serialized_start=2566
+  _globals['_CONTROLREPLY']._serialized_end=2652
+  _globals['_EVICTSITEREQUEST']._serialized_start=2654
+  _globals['_EVICTSITEREQUEST']._serialized_end=2705
+  _globals['_RETRYROUNDREQUEST']._serialized_start=2707
+  _globals['_RETRYROUNDREQUEST']._serialized_end=2757
+  _globals['_SETROUNDPOLICYREQUEST']._serialized_start=2760
+  _globals['_SETROUNDPOLICYREQUEST']._serialized_end=2929
+  _globals['_ADMIN']._serialized_start=3042
+  _globals['_ADMIN']._serialized_end=3962
 # @@protoc_insertion_point(module_scope)

@@ -83,6 +83,7 @@ class RunStatus(_message.Message):
     DP_DELTA_FIELD_NUMBER: _builtins.int
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     DP_ROUNDS_FIELD_NUMBER: _builtins.int
+    INTERMEDIATES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     paused: _builtins.bool
     finished: _builtins.bool
@@ -113,6 +114,10 @@ class RunStatus(_message.Message):
     dp_rounds: _builtins.int
     @_builtins.property
     def quorum(self) -> _federation_pb2.Quorum: ...
+    @_builtins.property
+    def intermediates(self) -> _containers.RepeatedCompositeFieldContainer[Global___IntermediateStatus]:
+        """The root of a tree of aggregators: one entry per intermediate its [tree] names (none otherwise)."""
+
     def __init__(
         self,
         *,
@@ -136,14 +141,62 @@ class RunStatus(_message.Message):
         dp_delta: _builtins.float = ...,
         dp_noise_multiplier: _builtins.float = ...,
         dp_rounds: _builtins.int = ...,
+        intermediates: _abc.Iterable[Global___IntermediateStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quorum", b"quorum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "dp_noise_multiplier", b"dp_noise_multiplier", "dp_rounds", b"dp_rounds", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "min_sites_to_open", b"min_sites_to_open", "pause_reason", b"pause_reason", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "current_state", b"current_state", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "dp_noise_multiplier", b"dp_noise_multiplier", "dp_rounds", b"dp_rounds", "finished", b"finished", "full_model_bytes", b"full_model_bytes", "intermediates", b"intermediates", "min_sites_to_open", b"min_sites_to_open", "pause_reason", b"pause_reason", "paused", b"paused", "quorum", b"quorum", "round_deadline_s", b"round_deadline_s", "run_id", b"run_id", "server_version", b"server_version", "sites_alive", b"sites_alive", "sites_known", b"sites_known", "started_unix_ms", b"started_unix_ms", "total_rounds", b"total_rounds", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
+
+@_typing.final
+class IntermediateStatus(_message.Message):
+    """An intermediate aggregator as the root sees it: a site that uploads its sites' PARTIAL_SUM."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LAST_BEAT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    ACCEPTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    joined: _builtins.bool
+    """it has joined the run (false: named in [tree], never seen)"""
+    state: Global___SiteState.ValueType
+    """its liveness, as any site's (UNSPECIFIED before it joined)"""
+    last_beat_unix_ms: _builtins.int
+    round: _builtins.int
+    """Its last accepted partial sum (all 0 before one): the round, how many sites' uploads and
+    samples it carried, when it was accepted.
+    """
+    sites: _builtins.int
+    samples: _builtins.int
+    accepted_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        joined: _builtins.bool = ...,
+        state: Global___SiteState.ValueType = ...,
+        last_beat_unix_ms: _builtins.int = ...,
+        round: _builtins.int = ...,
+        sites: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        accepted_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_unix_ms", b"accepted_unix_ms", "joined", b"joined", "last_beat_unix_ms", b"last_beat_unix_ms", "round", b"round", "samples", b"samples", "site_id", b"site_id", "sites", b"sites", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntermediateStatus: _TypeAlias = IntermediateStatus  # noqa: Y015
 
 @_typing.final
 class SiteRoundStatus(_message.Message):
@@ -161,6 +214,7 @@ class SiteRoundStatus(_message.Message):
     CLIP_SCALE_FIELD_NUMBER: _builtins.int
     OUTLIER_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     sample_count: _builtins.int
     bytes_in: _builtins.int
@@ -175,6 +229,8 @@ class SiteRoundStatus(_message.Message):
     """
     clip_scale: _builtins.float
     outlier: _builtins.bool
+    sites: _builtins.int
+    """an intermediate's PARTIAL_SUM: the sites' uploads it held (0: a site's own)"""
     @_builtins.property
     def training(self) -> _delta_pb2.TrainingStats:
         """as the site reported it with its upload"""
@@ -194,10 +250,11 @@ class SiteRoundStatus(_message.Message):
         clip_scale: _builtins.float = ...,
         outlier: _builtins.bool = ...,
         training: _delta_pb2.TrainingStats | None = ...,
+        sites: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "clip_scale", b"clip_scale", "dropped", b"dropped", "eval_loss", b"eval_loss", "norm", b"norm", "outlier", b"outlier", "sample_count", b"sample_count", "site_id", b"site_id", "train_loss", b"train_loss", "training", b"training", "upload_seconds", b"upload_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "bytes_in", b"bytes_in", "clip_scale", b"clip_scale", "dropped", b"dropped", "eval_loss", b"eval_loss", "norm", b"norm", "outlier", b"outlier", "sample_count", b"sample_count", "site_id", b"site_id", "sites", b"sites", "train_loss", b"train_loss", "training", b"training", "upload_seconds", b"upload_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
