@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from common.statefile import StateReader, write_state
 from server.blobs import BlobStore
 from server.config import ServerConfig
 from server.methods import plan_of
-from server.publish import store_initial_state
+from server.publish import StoredPayload, store_initial_state
 from server.records import RoundRecord, RoundState, RunRecord, check_id
 from server.store import Store
 
@@ -61,22 +61,46 @@ def load_or_create_run(
     state_blob, snapshot, _ = store_initial_state(blobs, init, run_id)
     if init != config.init_state:
         init.unlink(missing_ok=True)
+    run = record_new_run(
+        config, store, run_id, now_ms(), 0, state_blob, snapshot, close_reason="initial state"
+    )
+    logger.info("[run] created run=%s from %s", run_id, config.init_state)
+    return run
+
+
+def record_new_run(
+    config: ServerConfig,
+    store: Store,
+    run_id: str,
+    created_ms: int,
+    number: int,
+    state_blob: str,
+    snapshot: StoredPayload,
+    *,
+    close_reason: str,
+) -> RunRecord:
+    """Record a new run whose first published round is ``number`` (0 for a root; an intermediate
+    starts at its parent's round), its state ``state_blob`` and its snapshot, in one transaction.
+
+    A run starting past round 0 also gets a round-0 record standing for that round, so that
+    queries for "round 0" (a worker holding nothing) find a published state.
+    """
     policy = config.round
-    created = now_ms()
     run = RunRecord(
         run_id=run_id,
-        created_ms=created,
+        created_ms=created_ms,
+        current_round=number,
         min_sites=policy.min_sites,
         min_sample_fraction=policy.min_sample_fraction,
         round_deadline_s=policy.deadline_s,
         min_sites_to_open=policy.min_sites_to_open,
     )
-    genesis = RoundRecord(
-        round=0,
+    start = RoundRecord(
+        round=number,
         state=RoundState.PUBLISHED,
-        opened_ms=created,
-        published_ms=created,
-        close_reason="initial state",
+        opened_ms=created_ms,
+        published_ms=created_ms,
+        close_reason=close_reason,
         state_blob=state_blob,
         snapshot_blob=snapshot.blob,
         snapshot_header=snapshot.header,
@@ -87,8 +111,9 @@ def load_or_create_run(
     write_training_spec(config.state_dir, config.training)
     with store.transaction():
         store.put(run)
-        store.put(genesis)
-    logger.info("[run] created run=%s from %s", run_id, config.init_state)
+        store.put(start)
+        if number > 0:
+            store.put(replace(start, round=0, close_reason=f"stands for round {number}, where this joined"))
     return run
 
 

@@ -24,12 +24,13 @@ import torch
 from common.delta import DeltaHeader, DeltaKind
 from common.errors import FailedPrecondition
 from common.spec import TrainingSpec
-from common.state_dir import read_training_spec, write_training_spec
+from common.state_dir import read_training_spec
 from common.statefile import write_state
 from server.blobs import BlobStore
 from server.config import ConfigError, ServerConfig
+from server.genesis import record_new_run
 from server.publish import store_snapshot
-from server.records import RoundRecord, RoundState, RunRecord
+from server.records import RunRecord
 from server.store import Store
 from server.upstream.adopt import Delta, decoded_deltas
 from server.upstream.link import UpstreamLink, said
@@ -129,37 +130,15 @@ def _create_run(config: ServerConfig, header: DeltaHeader, tensors: dict[str, to
         temp = blobs.temp_path(".safetensors")
         state_blob = blobs.adopt(temp, write_state(temp, manifest, lambda spec: tensors[spec.name]))
         snapshot = store_snapshot(blobs, state_blob, config.run_id, number)
-        now = int(time.time() * 1000)
-        policy = config.round
-        run = RunRecord(
-            run_id=config.run_id,
-            created_ms=now,
-            current_round=number,
-            min_sites=policy.min_sites,
-            min_sample_fraction=policy.min_sample_fraction,
-            round_deadline_s=policy.deadline_s,
-            min_sites_to_open=policy.min_sites_to_open,
-        )
-        start = RoundRecord(
-            round=number,
-            state=RoundState.PUBLISHED,
-            opened_ms=now,
-            published_ms=now,
+        record_new_run(
+            config,
+            store,
+            config.run_id,
+            int(time.time() * 1000),
+            number,
+            state_blob,
+            snapshot,
             close_reason="the parent's state when this aggregator joined its tree",
-            state_blob=state_blob,
-            snapshot_blob=snapshot.blob,
-            snapshot_header=snapshot.header,
-            snapshot_bytes=snapshot.nbytes,
-            snapshot_layout=snapshot.layout,
         )
-        # Before the run record, as server.genesis does: a run found later has its spec beside it.
-        write_training_spec(config.state_dir, config.training)
-        with store.transaction():
-            store.put(run)
-            store.put(start)
-            if number > 0:
-                store.put(
-                    replace(start, round=0, close_reason=f"stands for round {number}, where this joined")
-                )
     finally:
         store.close()
