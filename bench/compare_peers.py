@@ -100,9 +100,13 @@ def run_all(args: argparse.Namespace, saved: Path) -> dict[str, Any]:
                         got = fn()
                     except Exception as exc:  # one system failing must not lose the others' figures
                         traceback.print_exc()
-                        if result is None:  # a failed rerun leaves the first run's figures standing
-                            data["failures"].append({"system": system, "k": k, "error": str(exc)[-2000:]})
-                            save()
+                        if result is not None:  # a failed rerun leaves the first run's figures standing
+                            break
+                        if attempt < args.retries:  # a peer's run that fails once gets another try
+                            print(f"  {system} K={k} failed: once more", flush=True)
+                            continue
+                        data["failures"].append({"system": system, "k": k, "error": str(exc)[-2000:]})
+                        save()
                         break
                     got["attempt"] = attempt + 1
                     if result is None or got["foreign_cpu_share"] < result["foreign_cpu_share"]:

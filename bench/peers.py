@@ -355,28 +355,41 @@ def _flat_init(quick: bool) -> np.ndarray:
 
 
 def _nvflare_round_times(logs: list[Path]) -> tuple[list[float], float | None]:
-    """Round start times and the end of the FedAvg workflow, from the server's log.
+    """Round start times and the end of the FedAvg workflow, from the server's logs.
 
     The controller logs "Round N started." (N from 0) as a banner under a
     timestamped line, so each banner takes the last timestamp seen before it.
+    The workflow's end is its "Finished FedAvg." banner; where a log lacks it
+    (the processes' stdout can stop short of it, 3 of 6 K = 4 runs), the last
+    round's "End persist model on server.", logged within a millisecond of it
+    in the runs that have both. Every log is read (the server's stdout and the
+    job's own log.txt), and the one with the most rounds and an end wins.
     """
+    best: tuple[list[float], float | None] = ([], None)
     for log in logs:
         if not log.exists():
             continue
         starts: list[float] = []
         finished = None
+        persisted = None
         last = None
         for line in log.read_text(errors="replace").splitlines():
             t = _log_time(line)
             if t is not None:
                 last = t
-            if re.search(r"Round \d+ started\.", line) and last is not None:
+            if last is None:
+                continue
+            if re.search(r"Round \d+ started\.", line):
                 starts.append(last)
-            elif "Finished FedAvg." in line and last is not None:
+                persisted = None
+            elif "End persist model on server." in line:
+                persisted = last
+            elif "Finished FedAvg." in line:
                 finished = last
-        if starts:
-            return starts, finished
-    return [], None
+        end = finished if finished is not None else persisted
+        if (len(starts), end is not None) > (len(best[0]), best[1] is not None):
+            best = (starts, end)
+    return best
 
 
 def _nvflare_train_seconds(prod: Path, clients: list[str], logs: Path) -> dict[str, list[float]]:

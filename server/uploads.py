@@ -44,7 +44,12 @@ from server.folding import FoldJob, FoldWorker
 from server.records import UploadRecord
 from server.spool import Spool
 
-COMMIT_EVERY = 8 * MIB  # fsync and record the resume offset this often
+# fsync and record the resume offset at the end of a shard once this much is unsynced (a shard's
+# end makes its spec durable with it, so a resume re-sends no part of it), and mid-shard at the
+# latest after MAX_UNSYNCED: each commit costs an fsync and a SQLite transaction (0.21 CPU-s per
+# decoded GB at 8 MiB commits, issue 19's profile).
+COMMIT_EVERY = 8 * MIB
+MAX_UNSYNCED = 64 * MIB
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,7 +168,8 @@ class UploadSession:
         with storage_errors(f"upload {self.upload_id!r}"):
             self._writer.write(chunk.data)
             self.bytes_received += len(chunk.data)
-            if self._writer.offset - self._writer.synced >= COMMIT_EVERY:
+            unsynced = self._writer.offset - self._writer.synced
+            if unsynced >= MAX_UNSYNCED or (completed is not None and unsynced >= COMMIT_EVERY):
                 self._commit()
             if completed is not None:
                 self._writer.flush()  # the fold worker reads the shard back from the file

@@ -42,7 +42,7 @@ SHARD = 4 * MIB
 
 
 def _init() -> State:
-    # 14 MB of fp32: an upload is ~12 MB, so the 8 MiB commit happens mid-stream.
+    # 14 MB of fp32: an upload is ~12 MB in 4 MiB shards, so a commit happens mid-stream.
     gen = torch.Generator().manual_seed(7)
     return {
         "blocks.0.weight": torch.randn(2500, 1000, generator=gen) * 0.02,
@@ -122,16 +122,17 @@ def run(tmp_path: Path, init: State) -> Iterator[Run]:
 
 
 class Cut:
-    """An upload's 1 MiB chunks (cut at shard ends too), and where the daemon's 8 MiB commit lands."""
+    """An upload's 1 MiB chunks (cut at shard ends too), and where the daemon's first commit lands."""
 
     def __init__(self, site: ScriptedSite, head: DeltaHeader, payload: Payload) -> None:
         self.messages = list(site.chunks(head, payload, chunk_bytes=MIB))
         self.ends = [m.offset + len(m.data) for m in self.messages]
-        self.commit = next(i for i, end in enumerate(self.ends) if end >= 8 * MIB)
+        self.shard_ends = payload.layout.shard_offsets()[1:]
+        self.commit = next(i for i, end in enumerate(self.ends) if end >= 8 * MIB and end in self.shard_ends)
 
     @property
     def committed(self) -> int:
-        """The offset of the 8 MiB commit: the end of the first chunk at or past 8 MiB."""
+        """The offset of the first commit: the first shard end at or past 8 MiB (server.uploads)."""
         return self.ends[self.commit]
 
 
@@ -177,21 +178,20 @@ def test_sigkill_mid_round_restarts_into_the_same_round(
     assert parts["a"].accepted and not parts["b"].accepted and not parts["b"].dropped
     assert (status.bytes_in, a.offset(head_a.upload_id).complete) == (len(payload_a), True)
 
-    # Crash 2: while b's upload is half-streamed, past its first 8 MiB commit.
+    # Crash 2: while b's upload is half-streamed, past its first commit.
     head_b, payload_b = b.header(deltas["b"], round=1, base=0, shard_bytes=SHARD)
     assert len(payload_b) > 10 * MIB
     cut = Cut(b, head_b, payload_b)
-    # The commit lies past the end of two shards and inside a third: the resumed stream brings the
-    # rest of that shard and its spec, and the daemon must know the first two from what it recorded
-    # with the offset (their specs came with chunks that are not sent again).
-    shard_ends = payload_b.layout.shard_offsets()[1:]
-    assert shard_ends[1] < cut.committed < shard_ends[2], (shard_ends, cut.committed)
+    # The commit lies at the end of a shard past the first: the resumed stream brings the shards
+    # after it, and the daemon must know the first ones from what it recorded with the offset (their
+    # specs came with chunks that are not sent again).
+    assert cut.shard_ends[0] < cut.committed < len(payload_b), (cut.shard_ends, cut.committed)
     # One chunk past the commit: received, perhaps, but never committed; the resume sends it again.
     future, release = _half_stream(b, cut.messages[: cut.commit + 2])
     wait_for(
         lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
         timeout=30,
-        what="the 8 MiB commit",
+        what="the first commit",
     )
     run.daemon.kill()
     _end(future, release)
@@ -237,7 +237,7 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
     wait_for(
         lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
         timeout=30,
-        what="the 8 MiB commit",
+        what="the first commit",
     )
     time.sleep(0.3)  # the chunk after the commit lands
     started = time.monotonic()
@@ -247,7 +247,7 @@ def test_sigterm_commits_a_half_streamed_upload(run: Run, deltas: dict[str, Stat
     _end(future, release)
 
     run.start()
-    # The break committed everything received, not just the last 8 MiB step.
+    # The break committed everything received, into the shard after the committed one.
     assert b.offset(head_b.upload_id).committed_offset == cut.ends[cut.commit + 1]
     receipt = b.push(head_b, payload_b, start=cut.ends[cut.commit + 1], chunk_bytes=MIB)
     assert receipt.accepted and not receipt.duplicate
@@ -263,7 +263,7 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
 ) -> None:
     """Round 2's uploads are written over round 1's spool files (other bytes, about the same size).
 
-    Killed past b's 8 MiB commit, restarted, resumed: the published state must
+    Killed past b's first commit, restarted, resumed: the published state must
     still be bit-identical to an uninterrupted run, so nothing of the old file
     beyond the committed offset may reach the sum.
     """
@@ -303,7 +303,7 @@ def test_sigkill_mid_upload_over_a_recycled_spool_file(
     wait_for(
         lambda: b.offset(head_b.upload_id).committed_offset == cut.committed,
         timeout=30,
-        what="the 8 MiB commit",
+        what="the first commit",
     )
     assert not list(recycled.glob("*.spent"))  # and b's the other one
     run.daemon.kill()

@@ -190,16 +190,16 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
         daemon.kill()  # b's upload is accepted: the restart rebuilds the sum from its spool
         daemon.start(target)
 
-        head_a, payload_a, sent_a = lossy_upload(a, random_delta(10, init), INT8, shard_bytes=4 * MIB)
+        head_a, payload_a, sent_a = lossy_upload(a, random_delta(10, init), INT8, shard_bytes=2 * MIB)
         assert len(payload_a) > 9 * MIB
         messages = list(a.chunks(head_a, payload_a, chunk_bytes=MIB))
-        # Chunks are cut at shard ends too: the 8 MiB commit lands at the first chunk end past it,
-        # after the end of a shard and inside the next one.
+        # Chunks are cut at shard ends too: the first commit lands at the first shard end at or
+        # past 8 MiB, after the end of another shard and before the last.
         ends = [m.offset + len(m.data) for m in messages]
-        commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB)
-        committed = ends[commit]
         shard_ends = payload_a.layout.shard_offsets()[1:]
-        assert any(end < committed for end in shard_ends) and committed not in shard_ends
+        commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB and end in shard_ends)
+        committed = ends[commit]
+        assert shard_ends[0] < committed < len(payload_a)
         release = threading.Event()
 
         def paused() -> Iterator[Any]:
@@ -207,7 +207,11 @@ def test_sigkilled_daemon_counts_lossy_uploads_once(tmp_path: Path) -> None:
             release.wait(60)
 
         future = a.stub.PushDelta.future(paused(), metadata=a.metadata, timeout=120)
-        wait_for(lambda: a.offset(head_a.upload_id).committed_offset == committed, timeout=30, what="8 MiB")
+        wait_for(
+            lambda: a.offset(head_a.upload_id).committed_offset == committed,
+            timeout=30,
+            what="the first commit",
+        )
         daemon.kill()  # mid-upload: a's folded shards die with the process, its spool stays
         release.set()
         with pytest.raises(grpc.RpcError):

@@ -268,7 +268,7 @@ def test_resume_must_match_the_upload(harness: MakeHarness) -> None:
     assert_same_bits(final_state(h), add(h.init, h.mean([(delta, 10)])))
 
 
-def test_large_upload_commits_every_8_mib_and_resumes(harness: MakeHarness) -> None:
+def test_large_upload_commits_at_a_shard_end_past_8_mib_and_resumes(harness: MakeHarness) -> None:
     gen = torch.Generator().manual_seed(30)
     init = {
         "big.a": torch.randn(2_500_000, generator=gen) * 0.02,
@@ -281,9 +281,12 @@ def test_large_upload_commits_every_8_mib_and_resumes(harness: MakeHarness) -> N
     head, payload = site.header(delta, round=1, base=0, shard_bytes=4 * MIB)
     assert len(payload) > 10 * MIB and len(payload.layout.shards) >= 3
     chunks = list(site.chunks(head, payload, chunk_bytes=MIB))
-    # Chunks are cut at shard ends too: the first chunk end at or past 8 MiB is where the commit lands.
+    # The first commit lands where the first shard at or past 8 MiB ends (chunks are cut there),
+    # not at the first chunk past 8 MiB: the shard's spec is made durable with its bytes.
     ends = [c.offset + len(c.data) for c in chunks]
-    commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB)
+    shard_ends = payload.layout.shard_offsets()[1:]
+    commit = next(i for i, end in enumerate(ends) if end >= 8 * MIB and end in shard_ends)
+    assert ends[commit] > next(end for end in ends if end >= 8 * MIB)  # the rule is seen to differ
     release = threading.Event()
 
     def paused() -> Iterator[delta_pb2.DeltaChunk]:
@@ -291,11 +294,11 @@ def test_large_upload_commits_every_8_mib_and_resumes(harness: MakeHarness) -> N
         release.wait(60)  # then the stream ends without its last chunk
 
     future = site.stub.PushDelta.future(paused(), metadata=site.metadata, timeout=120)
-    # Mid-stream, the committed offset moves in 8 MiB steps (fsync, then record).
+    # Mid-stream, the committed offset moves to that shard end (fsync, then record).
     wait_for(
         lambda: site.offset(head.upload_id).committed_offset == ends[commit],
         timeout=30,
-        what="the 8 MiB commit",
+        what="the commit at a shard end",
     )
     release.set()
     with pytest.raises(grpc.RpcError) as info:

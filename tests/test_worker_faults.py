@@ -198,7 +198,7 @@ def test_a_site_loading_its_model_for_20_s_is_never_dropped(
 
 def wide_model(demo: Path, out: Path) -> Path:
     """The demo's tokenizer with a wider Llama: ~25 MB of fp32 weights, so an upload spans several
-    of the aggregator's 8 MiB commits."""
+    of the aggregator's commits (at shard ends past 8 MiB)."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
