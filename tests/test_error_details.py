@@ -274,13 +274,25 @@ def test_a_site_over_its_share_gets_site_busy_with_a_retry_delay_that_the_retrie
     h = harness({"a": 10}, max_polls_per_site=1)
     h.join_all()
     a = h["a"]
-    held = a.stub.AwaitRound.future(
-        federation_pb2.AwaitRoundRequest(site_id="a", after_round=99, wait_ms=30_000),
-        metadata=a.metadata,
-        timeout=40,
-    )
+
+    def hold() -> grpc.Future[federation_pb2.RoundSpec]:
+        return a.stub.AwaitRound.future(
+            federation_pb2.AwaitRoundRequest(site_id="a", after_round=99, wait_ms=30_000),
+            metadata=a.metadata,
+            timeout=40,
+        )
+
+    held = hold()
+
+    def second_poll_refused() -> grpc.RpcError | None:
+        nonlocal held
+        if held.done():  # the held poll came while a probe held the slot, and was refused itself
+            held = hold()
+            return None
+        return _busy(a)
+
     try:
-        exc = wait_for(lambda: _busy(a), timeout=10, what="a's second poll refused")
+        exc = wait_for(second_poll_refused, timeout=10, what="a's second poll refused")
         meta = _reason(exc, grpc.StatusCode.RESOURCE_EXHAUSTED, "SITE_BUSY")
         assert (meta["limit"], meta["field"]) == ("1", "site_id")
         assert retry_delay_of(exc) == RETRY_HINT_S == CATALOG["SITE_BUSY"].retry_s

@@ -13,6 +13,7 @@ exact, and the root adds it to zero with weight 1 (exact) before dividing by
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -443,3 +444,65 @@ def test_an_intermediate_killed_after_accepting_an_upload_forwards_it_once(tmp_p
 def _published_here(site: ScriptedSite, number: int) -> tuple[int, State] | None:
     held, state = site.snapshot()
     return (held, state) if held == number else None
+
+
+@pytest.mark.slow
+def test_a_mid_tier_relays_a_leaf_intermediates_sum_and_its_own_sites(tmp_path: Path) -> None:
+    """root ← mid ([upstream] and [tree]) ← leaf ([upstream]) ← sites a, b; site c under mid.
+
+    The mid tier folds the leaf's partial sum with weight 1 beside c's upload and sends one
+    partial sum of all three up; every tier then holds the root's state bit for bit.
+    """
+    root = Aggregator(root_config(tmp_path / "root", ["mid"]))
+    tiers = [root]
+    clients: list[ScriptedSite | AdminClient] = []
+    try:
+        mid = Aggregator(
+            replace(
+                intermediate_config(tmp_path / "mid", root.target, "mid", ["leaf", "c"]),
+                tree=TreeConfig(intermediates=("leaf",)),
+            )
+        )
+        tiers.append(mid)
+        leaf = Aggregator(intermediate_config(tmp_path / "leaf", mid.target, "leaf", ["a", "b"]))
+        tiers.append(leaf)
+        samples = {"a": 10, "b": 30, "c": 20}
+        sites = {s: ScriptedSite(leaf.target if s in "ab" else mid.target, s, n) for s, n in samples.items()}
+        root_view = ScriptedSite(root.target, "mid")  # the root as the mid tier sees it
+        root_admin, mid_admin = AdminClient(root.target), AdminClient(mid.target)
+        clients += [*sites.values(), root_view, root_admin, mid_admin]
+        for site in sites.values():
+            site.join()
+            site.start_beating()
+        deltas = {s: partial_delta(40 + i, INIT, ["layers.0.q.weight"]) for i, s in enumerate(samples)}
+        for name, site in sites.items():
+            spec = site.await_round(after=0)
+            assert (spec.round, spec.base_round) == (1, 0), (name, spec)
+            header, payload = site.header(deltas[name], round=1, base=0)
+            assert site.push(header, payload).accepted
+
+        report = root_admin.wait_round(1, timeout=60)
+        assert report.state == PUBLISHED, report.failure_reason
+        assert report.samples == 60
+        upload = root.coordinator.store.get(UploadRecord, upload_id_of("mid", 1))
+        assert upload is not None and upload.state is UploadState.ACCEPTED
+        assert (upload.kind, upload.sites, upload.sample_count) == (int(DeltaKind.PARTIAL_SUM), 3, 60)
+        from_leaf = mid.coordinator.store.get(UploadRecord, upload_id_of("leaf", 1))
+        assert from_leaf is not None and (from_leaf.kind, from_leaf.sites) == (int(DeltaKind.PARTIAL_SUM), 2)
+        held, root_state = root_view.snapshot()
+        assert held == 1
+        # Σ n_i·Δ_i formed in another order than a flat aggregator's: equal to fp32 rounding.
+        mean = weighted_mean([(deltas[s], n) for s, n in samples.items()])
+        for name, value in add(INIT, mean).items():
+            torch.testing.assert_close(root_state[name], value.to(torch.float32), rtol=1e-6, atol=1e-7)
+        assert mid_admin.wait_round(1, timeout=30).state == PUBLISHED
+        for name in ("a", "c"):  # a fetches from the leaf, c from the mid tier: the root's bits
+            got = wait_for(
+                functools.partial(_published_here, sites[name], 1), timeout=30, what=f"round 1 at {name}"
+            )
+            assert_same_bits(got[1], root_state)
+    finally:
+        for client in clients:
+            client.close()
+        for tier in reversed(tiers):
+            tier.stop()
