@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +52,8 @@ from tests.scripted import (
     token_of,
     wait_for,
     weighted_mean,
+    write_daemon_config,
+    write_state,
 )
 
 PUBLISHED = federation_pb2.ROUND_STATE_PUBLISHED
@@ -506,3 +509,69 @@ def test_a_mid_tier_relays_a_leaf_intermediates_sum_and_its_own_sites(tmp_path: 
             client.close()
         for tier in reversed(tiers):
             tier.stop()
+
+
+@pytest.mark.slow
+def test_a_root_killed_while_an_intermediate_closes_its_round_takes_the_sum_once_restarted(
+    tmp_path: Path,
+) -> None:
+    """The root (``gdfed serve`` with [tree]) is SIGKILLed between the intermediate's two uploads:
+    the intermediate closes its round with the root down, retries joining until the root is back,
+    then sends its partial sum, which the restarted root counts once (the flat mean's bits)."""
+    port = free_port()
+    root_target = f"127.0.0.1:{port}"
+    (tmp_path / "root").mkdir()
+    config = write_daemon_config(
+        tmp_path / "root" / "root.toml",
+        port=port,
+        init_state=write_state(tmp_path / "root" / "init.safetensors", INIT),
+        sites=["inter"],
+    )
+    with config.open("a") as toml:
+        toml.write('\n[tree]\nintermediates = ["inter"]\n')
+    root = Daemon(config, tmp_path / "root.log")
+    deltas = {"a": random_delta(31, INIT), "b": random_delta(32, INIT)}
+    clients: list[ScriptedSite | AdminClient] = []
+    inter: Aggregator | None = None
+    try:
+        root.start(root_target)
+        inter = Aggregator(intermediate_config(tmp_path / "inter", root_target, "inter", ["a", "b"]))
+        sites = {s: ScriptedSite(inter.target, s, n) for s, n in (("a", 10), ("b", 30))}
+        clients += sites.values()
+        for site in sites.values():
+            site.join()
+            site.start_beating()
+            assert site.await_round(after=0).round == 1
+        header, payload = sites["a"].header(deltas["a"], round=1, base=0)
+        assert sites["a"].push(header, payload).accepted
+        root.kill()
+        header, payload = sites["b"].header(deltas["b"], round=1, base=0)
+        assert sites["b"].push(header, payload).accepted  # the intermediate's round closes: root down
+        inter_admin = AdminClient(inter.target)
+        clients.append(inter_admin)
+        wait_for(
+            lambda: inter_admin.status().current_state == AGGREGATING, timeout=30, what="the close, root down"
+        )
+        time.sleep(1.0)  # its forward meets the dead root, and retries
+        root.start(root_target)
+        root_admin = AdminClient(root_target)
+        clients.append(root_admin)
+        report = root_admin.wait_round(1, timeout=90)
+        assert report.state == PUBLISHED, report.failure_reason
+        assert report.samples == 40  # the partial sum of a and b, counted once
+        assert [(p.site_id, p.accepted, p.sample_count) for p in report.participants] == [("inter", True, 40)]
+        with ScriptedSite(root_target, "inter") as upstream:
+            _, root_state = upstream.snapshot()
+        want = add(INIT, weighted_mean([(deltas["a"], 10), (deltas["b"], 30)], dtype=torch.float32))
+        assert_same_bits(root_state, want)
+        _, here = wait_for(
+            lambda: _published_here(sites["a"], 1), timeout=30, what="round 1 at the intermediate"
+        )
+        assert_same_bits(here, root_state)
+    finally:
+        for client in clients:
+            client.close()
+        if inter is not None:
+            inter.stop()
+        root.cleanup()
+        print(root.log())  # shown by pytest only when the test failed
