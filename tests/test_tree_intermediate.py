@@ -414,12 +414,7 @@ def test_an_intermediate_killed_after_accepting_an_upload_forwards_it_once(tmp_p
         root_admin = AdminClient(root.target)
         try:
             daemon.start(target)
-            for site in sites.values():
-                site.join()
-                site.start_beating()
-                assert site.await_round(after=0).round == 1
-            header, payload = sites["a"].header(deltas["a"], round=1, base=0)
-            assert sites["a"].push(header, payload).accepted
+            _join_and_push_a(sites, deltas)
             daemon.kill()
             daemon.start(target)
             sites["b"].ready()
@@ -442,6 +437,16 @@ def test_an_intermediate_killed_after_accepting_an_upload_forwards_it_once(tmp_p
                 site.close()
             root_admin.close()
             daemon.cleanup()
+
+
+def _join_and_push_a(sites: dict[str, ScriptedSite], deltas: dict[str, State]) -> None:
+    """Every site joins its intermediate and sees round 1 open; a's upload is accepted."""
+    for site in sites.values():
+        site.join()
+        site.start_beating()
+        assert site.await_round(after=0).round == 1
+    header, payload = sites["a"].header(deltas["a"], round=1, base=0)
+    assert sites["a"].push(header, payload).accepted
 
 
 def _published_here(site: ScriptedSite, number: int) -> tuple[int, State] | None:
@@ -538,12 +543,7 @@ def test_a_root_killed_while_an_intermediate_closes_its_round_takes_the_sum_once
         inter = Aggregator(intermediate_config(tmp_path / "inter", root_target, "inter", ["a", "b"]))
         sites = {s: ScriptedSite(inter.target, s, n) for s, n in (("a", 10), ("b", 30))}
         clients += sites.values()
-        for site in sites.values():
-            site.join()
-            site.start_beating()
-            assert site.await_round(after=0).round == 1
-        header, payload = sites["a"].header(deltas["a"], round=1, base=0)
-        assert sites["a"].push(header, payload).accepted
+        _join_and_push_a(sites, deltas)
         root.kill()
         header, payload = sites["b"].header(deltas["b"], round=1, base=0)
         assert sites["b"].push(header, payload).accepted  # the intermediate's round closes: root down
