@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 import common.errors as errors
+from bench.reliability.disk import mount_tmpfs
 from client import exits
 from client.heartbeat import Status
 from common.delta import Cast, Codec, DeltaHeader
@@ -319,8 +320,7 @@ def test_a_full_disk_is_disk_full_with_a_retry_delay_and_the_offset_to_resume_fr
 ) -> None:
     spool = tmp_path / "run0" / "state" / "spool"
     spool.mkdir(parents=True)
-    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(spool)]
-    if subprocess.run(mount, capture_output=True, timeout=10, check=False).returncode:
+    if not mount_tmpfs(spool, "64k"):
         pytest.skip("this machine does not allow tmpfs mounts (needs root or CAP_SYS_ADMIN)")
     try:
         h = harness({"a": 10}, init=small_state(seed=3, width=128))  # 155 KiB: more than the disk

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.reliability.disk import mount_tmpfs
 from common.pb.gradualdiff.v1 import admin_pb2, federation_pb2
 from server.config import PublishPolicy, RoundPolicy
 from server.records import UploadRecord, UploadState
@@ -190,25 +191,12 @@ def test_the_attempts_policy_fails_the_round_and_retry_round_publishes_it(
     assert rpc_code(lambda: retry(1)) is grpc.StatusCode.FAILED_PRECONDITION  # published: nothing to retry
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="tmpfs mounts are Linux's")
 def test_a_full_spool_is_resource_exhausted_and_the_upload_resumes_once_there_is_room(
     harness: MakeHarness, tmp_path: Path
 ) -> None:
     spool = tmp_path / "run0" / "state" / "spool"
-    if not _mount_tmpfs(spool, "64k"):
+    if not mount_tmpfs(spool, "64k"):
         pytest.skip("this machine does not allow tmpfs mounts (needs root or CAP_SYS_ADMIN)")
     try:
         wide = small_state(seed=3, width=128)  # 155 KiB of fp32: more than the 64 KiB disk
@@ -247,7 +235,7 @@ def test_a_full_disk_during_publication_waits_for_room_and_then_publishes(
     AGGREGATING with its uploads, and publish by itself once there is room, with no restart.
     """
     state_dir = tmp_path / "run0" / "state"
-    if not _mount_tmpfs(state_dir, "4m"):
+    if not mount_tmpfs(state_dir, "4m"):
         pytest.skip("this machine does not allow tmpfs mounts (needs root or CAP_SYS_ADMIN)")
     try:
         h = harness({"a": 10, "b": 30, "c": 5}, init=small_state(seed=3, width=128), publish=FAST)

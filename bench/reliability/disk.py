@@ -47,7 +47,11 @@ class DiskFigures:
     errors: list[str] = field(default_factory=list)
 
 
-def _mount(path: Path, size: str) -> bool:
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` (e.g. "64k") on ``path``: a disk that fills; False where not allowed.
+
+    Needs root or CAP_SYS_ADMIN; the caller unmounts (``umount -l``). The disk-full tests use it too.
+    """
     path.mkdir(parents=True, exist_ok=True)
     try:
         done = subprocess.run(
@@ -103,7 +107,7 @@ def run(root: Path, log: Callable[[str], None] = print) -> DiskFigures:
     init = root / "init.safetensors"
     save_file(_state(), str(init))
     state_dir = root / "state"
-    figures = DiskFigures(mode="tmpfs" if _mount(state_dir, "3m") else "injected")
+    figures = DiskFigures(mode="tmpfs" if mount_tmpfs(state_dir, "3m") else "injected")
     daemon = Daemon(root, DaemonSpec(list(SITES), init))
     sites = {s: ResilientSite(daemon.target, s, n, patience_s=60) for s, n in SITES.items()}
     admin = Admin(daemon.target)
