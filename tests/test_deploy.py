@@ -281,15 +281,9 @@ def test_the_models_loader_writes_where_the_aggregator_reads() -> None:
 def test_compose_mounts_every_file_the_config_reads_from_the_repository_root() -> None:
     service = _compose()
     header = _header(DEPLOY / "compose.yaml")
-    binds = {}
-    for volume in service["volumes"]:
-        source, target = volume.split(":")[:2]
-        if source.startswith("."):
-            # Compose resolves a relative source against the compose file's directory.
-            binds[P(target)] = (DEPLOY / source).resolve()
-        else:
-            assert source in yaml.safe_load((DEPLOY / "compose.yaml").read_text())["volumes"]
-            assert P(target) == P(_settings()["state_dir"]) and not volume.endswith(":ro")
+    binds = _compose_binds(service, yaml.safe_load((DEPLOY / "compose.yaml").read_text()))
+    named = [volume.split(":")[1] for volume in service["volumes"] if not volume.startswith(".")]
+    assert [P(target) for target in named] == [P(_settings()["state_dir"])]  # the state on a volume
     config_file = _serve_args(service["command"])
     for settings in (_settings(), _settings(tls=True)):
         for path in [config_file, *_reads(settings)]:
@@ -722,7 +716,7 @@ def _compose_binds(service: dict[str, Any], compose: dict[str, Any]) -> dict[P, 
     binds = {}
     for volume in service["volumes"]:
         source, target = volume.split(":")[:2]
-        if source.startswith("."):
+        if source.startswith("."):  # Compose resolves it against the compose file's directory
             binds[P(target)] = (DEPLOY / source).resolve()
         else:
             assert source in compose["volumes"] and not volume.endswith(":ro"), volume
